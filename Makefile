@@ -1,0 +1,47 @@
+# durachat: `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==0.13.9
+
+install: $(UV) ## Create .venv and install the locked dependencies (dev tools included)
+	$(UV) sync --frozen --quiet
+
+tests/js/node_modules: tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch tests/js/node_modules
+
+run: install ## Start the whole dev stack (Temporal, Postgres, Redis, worker, API)
+	$(BIN)/durachat dev
+
+test: install tests/js/node_modules ## Run the test suite against real embedded services
+	$(BIN)/pytest
+
+lint: install ## Lint, check formatting and type-check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install ## Format the code and apply safe lint fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install ## Benchmark turn latency through the API against a direct provider stream
+	$(BIN)/python -m benchmarks.turn_latency
+
+clean: ## Remove the virtual environments and local data
+	rm -rf $(TOOLS) $(VENV) .durachat tests/js/node_modules
+
+.PHONY: help install run test lint format bench clean

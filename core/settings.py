@@ -1,0 +1,132 @@
+"""The one Settings object: every configuration value, read from the environment. No other module reads os.environ."""
+
+from __future__ import annotations
+
+import functools
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ProviderEntry(BaseModel):
+    """One configured model provider reached through the OpenAI-compatible chat completions API."""
+
+    kind: Literal["openai"] = "openai"
+    base_url: str
+    api_key: SecretStr = SecretStr("")
+    models: list[str]
+    timeout_seconds: float = 120.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DURACHAT_", extra="ignore")
+
+    environment: Environment = Environment.DEVELOPMENT
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    data_dir: Path = Path(".durachat")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # External services. When one is set, `durachat dev` / `durachat services` use it as it is and do not
+    # start the embedded twin.
+    database_url: str | None = None
+    redis_url: str | None = None
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+    temporal_task_queue: str = "durachat-turns"
+
+    # Ports of the embedded services, so two dev stacks can run side by side.
+    embedded_postgres_port: int = 54329
+    embedded_redis_port: int = 63790
+    embedded_temporal_port: int = 7233
+    embedded_temporal_ui_port: int = 8233
+    embedded_temporal_ui: bool = True
+
+    dev_api_key: SecretStr | None = None
+    dev_organization: str = "dev"
+
+    default_model: str = "local/echo"
+    providers: dict[str, ProviderEntry] = Field(default_factory=dict)
+
+    # How long a finished turn's Redis Stream stays replayable.
+    stream_retention_seconds: int = 3600
+    # Upper bound on a live stream's lifetime, so a stream whose turn never finishes cannot leak.
+    stream_max_lifetime_seconds: int = 86400
+    # Idle comment pings on open SSE responses.
+    stream_ping_seconds: float = 15.0
+
+    generation_heartbeat_timeout_seconds: float = 5.0
+    generation_start_to_close_seconds: float = 600.0
+    generation_maximum_attempts: int = 4
+
+    max_message_chars: int = 100_000
+    max_request_bytes: int = 1_000_000
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production_defaults(self) -> Settings:
+        if self.environment is Environment.PRODUCTION:
+            missing = [
+                name
+                for name in ("database_url", "redis_url", "temporal_address")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(
+                    "production needs external services; set "
+                    + ", ".join(f"DURACHAT_{name.upper()}" for name in missing)
+                )
+            if self.dev_api_key is not None:
+                raise ValueError("DURACHAT_DEV_API_KEY must not be set in production")
+        return self
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    def model_post_init(self, __context: object) -> None:
+        self.data_dir = self.data_dir.expanduser().resolve()
+
+    @property
+    def embedded_database_url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.embedded_postgres_port}/durachat"
+
+    @property
+    def embedded_redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def embedded_temporal_address(self) -> str:
+        return f"127.0.0.1:{self.embedded_temporal_port}"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or self.embedded_database_url
+
+    @property
+    def resolved_redis_url(self) -> str:
+        return self.redis_url or self.embedded_redis_url
+
+    @property
+    def resolved_temporal_address(self) -> str:
+        return self.temporal_address or self.embedded_temporal_address
+
+
+@functools.cache
+def get_settings() -> Settings:
+    return Settings()
