@@ -1,0 +1,154 @@
+"""Contract types shared by the api, the turn workflow and its activities. Pure data: no I/O, sandbox-safe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+TURN_WORKFLOW_NAME = "ChatTurnWorkflow"
+
+# Custom search attributes (all Keyword) that let operators find a chat's turns in the Temporal UI/CLI.
+# The dev launcher registers exactly these names; production registers them once per namespace.
+SEARCH_ATTRIBUTE_NAMES = (
+    "DurachatOrganizationId",
+    "DurachatChatId",
+    "DurachatTurnId",
+    "DurachatModel",
+    "DurachatProvider",
+    "DurachatStatus",
+)
+
+
+class ChatMode(StrEnum):
+    """How a send finds its chat."""
+
+    CREATE = "create"  # a new chat with the id the api chose
+    CONTINUE = "continue"  # an existing live chat of the caller; else ChatNotFound
+    CREATE_OR_CONTINUE = "create_or_continue"  # AI SDK clients pick the chat id themselves
+    CHANNEL = "channel"  # the live chat bound to an external channel, created on first use
+
+
+class TurnStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class MessageStatus(StrEnum):
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+@dataclass
+class ExternalChannel:
+    source: str
+    id: str
+
+
+@dataclass
+class SeedMessage:
+    """An earlier message given with a chat's first send, stored as the start of its history."""
+
+    role: str
+    parts: list[dict[str, Any]]
+
+
+@dataclass
+class TurnInput:
+    organization_id: str
+    user_id: str | None
+    turn_id: str
+    chat_mode: ChatMode
+    chat_id: str | None
+    user_message_id: str
+    assistant_message_id: str
+    user_parts: list[dict[str, Any]]
+    model: str
+    provider: str
+    system: str | None = None
+    provider_options: dict[str, Any] = field(default_factory=dict)
+    external_channel: ExternalChannel | None = None
+    history_seed: list[SeedMessage] = field(default_factory=list)
+    client_message_id: str | None = None
+
+
+@dataclass
+class AcceptTurnRequest:
+    """The api's update asking a just-started turn workflow to answer once the turn is accepted."""
+
+    turn_id: str
+
+
+@dataclass
+class TurnAccepted:
+    chat_id: str
+    turn_id: str
+    user_message_id: str
+    assistant_message_id: str
+
+
+@dataclass
+class ClaimSessionResult:
+    chat_id: str
+    created: bool
+    parent_message_id: str | None
+
+
+@dataclass
+class StoreUserMessageInput:
+    turn: TurnInput
+    chat_id: str
+    parent_message_id: str | None
+    workflow_id: str
+    run_id: str
+
+
+@dataclass
+class GenerateReplyInput:
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    user_message_id: str
+    assistant_message_id: str
+    model: str
+    system: str | None
+    provider_options: dict[str, Any]
+
+
+@dataclass
+class GenerateReplyResult:
+    finish_reason: str
+    input_tokens: int
+    output_tokens: int
+    ttft_ms: int | None
+    attempt: int
+
+
+@dataclass
+class PersistAssistantMessageInput:
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    assistant_message_id: str
+    status: MessageStatus
+    model: str
+    attempts: int
+    finish_reason: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    ttft_ms: int | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class TurnResult:
+    chat_id: str
+    turn_id: str
+    assistant_message_id: str
+    status: TurnStatus
+    error: str | None = None

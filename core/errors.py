@@ -1,0 +1,62 @@
+"""The error vocabulary: one base class carrying its HTTP status, and the ApplicationError types the api matches on."""
+
+from __future__ import annotations
+
+
+class ErrorType:
+    """`ApplicationError.type` values raised by workflows and activities; the api matches on these, never on text."""
+
+    CHAT_NOT_FOUND = "ChatNotFound"
+    CHAT_BUSY = "ChatBusy"
+    PROVIDER_REJECTED = "ProviderRejected"
+    PROVIDER_UNAVAILABLE = "ProviderUnavailable"
+    INVALID_TURN = "InvalidTurn"
+
+
+class DurachatError(Exception):
+    """A failure the api reports as an `application/problem+json` response."""
+
+    status_code: int = 500
+    title: str = "Internal Server Error"
+    problem_type: str = "about:blank"
+
+    def __init__(self, detail: str, *, extra: dict[str, object] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra or {}
+
+
+class BadRequestError(DurachatError):
+    status_code = 400
+    title = "Bad Request"
+    problem_type = "/problems/bad-request"
+
+
+class UnauthorizedError(DurachatError):
+    status_code = 401
+    title = "Unauthorized"
+    problem_type = "/problems/unauthorized"
+
+
+class NotFoundError(DurachatError):
+    status_code = 404
+    title = "Not Found"
+    problem_type = "/problems/not-found"
+
+
+class ConflictError(DurachatError):
+    status_code = 409
+    title = "Conflict"
+    problem_type = "/problems/conflict"
+
+
+class ServiceUnavailableError(DurachatError):
+    status_code = 503
+    title = "Service Unavailable"
+    problem_type = "/problems/service-unavailable"
+
+
+class UpstreamError(DurachatError):
+    status_code = 502
+    title = "Bad Gateway"
+    problem_type = "/problems/upstream"

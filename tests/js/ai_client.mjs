@@ -1,0 +1,127 @@
+// Drives the real AI SDK client (`ai` v7) against a UI message stream endpoint, for conformance tests.
+//
+// Protocol: one JSON command on stdin, one JSON result on stdout, exit code 0 whenever a result was
+// printed (even when the request or the stream failed: failures are data for the test). A malformed
+// command or a bug in this script exits non-zero with the reason on stderr.
+//
+//   {"mode": "send", "api": "http://127.0.0.1:8000/v1/chats", "headers": {...}, "chatId": "...",
+//    "messages": [UIMessage, ...], "trigger": "submit-message" | "regenerate-message",
+//    "messageId": "..."?, "body": {...}?, "abortAfterChunks": N?}
+//   {"mode": "reconnect", "api": "...", "headers": {...}, "chatId": "..."}
+//
+//   -> {"message": UIMessage | null, "chunks": [UIMessageChunk, ...], "error": string | null,
+//       "httpStatus": number | null, "aborted": boolean, "noActiveStream": boolean}
+//
+// The transport and the assembler are the library's own (`DefaultChatTransport`,
+// `readUIMessageStream`), so what this reports is what `useChat` would see, not what a hand-written
+// parser believes.
+
+import { DefaultChatTransport, readUIMessageStream } from 'ai';
+
+async function readCommand() {
+  const parts = [];
+  for await (const part of process.stdin) parts.push(part);
+  const command = JSON.parse(Buffer.concat(parts).toString('utf8'));
+  if (command === null || typeof command !== 'object') throw new Error('the command must be a JSON object');
+  if (command.mode !== 'send' && command.mode !== 'reconnect') {
+    throw new Error(`unknown mode ${JSON.stringify(command.mode)}; expected "send" or "reconnect"`);
+  }
+  if (typeof command.api !== 'string' || typeof command.chatId !== 'string') {
+    throw new Error('"api" and "chatId" must be strings');
+  }
+  const n = command.abortAfterChunks;
+  if (n != null && !(Number.isInteger(n) && n >= 0)) throw new Error('"abortAfterChunks" must be an integer >= 0');
+  return command;
+}
+
+// undici reports connection failures as `TypeError: fetch failed` with the useful part in `cause`.
+function describeError(error) {
+  if (!(error instanceof Error)) return String(error);
+  const cause = error.cause instanceof Error ? `: ${error.cause.message}` : '';
+  return `${error.message}${cause}`;
+}
+
+// Reads `stream` with the library's assembler, recording every chunk in arrival order.
+//
+// The recorder is a pass-through stage rather than a `tee()`: with one reader, "abort after N chunks"
+// cuts the stream exactly after the Nth chunk reached the assembler, whereas two tee branches are
+// drained independently and the assembled message could lag the recorded chunks.
+async function assemble(stream, { abortAfterChunks, abortController }) {
+  const chunks = [];
+  const errors = [];
+  let aborted = false;
+
+  const recorder = new TransformStream({
+    transform(chunk, controller) {
+      chunks.push(chunk);
+      controller.enqueue(chunk);
+      if (abortAfterChunks != null && chunks.length >= abortAfterChunks) {
+        aborted = true;
+        // terminate() delivers the chunks already queued and then closes, so the assembler ends
+        // cleanly with everything received so far; aborting the fetch closes the connection the way
+        // `useChat().stop()` does, which is what the server has to cope with.
+        controller.terminate();
+        abortController.abort();
+      }
+    },
+  });
+
+  let message = null;
+  const snapshots = readUIMessageStream({
+    stream: stream.pipeThrough(recorder),
+    // Called for `error` chunks, for chunks that fail the schema (unknown type, bad fields) and for
+    // protocol violations such as a delta without its start. Without terminateOnError the assembler
+    // keeps reading, as `useChat` does, so later chunks are still recorded.
+    onError: (error) => errors.push(describeError(error)),
+  });
+  for await (const snapshot of snapshots) message = snapshot;
+  return { message, chunks, error: errors[0] ?? null, aborted };
+}
+
+async function run(command) {
+  const transport = new DefaultChatTransport({
+    api: command.api,
+    headers: command.headers ?? {},
+    body: command.body ?? {},
+  });
+  const abortController = new AbortController();
+  const empty = { message: null, chunks: [], error: null, httpStatus: null, aborted: false, noActiveStream: false };
+
+  let stream;
+  try {
+    if (command.mode === 'reconnect') {
+      stream = await transport.reconnectToStream({ chatId: command.chatId, abortSignal: abortController.signal });
+      if (stream === null) return { ...empty, noActiveStream: true };
+    } else {
+      stream = await transport.sendMessages({
+        chatId: command.chatId,
+        messages: command.messages ?? [],
+        trigger: command.trigger ?? 'submit-message',
+        messageId: command.messageId ?? undefined,
+        abortSignal: abortController.signal,
+      });
+    }
+  } catch (error) {
+    // Non-2xx answers arrive as APICallError whose message is the response body.
+    return { ...empty, error: describeError(error), httpStatus: error?.statusCode ?? null };
+  }
+
+  if (command.abortAfterChunks === 0) {
+    abortController.abort();
+    await stream.cancel().catch(() => {});
+    return { ...empty, aborted: true };
+  }
+  return { ...empty, ...(await assemble(stream, { abortAfterChunks: command.abortAfterChunks, abortController })) };
+}
+
+let command;
+try {
+  command = await readCommand();
+} catch (error) {
+  process.stderr.write(`ai_client: bad command: ${describeError(error)}\n`);
+  process.exit(2);
+}
+const result = await run(command);
+// Exit explicitly once stdout is flushed: keep-alive sockets or an aborted body must not hold the
+// process open after the answer is out.
+process.stdout.write(`${JSON.stringify(result)}\n`, () => process.exit(0));
