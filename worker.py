@@ -1,0 +1,81 @@
+"""The Temporal worker process: hosts ChatTurnWorkflow and every activity, with clients built once here."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import timedelta
+
+import structlog
+from temporalio.worker import Worker
+
+from activities.chat_session import ChatSessionActivities
+from activities.generation import GenerationActivities
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
+from core.temporal import connect_temporal
+from providers.registry import ProviderRegistry
+from storage.db import create_engine, create_session_factory
+from storage.redis import create_redis
+from storage.streams import TurnStreams
+from workflows.chat_turn import ChatTurnWorkflow
+
+log = structlog.get_logger(__name__)
+
+# On shutdown, running activities get this long to finish before they are cancelled and left to
+# Temporal to retry on another worker.
+GRACEFUL_SHUTDOWN = timedelta(seconds=10)
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    engine = create_engine(settings.resolved_database_url)
+    redis = create_redis(settings.resolved_redis_url)
+    providers = ProviderRegistry.from_settings(settings)
+    try:
+        streams = TurnStreams(
+            redis,
+            max_lifetime_seconds=settings.stream_max_lifetime_seconds,
+            retention_seconds=settings.stream_retention_seconds,
+        )
+        sessions = create_session_factory(engine)
+        session_activities = ChatSessionActivities(sessions, streams)
+        generation_activities = GenerationActivities(sessions, streams, providers)
+        client = await connect_temporal(settings)
+        worker = Worker(
+            client,
+            task_queue=settings.temporal_task_queue,
+            workflows=[ChatTurnWorkflow],
+            activities=[
+                session_activities.claim_session,
+                session_activities.store_user_message,
+                session_activities.persist_assistant_message,
+                generation_activities.generate_reply,
+            ],
+            graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+        )
+        async with worker:
+            log.info("worker.started", task_queue=settings.temporal_task_queue)
+            await stop.wait()
+            log.info("worker.stopping")
+    finally:
+        await providers.aclose()
+        await redis.aclose()
+        await engine.dispose()
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_worker(settings, stop)
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

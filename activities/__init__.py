@@ -1,1 +1,1 @@
-"""activities package."""
+"""Temporal activities of a chat turn: the only place a turn touches Postgres, Redis and providers."""

@@ -1,1 +1,1 @@
-"""api package."""
+"""The HTTP api: authentication, validation, turn starts and the Redis-to-SSE relay."""

@@ -31,6 +31,8 @@ class ChatMode(StrEnum):
 
 class TurnStatus(StrEnum):
     RUNNING = "running"
+    # Only a workflow result and search attribute: the chat was not found or busy, nothing was stored.
+    REJECTED = "rejected"
     COMPLETED = "completed"
     ABORTED = "aborted"
     FAILED = "failed"
@@ -152,3 +154,8 @@ class TurnResult:
     assistant_message_id: str
     status: TurnStatus
     error: str | None = None
+
+
+def turn_workflow_id(turn_id: str) -> str:
+    """The workflow id of a turn: derived from the turn id, so a repeated start attaches to the same run."""
+    return f"turn-{turn_id}"

@@ -68,10 +68,6 @@ class Settings(BaseSettings):
     # Idle comment pings on open SSE responses.
     stream_ping_seconds: float = 15.0
 
-    generation_heartbeat_timeout_seconds: float = 5.0
-    generation_start_to_close_seconds: float = 600.0
-    generation_maximum_attempts: int = 4
-
     max_message_chars: int = 100_000
     max_request_bytes: int = 1_000_000
 

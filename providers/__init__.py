@@ -1,1 +1,1 @@
-"""providers package."""
+"""Model adapters behind one contract (`providers.base`). Kept import-light: no re-exports here."""

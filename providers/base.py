@@ -1,4 +1,4 @@
-"""The provider contract: request, events, errors. Never imports temporalio/fastapi/sqlalchemy/redis."""
+"""Provider contract: request, events, errors. Never imports temporalio/fastapi/sqlalchemy/redis."""
 
 from __future__ import annotations
 

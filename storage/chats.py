@@ -250,7 +250,7 @@ async def finish_turn(
         .where(Turn.id == outcome.turn_id, Turn.organization_id == outcome.organization_id)
         .values(
             status=turn_status,
-            attempts=outcome.attempts,
+            attempts=func.greatest(Turn.attempts, outcome.attempts),
             input_tokens=outcome.input_tokens,
             output_tokens=outcome.output_tokens,
             ttft_ms=outcome.ttft_ms,
@@ -268,6 +268,16 @@ async def finish_turn(
             Chat.active_turn_id == outcome.turn_id,
         )
         .values(active_turn_id=None, updated_at=func.now())
+    )
+
+
+async def record_attempt(
+    session: AsyncSession, organization_id: str, turn_id: str, attempt: int
+) -> None:
+    await session.execute(
+        update(Turn)
+        .where(Turn.id == turn_id, Turn.organization_id == organization_id)
+        .values(attempts=func.greatest(Turn.attempts, attempt))
     )
 
 
@@ -301,9 +311,9 @@ def as_ui_message(message: Message) -> dict[str, Any]:
         "parts": message.parts,
         "metadata": message.message_metadata,
         "status": message.status,
-        "createdAt": _iso(message.created_at),
+        "createdAt": iso(message.created_at),
     }
 
 
-def _iso(value: datetime) -> str:
+def iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")

@@ -22,7 +22,8 @@ import pytest
 from tests.support.ai_client import ai_client_available, run_ai_client
 
 pytestmark = pytest.mark.skipif(
-    not ai_client_available(), reason="needs node and tests/js/node_modules (`make test` runs npm ci)"
+    not ai_client_available(),
+    reason="needs node and tests/js/node_modules (`make test` runs npm ci)",
 )
 
 Chunk = dict[str, Any]
@@ -54,8 +55,8 @@ FAILED_ATTEMPT: list[Chunk] = [
 
 SCENARIOS: dict[str, list[Chunk]] = {
     "basic": [*START, *_text("t0", "Hel", "lo"), *FINISH],
-    # A retried attempt: drop the partial text, then stream the new attempt in the same step. The new
-    # attempt may reuse the part id because reset-step forgets the active parts.
+    # A retried attempt: drop the partial text, then stream the new attempt in the same step. The
+    # new attempt may reuse the part id because reset-step forgets the active parts.
     "reset": [*START, *FAILED_ATTEMPT, {"type": "reset-step"}, *_text("t0", "Hello"), *FINISH],
     # Same, but the server opens a new step after the reset: the old step-start part stays.
     "reset-then-start-step": [
@@ -93,7 +94,11 @@ SCENARIOS: dict[str, list[Chunk]] = {
     ],
     "unknown-chunk": [*START, {"type": "bogus-chunk"}, *_text("t0", "Hello"), *FINISH],
     # Sends a partial answer, then idles (with comment pings) until the client goes away.
-    "hang": [*START, {"type": "text-start", "id": "t0"}, {"type": "text-delta", "id": "t0", "delta": "Hel"}],
+    "hang": [
+        *START,
+        {"type": "text-start", "id": "t0"},
+        {"type": "text-delta", "id": "t0", "delta": "Hel"},
+    ],
 }
 
 EXPECTED_BASIC_MESSAGE = {
@@ -149,7 +154,7 @@ def _make_handler(server: CannedServer) -> type[BaseHTTPRequestHandler]:
             server.requests.append(request)
             return request
 
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_POST(self) -> None:
             request = self._record()
             payload = json.loads(request.body)
             scenario = payload.get("scenario", "basic")
@@ -158,7 +163,7 @@ def _make_handler(server: CannedServer) -> type[BaseHTTPRequestHandler]:
                 return
             self._stream(SCENARIOS[scenario], chat_id=payload["id"], hang=scenario == "hang")
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             self._record()
             prefix, _, chat_id = self.path.removesuffix("/stream").rpartition("/")
             if prefix != "/v1/chats" or not self.path.endswith("/stream"):
@@ -227,9 +232,7 @@ def canned_server() -> Iterator[CannedServer]:
         thread.join()
 
 
-async def _send(
-    server: CannedServer, chat_id: str, scenario: str, **extra: Any
-) -> dict[str, Any]:
+async def _send(server: CannedServer, chat_id: str, scenario: str, **extra: Any) -> dict[str, Any]:
     return await run_ai_client(
         {
             "mode": "send",

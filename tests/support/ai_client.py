@@ -1,8 +1,8 @@
 """Runs the real AI SDK client (`tests/js/ai_client.mjs`) as a subprocess.
 
-Conformance tests use it to check the service against what `useChat` / `DefaultChatTransport` actually
-do, not against our own reading of the protocol. The command and result shapes are documented at
-the top of `ai_client.mjs`.
+Conformance tests use it to check the service against what `useChat` / `DefaultChatTransport`
+actually do, not against our own reading of the protocol. The command and result shapes are
+documented at the top of `ai_client.mjs`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,20 @@ SCRIPT = JS_DIR / "ai_client.mjs"
 
 
 class AIClientError(RuntimeError):
-    """The harness itself failed (bad command, crash, timeout), as opposed to a reported stream error."""
+    """The harness produced no result (bad command, crash, timeout).
+
+    A failed request or stream is not this: it is reported in the result's `error`.
+    """
 
 
 def ai_client_available() -> bool:
-    """Whether Node and the installed `ai` package are there (`make test` runs `npm ci` in tests/js)."""
+    """Whether Node and the `ai` package are installed (`make test` runs `npm ci` in tests/js)."""
     return shutil.which("node") is not None and (JS_DIR / "node_modules" / "ai").is_dir()
 
 
-async def run_ai_client(command: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+# ASYNC109 prefers callers to wrap the call in `asyncio.timeout`; a default bound here keeps every
+# conformance test from hanging on a stream that never ends, which is the failure being tested for.
+async def run_ai_client(command: dict[str, Any], timeout: float = 60) -> dict[str, Any]:  # noqa: ASYNC109
     """Send one command to the harness and return its result.
 
     Stream and HTTP failures are part of the result (`error`, `httpStatus`); this raises only when
@@ -65,7 +70,8 @@ async def run_ai_client(command: dict[str, Any], timeout: float = 60) -> dict[st
         result = json.loads(stdout)
     except json.JSONDecodeError as error:
         raise AIClientError(
-            f"ai_client printed no JSON result: {stdout!r}; stderr: {stderr.decode(errors='replace')}"
+            f"ai_client printed no JSON result: {stdout!r}; "
+            f"stderr: {stderr.decode(errors='replace')}"
         ) from error
     if not isinstance(result, dict):
         raise AIClientError(f"ai_client printed {type(result).__name__}, not an object: {result!r}")

@@ -1,0 +1,108 @@
+"""Chat session activities: claim the chat, store the user message, persist the answer and end the stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from core.contracts import (
+    ClaimSessionResult,
+    MessageStatus,
+    PersistAssistantMessageInput,
+    StoreUserMessageInput,
+    TurnInput,
+)
+from core.errors import ErrorType
+from storage import chats
+from storage.streams import TurnStreams
+
+
+class ChatSessionActivities:
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], streams: TurnStreams
+    ) -> None:
+        self._sessions = session_factory
+        self._streams = streams
+
+    @activity.defn
+    async def claim_session(self, turn: TurnInput) -> ClaimSessionResult:
+        try:
+            async with self._sessions.begin() as session:
+                return await chats.claim_session(session, turn)
+        except chats.ChatNotFound as exc:
+            raise ApplicationError(
+                "chat not found", type=ErrorType.CHAT_NOT_FOUND, non_retryable=True
+            ) from exc
+        except chats.ChatBusy as exc:
+            raise ApplicationError(
+                "the chat has an active turn",
+                exc.active_turn_id,
+                type=ErrorType.CHAT_BUSY,
+                non_retryable=True,
+            ) from exc
+
+    @activity.defn
+    async def store_user_message(self, request: StoreUserMessageInput) -> None:
+        turn = request.turn
+        async with self._sessions.begin() as session:
+            await chats.store_turn_start(session, request)
+        # The start chunk goes out as soon as the turn is accepted, so a client sees the stream open
+        # before the provider answers. Writing it again on a retry is a no-op.
+        await self._streams.publish_start(
+            turn.organization_id,
+            turn.turn_id,
+            {
+                "type": "start",
+                "messageId": turn.assistant_message_id,
+                "messageMetadata": chats.start_metadata(request.chat_id, turn.turn_id, turn.model),
+            },
+        )
+
+    @activity.defn
+    async def persist_assistant_message(self, outcome: PersistAssistantMessageInput) -> None:
+        """Store the final state first, then publish the terminal chunk: a client that sees the end can read it back."""
+        closing = finish_metadata(outcome)
+        async with self._sessions.begin() as session:
+            message = await chats.get_message(
+                session, outcome.organization_id, outcome.assistant_message_id
+            )
+            metadata = {**(message.message_metadata if message else {}), **closing}
+            await chats.finish_turn(session, outcome, metadata)
+        await self._streams.append_terminal(
+            outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, closing)
+        )
+
+
+def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"finishReason": outcome.finish_reason or "other"}
+    if outcome.input_tokens is not None and outcome.output_tokens is not None:
+        metadata["usage"] = {
+            "inputTokens": outcome.input_tokens,
+            "outputTokens": outcome.output_tokens,
+            "totalTokens": outcome.input_tokens + outcome.output_tokens,
+        }
+    if outcome.ttft_ms is not None:
+        metadata["ttftMs"] = outcome.ttft_ms
+    if outcome.duration_ms is not None:
+        metadata["durationMs"] = outcome.duration_ms
+    if outcome.error is not None:
+        metadata["error"] = outcome.error
+    return metadata
+
+
+def terminal_chunks(
+    outcome: PersistAssistantMessageInput, metadata: dict[str, Any]
+) -> list[dict[str, Any]]:
+    if outcome.status is MessageStatus.FAILED:
+        return [{"type": "error", "errorText": outcome.error or "generation failed"}]
+    finish = {
+        "type": "finish",
+        "finishReason": metadata["finishReason"],
+        "messageMetadata": metadata,
+    }
+    if outcome.status is MessageStatus.ABORTED:
+        return [{"type": "abort"}, finish]
+    return [finish]

@@ -1,0 +1,132 @@
+"""The FastAPI application factory and its lifespan: clients are built here, once per process, never at import."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.problems import install_problem_handlers
+from api.routers import chats, health
+from api.state import AppState
+from core.logging import configure_logging
+from core.settings import Settings, get_settings
+from core.temporal import connect_temporal
+from providers.registry import ProviderRegistry
+from storage.db import create_engine, create_session_factory
+from storage.redis import create_redis
+from storage.streams import TurnStreams
+
+log = structlog.get_logger(__name__)
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the caller's `X-Request-Id` or a new one), logs it, and echoes it back.
+
+    Plain ASGI rather than BaseHTTPMiddleware, which would buffer and break streaming responses.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "api.request",
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.resolved_database_url)
+        redis = create_redis(settings.resolved_redis_url)
+        providers = ProviderRegistry.from_settings(settings)
+        try:
+            app.state.durachat = AppState(
+                settings=settings,
+                engine=engine,
+                sessions=create_session_factory(engine),
+                redis=redis,
+                streams=TurnStreams(
+                    redis,
+                    max_lifetime_seconds=settings.stream_max_lifetime_seconds,
+                    retention_seconds=settings.stream_retention_seconds,
+                ),
+                temporal=await connect_temporal(settings),
+                providers=providers,
+            )
+            log.info("api.started", host=settings.api_host, port=settings.api_port)
+            yield
+        finally:
+            await providers.aclose()
+            await redis.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="durachat",
+        version="0.1.0",
+        summary="Durable multi-tenant AI chat: every turn a Temporal workflow, streamed as the AI SDK UI message stream.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(health.router)
+    app.include_router(chats.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Chat-Id", "X-Request-Id"],
+        )
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the api under uvicorn (the `durachat api` command)."""
+    import uvicorn
+
+    configure_logging(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        # The relay streams for minutes; shutting down should not wait for every open stream forever.
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,56 @@
+"""FastAPI dependencies, as Annotated aliases so handler signatures read like types."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from api.state import AppState
+from core.errors import UnauthorizedError
+from storage import api_keys
+from storage.api_keys import Principal
+from storage.chats import Visibility
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.durachat
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_session(state: StateDep) -> AsyncIterator[AsyncSession]:
+    async with state.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dck_...`")
+
+
+async def get_principal(
+    state: StateDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise UnauthorizedError("missing API key: send `Authorization: Bearer <key>`")
+    # A short session of its own: streaming handlers must not hold a pooled connection for the
+    # lifetime of the stream just because authentication used one.
+    async with state.sessions() as session:
+        principal = await api_keys.authenticate(session, credentials.credentials)
+    if principal is None:
+        raise UnauthorizedError("invalid or revoked API key")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def visibility_of(principal: Principal) -> Visibility:
+    return Visibility(principal.organization_id, principal.user_id)

@@ -1,0 +1,263 @@
+"""Chat endpoints: send a message (start or continue a chat), read a chat, resume its stream."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.relay import FROM_START, parse_cursor, relay_turn, ui_message_stream_response
+from api.schemas import (
+    ChatId,
+    ChatOut,
+    ExternalChannelOut,
+    SendMessageRequest,
+    TurnOut,
+    UIMessageOut,
+)
+from api.state import AppState
+from api.turns import start_turn
+from core.contracts import ChatMode, ExternalChannel, TurnInput, turn_workflow_id
+from core.errors import BadRequestError, NotFoundError, UpstreamError
+from providers.base import UnknownModelError
+from storage import chats
+from storage.api_keys import Principal
+from storage.ids import new_id
+from workflows.chat_turn import ChatTurnWorkflow
+
+router = APIRouter(prefix="/v1/chats", tags=["chats"])
+
+PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The AI SDK UI message stream (v1) of the turn, as Server-Sent Events; "
+        "or, with `?stream=false` or `Accept: application/json`, the finished turn as JSON.",
+        "content": {
+            "text/event-stream": {"schema": {"type": "string"}},
+            "application/json": {
+                "schema": TurnOut.model_json_schema(ref_template="#/components/schemas/{model}")
+            },
+        },
+        "headers": {"X-Chat-Id": {"description": "The chat's id", "schema": {"type": "string"}}},
+    },
+    400: {"description": "Unknown model or malformed message", **PROBLEM},
+    401: {"description": "Missing or invalid API key", **PROBLEM},
+    404: {"description": "No such chat for this caller", **PROBLEM},
+    409: {"description": "The chat has an active turn", **PROBLEM},
+    422: {"description": "Invalid body", **PROBLEM},
+}
+
+
+@router.post(
+    "",
+    summary="Send a message to a new chat (or to the chat named by `id` / `externalChannelId`)",
+    responses=SSE_RESPONSE,
+)
+async def send_to_new_chat(
+    body: SendMessageRequest,
+    request: Request,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
+) -> Response:
+    if body.external_channel_id is not None:
+        mode, chat_id = ChatMode.CHANNEL, None
+    elif body.id is not None:
+        mode, chat_id = ChatMode.CREATE_OR_CONTINUE, body.id
+    else:
+        mode, chat_id = ChatMode.CREATE, new_id()
+    return await _send(
+        state, principal, body, mode, chat_id, wants_stream=_wants_stream(request, stream)
+    )
+
+
+@router.post("/{chat_id}", summary="Send a message to an existing chat", responses=SSE_RESPONSE)
+async def send_to_chat(
+    chat_id: ChatId,
+    body: SendMessageRequest,
+    request: Request,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
+) -> Response:
+    if body.id is not None and body.id != chat_id:
+        raise BadRequestError("body `id` differs from the chat id in the path")
+    if body.external_channel_id is not None:
+        raise BadRequestError("`externalChannelId` binds a new chat; send it to POST /v1/chats")
+    return await _send(
+        state,
+        principal,
+        body,
+        ChatMode.CONTINUE,
+        chat_id,
+        wants_stream=_wants_stream(request, stream),
+    )
+
+
+@router.get(
+    "/{chat_id}",
+    summary="A chat and the messages of its active branch, as UIMessages",
+    responses={
+        401: {"description": "Missing or invalid API key", **PROBLEM},
+        404: {"description": "No such chat", **PROBLEM},
+    },
+)
+async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: SessionDep) -> ChatOut:
+    chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+    if chat is None:
+        raise NotFoundError("chat not found")
+    branch = (
+        await chats.load_branch(session, principal.organization_id, chat.active_leaf_id)
+        if chat.active_leaf_id
+        else []
+    )
+    return ChatOut(
+        id=chat.id,
+        title=chat.title,
+        pinned=chat.pinned,
+        model=chat.model,
+        instructions=chat.instructions,
+        externalChannel=(
+            ExternalChannelOut(source=chat.external_source, id=chat.external_id)
+            if chat.external_source and chat.external_id
+            else None
+        ),
+        activeTurnId=chat.active_turn_id,
+        createdAt=chats.iso(chat.created_at),
+        updatedAt=chats.iso(chat.updated_at),
+        messages=[UIMessageOut.model_validate(chats.as_ui_message(message)) for message in branch],
+    )
+
+
+@router.get(
+    "/{chat_id}/stream",
+    summary="Resume the active turn's stream (204 when none), or continue after `Last-Event-ID`",
+    status_code=200,
+    responses={
+        200: {
+            "description": "The UI message stream, replayed from `start` or after the cursor",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "No turn is active"},
+        400: {"description": "Malformed Last-Event-ID", **PROBLEM},
+        401: {"description": "Missing or invalid API key", **PROBLEM},
+        404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
+    },
+)
+async def resume_stream(
+    chat_id: ChatId,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)] = None,
+) -> Response:
+    async with state.sessions() as session:
+        chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+        if chat is None:
+            raise NotFoundError("chat not found")
+        if last_event_id:
+            turn_id, after = parse_cursor(last_event_id)
+            # The cursor's turn must be one of this chat's: a cursor never reaches another tenant's stream.
+            if await chats.get_turn(session, principal.organization_id, chat.id, turn_id) is None:
+                raise NotFoundError("no such stream for this chat")
+        elif chat.active_turn_id is None:
+            return Response(status_code=204)
+        else:
+            turn_id, after = chat.active_turn_id, FROM_START
+    return ui_message_stream_response(
+        relay_turn(state.streams, principal.organization_id, turn_id, after),
+        chat_id=chat.id,
+        ping_seconds=state.settings.stream_ping_seconds,
+    )
+
+
+async def _send(
+    state: AppState,
+    principal: Principal,
+    body: SendMessageRequest,
+    mode: ChatMode,
+    chat_id: str | None,
+    *,
+    wants_stream: bool,
+) -> Response:
+    if body.trigger == "regenerate-message":
+        raise BadRequestError("regenerating a message is not available on this endpoint yet")
+    text = body.new_user_text()
+    if not text.strip():
+        raise BadRequestError("the new user message has no text")
+    if len(text) > state.settings.max_message_chars:
+        raise BadRequestError(
+            f"the message is longer than {state.settings.max_message_chars} characters"
+        )
+    model = body.model or state.settings.default_model
+    try:
+        provider, _ = state.providers.resolve(model)
+    except UnknownModelError as exc:
+        raise BadRequestError(
+            str(exc), extra={"availableModels": state.providers.available_models()}
+        ) from exc
+
+    turn = TurnInput(
+        organization_id=principal.organization_id,
+        user_id=principal.user_id,
+        turn_id=new_id(),
+        chat_mode=mode,
+        chat_id=chat_id,
+        user_message_id=new_id(),
+        assistant_message_id=new_id(),
+        user_parts=body.new_user_parts(),
+        model=model,
+        provider=provider.name,
+        system=body.system,
+        provider_options=body.provider_options,
+        external_channel=(
+            ExternalChannel(source=body.external_channel_id.source, id=body.external_channel_id.id)
+            if body.external_channel_id
+            else None
+        ),
+        # Earlier messages seed only a chat's first turn; a live chat's history is the server's.
+        history_seed=body.history_seed() if mode is not ChatMode.CONTINUE else [],
+        client_message_id=body.client_message_id(),
+    )
+    accepted = await start_turn(state, turn)
+    if wants_stream:
+        return ui_message_stream_response(
+            relay_turn(state.streams, principal.organization_id, accepted.turn_id),
+            chat_id=accepted.chat_id,
+            ping_seconds=state.settings.stream_ping_seconds,
+        )
+    return await _finished_turn_json(
+        state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id
+    )
+
+
+async def _finished_turn_json(
+    state: AppState, principal: Principal, turn_id: str, chat_id: str, assistant_message_id: str
+) -> JSONResponse:
+    handle = state.temporal.get_workflow_handle_for(ChatTurnWorkflow.run, turn_workflow_id(turn_id))
+    result = await handle.result()
+    async with state.sessions() as session:
+        message = await chats.get_message(session, principal.organization_id, assistant_message_id)
+    assert message is not None
+    if message.status == "failed":
+        raise UpstreamError(
+            message.message_metadata.get("error", "generation failed"),
+            extra={"chatId": chat_id, "turnId": turn_id},
+        )
+    usage = message.message_metadata.get("usage", {})
+    payload = TurnOut(
+        chatId=chat_id,
+        turnId=turn_id,
+        status=result.status,
+        message=UIMessageOut.model_validate(chats.as_ui_message(message)),
+        usage=usage,
+    )
+    return JSONResponse(payload.model_dump(), headers={"X-Chat-Id": chat_id})
+
+
+def _wants_stream(request: Request, stream_param: bool) -> bool:
+    if not stream_param:
+        return False
+    accept = request.headers.get("accept", "")
+    return not ("application/json" in accept and "text/event-stream" not in accept)

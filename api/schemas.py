@@ -1,0 +1,152 @@
+"""Request and response schemas of the chat endpoints. Input, storage and output never share a class."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from core.contracts import SeedMessage
+
+CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+ChatId = Annotated[
+    str, Field(pattern=CHAT_ID_PATTERN, description="A chat id: 1-64 of A-Z a-z 0-9 _ -")
+]
+
+# Parts a stored message may carry. User input is text only for now; the assistant kinds are what a
+# client may echo back in the history it sends with a new chat.
+_SEED_PART_TYPES = frozenset({"text", "reasoning", "step-start"})
+
+
+class ExternalChannelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["discord", "slack", "dashboard", "api"]
+    id: str = Field(min_length=1, max_length=200)
+
+
+class MessageIn(BaseModel):
+    """A message as `{role, content}` or as an AI SDK UIMessage with `parts`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = Field(default=None, max_length=200)
+    role: Literal["user", "assistant", "system"]
+    content: str | None = None
+    parts: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_parts(self) -> MessageIn:
+        if (self.content is None) == (self.parts is None):
+            raise ValueError("a message has exactly one of `content` or `parts`")
+        return self
+
+    def stored_parts(self) -> list[dict[str, Any]]:
+        if self.content is not None:
+            return [{"type": "text", "text": self.content}]
+        assert self.parts is not None
+        kept = [part for part in self.parts if part.get("type") in _SEED_PART_TYPES]
+        for part in kept:
+            if part.get("type") != "step-start" and not isinstance(part.get("text"), str):
+                raise ValueError(f"a {part.get('type')} part needs a string `text`")
+        return kept
+
+    def text(self) -> str:
+        return "".join(
+            str(part.get("text", "")) for part in self.stored_parts() if part.get("type") == "text"
+        )
+
+
+class SendMessageRequest(BaseModel):
+    """A send: the durachat shape, or the exact body the AI SDK's DefaultChatTransport posts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str | None = Field(default=None, description="The new user message as plain text.")
+    messages: list[MessageIn] | None = Field(
+        default=None,
+        description="Messages; the last one is the new user message. For a new chat the earlier ones seed its history.",
+    )
+    model: str | None = Field(
+        default=None, description="`provider/model`; the server default when omitted."
+    )
+    system: str | None = Field(default=None, max_length=100_000)
+    external_channel_id: ExternalChannelIn | None = Field(default=None, alias="externalChannelId")
+    provider_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, alias="providerOptions"
+    )
+    # DefaultChatTransport fields.
+    id: ChatId | None = Field(default=None, description="The chat id (AI SDK clients choose it).")
+    trigger: Literal["submit-message", "regenerate-message"] | None = None
+    message_id: str | None = Field(default=None, alias="messageId", max_length=200)
+    metadata: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_source_of_the_new_message(self) -> SendMessageRequest:
+        if (self.message is None) == (not self.messages):
+            raise ValueError("send exactly one of `message` or a non-empty `messages`")
+        if self.messages and self.messages[-1].role != "user":
+            raise ValueError("the last of `messages` must be the new user message (role `user`)")
+        return self
+
+    def new_user_parts(self) -> list[dict[str, Any]]:
+        if self.message is not None:
+            return [{"type": "text", "text": self.message}]
+        assert self.messages
+        return [part for part in self.messages[-1].stored_parts() if part.get("type") == "text"]
+
+    def new_user_text(self) -> str:
+        return "".join(str(part["text"]) for part in self.new_user_parts())
+
+    def client_message_id(self) -> str | None:
+        return self.messages[-1].id if self.messages else None
+
+    def history_seed(self) -> list[SeedMessage]:
+        if not self.messages:
+            return []
+        return [
+            SeedMessage(role=item.role, parts=item.stored_parts()) for item in self.messages[:-1]
+        ]
+
+
+class UsageOut(BaseModel):
+    inputTokens: int | None = None  # noqa: N815 - wire names follow the AI SDK
+    outputTokens: int | None = None  # noqa: N815
+    totalTokens: int | None = None  # noqa: N815
+
+
+class UIMessageOut(BaseModel):
+    id: str
+    role: str
+    parts: list[dict[str, Any]]
+    metadata: dict[str, Any]
+    status: Literal["streaming", "complete", "aborted", "failed"]
+    createdAt: str  # noqa: N815
+
+
+class ExternalChannelOut(BaseModel):
+    source: str
+    id: str
+
+
+class ChatOut(BaseModel):
+    id: str
+    title: str | None
+    pinned: bool
+    model: str | None
+    instructions: str | None
+    externalChannel: ExternalChannelOut | None  # noqa: N815
+    activeTurnId: str | None  # noqa: N815
+    createdAt: str  # noqa: N815
+    updatedAt: str  # noqa: N815
+    messages: list[UIMessageOut]
+
+
+class TurnOut(BaseModel):
+    """The answer of a non-streaming send."""
+
+    chatId: str  # noqa: N815
+    turnId: str  # noqa: N815
+    status: str
+    message: UIMessageOut
+    usage: UsageOut

@@ -1,0 +1,24 @@
+"""The api's process-wide resources, built by the lifespan and handed to requests through dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from temporalio.client import Client
+
+from core.settings import Settings
+from providers.registry import ProviderRegistry
+from storage.streams import TurnStreams
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: Redis
+    streams: TurnStreams
+    temporal: Client
+    providers: ProviderRegistry

@@ -1,0 +1,158 @@
+"""Per-turn Redis Streams: the chunk log that generation appends to and every SSE relay reads from.
+
+Keys start with the organization id. Entry ids double as SSE cursors. Appends are fenced by attempt
+number so a generation attempt that was superseded (a worker presumed dead, still running) can no
+longer write into the stream its successor owns. Must never import api, workflows or activities.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+# A stream ends with `finish` (also after `abort`) or `error`.
+STREAM_END_PREFIXES = ('{"type":"finish"', '{"type":"error"')
+CHUNK_FIELD = "c"
+# The start chunk gets the smallest possible explicit id so writing it twice is a no-op.
+START_ENTRY_ID = "0-1"
+
+# ARGV: attempt, chunk json... Appends only while `attempt` is the current one; returns the last id.
+_FENCED_APPEND = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if current ~= tonumber(ARGV[1]) then return false end
+local last = false
+for i = 2, #ARGV do last = redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
+return last
+"""
+
+# ARGV: attempt. Raises the fence to `attempt` unless a later attempt already holds it.
+_CLAIM_ATTEMPT = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local wanted = tonumber(ARGV[1])
+if wanted < current then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+"""
+
+# ARGV: retention seconds, chunk json... Appends the terminal chunks once, then starts the retention clock.
+_APPEND_TERMINAL = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 2, #ARGV do redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+def encode_chunk(chunk: dict[str, Any]) -> str:
+    return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    entry_id: str
+    chunk_json: str
+
+    @property
+    def ends_stream(self) -> bool:
+        # Every chunk is encoded with "type" first, so a prefix test avoids parsing each delta.
+        return self.chunk_json.startswith(STREAM_END_PREFIXES)
+
+
+class StaleAttemptError(Exception):
+    """A later generation attempt owns the turn's stream now; this one must stop writing."""
+
+
+class TurnStreams:
+    def __init__(self, redis: Redis, *, max_lifetime_seconds: int, retention_seconds: int) -> None:
+        self._redis = redis
+        self._max_lifetime = max_lifetime_seconds
+        self._retention = retention_seconds
+        self._fenced_append = redis.register_script(_FENCED_APPEND)
+        self._claim_attempt = redis.register_script(_CLAIM_ATTEMPT)
+        self._append_terminal = redis.register_script(_APPEND_TERMINAL)
+
+    @staticmethod
+    def stream_key(organization_id: str, turn_id: str) -> str:
+        return f"{organization_id}:turn:{turn_id}:chunks"
+
+    @staticmethod
+    def _fence_key(organization_id: str, turn_id: str) -> str:
+        return f"{organization_id}:turn:{turn_id}:attempt"
+
+    @staticmethod
+    def _terminal_key(organization_id: str, turn_id: str) -> str:
+        return f"{organization_id}:turn:{turn_id}:ended"
+
+    async def publish_start(
+        self, organization_id: str, turn_id: str, chunk: dict[str, Any]
+    ) -> None:
+        key = self.stream_key(organization_id, turn_id)
+        try:
+            await self._redis.xadd(key, {CHUNK_FIELD: encode_chunk(chunk)}, id=START_ENTRY_ID)
+        except ResponseError as exc:
+            # "equal or smaller than the target stream top item": the start chunk is already there.
+            if "equal or smaller" not in str(exc):
+                raise
+        await self._redis.expire(key, self._max_lifetime)
+
+    async def begin_attempt(self, organization_id: str, turn_id: str, attempt: int) -> None:
+        owned = await self._claim_attempt(
+            keys=[self._fence_key(organization_id, turn_id)], args=[attempt, self._max_lifetime]
+        )
+        if not owned:
+            raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
+
+    async def append(
+        self, organization_id: str, turn_id: str, attempt: int, chunks: Sequence[dict[str, Any]]
+    ) -> str:
+        last_id = await self._fenced_append(
+            keys=[
+                self.stream_key(organization_id, turn_id),
+                self._fence_key(organization_id, turn_id),
+            ],
+            args=[attempt, *(encode_chunk(chunk) for chunk in chunks)],
+        )
+        if last_id is None:
+            raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
+        return str(last_id)
+
+    async def append_terminal(
+        self, organization_id: str, turn_id: str, chunks: Sequence[dict[str, Any]]
+    ) -> bool:
+        """Append the closing chunks exactly once per turn; False when they were already appended."""
+        appended = await self._append_terminal(
+            keys=[
+                self.stream_key(organization_id, turn_id),
+                self._terminal_key(organization_id, turn_id),
+                self._fence_key(organization_id, turn_id),
+            ],
+            args=[self._retention, *(encode_chunk(chunk) for chunk in chunks)],
+        )
+        return bool(appended)
+
+    async def read_after(
+        self,
+        organization_id: str,
+        turn_id: str,
+        after_entry_id: str,
+        *,
+        block_ms: int,
+        count: int = 512,
+    ) -> list[StreamEntry]:
+        """Entries after `after_entry_id` ("0-0" for all), waiting up to block_ms for the first one."""
+        response: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await self._redis.xread(
+            {self.stream_key(organization_id, turn_id): after_entry_id}, count=count, block=block_ms
+        )  # type: ignore[assignment]
+        if not response:
+            return []
+        [(_key, entries)] = response
+        return [StreamEntry(entry_id, fields[CHUNK_FIELD]) for entry_id, fields in entries]
+
+    async def exists(self, organization_id: str, turn_id: str) -> bool:
+        return bool(await self._redis.exists(self.stream_key(organization_id, turn_id)))

@@ -1,0 +1,168 @@
+"""Session fixtures: the embedded services (through the same launcher as `durachat dev`), migrations,
+a provider server speaking the OpenAI wire format, and the real api and worker processes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.settings import Settings
+from devstack.stack import ServiceStack
+from storage import api_keys
+from storage.db import create_engine, create_session_factory
+from storage.migrations import upgrade_database
+from tests.support.openai_server import OpenAICompatibleServer
+from tests.support.ports import free_port_block
+from tests.support.processes import ServiceProcess, wait_until_ready
+
+# Models the test provider `mock` serves (see tests/support/openai_server.py for what each does).
+MOCK_MODELS = [
+    "echo",
+    "reply-hello-from-the-provider",
+    "reasoning-the-answer-is-42",
+    "slow",
+    "slow-20",
+    "fail-400",
+    "fail-401",
+    "fail-429",
+    "fail-500",
+    "flaky-1",
+    "drop",
+]
+
+
+@pytest.fixture(scope="session")
+def provider_server() -> Iterator[OpenAICompatibleServer]:
+    with OpenAICompatibleServer(api_key="sk-test-provider-key") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory, provider_server: OpenAICompatibleServer) -> Settings:
+    data_dir = tmp_path_factory.mktemp("durachat-data")
+    return Settings(
+        environment="test",
+        data_dir=data_dir,
+        embedded_postgres_port=free_port_block(),
+        embedded_redis_port=free_port_block(),
+        embedded_temporal_port=free_port_block((0, 10, 11)),
+        embedded_temporal_ui=False,
+        api_port=free_port_block(),
+        temporal_task_queue=f"durachat-test-{uuid.uuid4().hex[:8]}",
+        providers=json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
+        stream_ping_seconds=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def service_stack(stack_settings: Settings) -> Iterator[ServiceStack]:
+    stack = ServiceStack(stack_settings, redis_persistent=False)
+    stack.start()
+    try:
+        upgrade_database(stack.endpoints.database_url)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(stack_settings: Settings, service_stack: ServiceStack) -> Settings:
+    endpoints = service_stack.endpoints
+    return stack_settings.model_copy(
+        update={
+            "database_url": endpoints.database_url,
+            "redis_url": endpoints.redis_url,
+            "temporal_address": endpoints.temporal_address,
+        }
+    )
+
+
+def process_environment(settings: Settings) -> dict[str, str]:
+    """The DURACHAT_* variables that make a child process's Settings equal `settings`."""
+    environment: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        key = f"DURACHAT_{name.upper()}"
+        if isinstance(value, (dict, list)):
+            if name == "providers":
+                value = {
+                    provider: {**entry, "api_key": settings.providers[provider].api_key.get_secret_value()}
+                    for provider, entry in value.items()
+                }
+            environment[key] = json.dumps(value) if name != "cors_origins" else ",".join(value)
+        else:
+            environment[key] = str(value)
+    return environment
+
+
+@dataclass
+class RunningServices:
+    api: ServiceProcess
+    worker: ServiceProcess
+    base_url: str
+
+
+@pytest.fixture(scope="session")
+def running_services(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServices]:
+    log_dir: Path = tmp_path_factory.mktemp("logs")
+    environment = process_environment(settings)
+    worker = ServiceProcess("worker", environment, log_dir)
+    api = ServiceProcess("api", environment, log_dir)
+    worker.start()
+    api.start()
+    base_url = f"http://{settings.api_host}:{settings.api_port}"
+    try:
+        wait_until_ready(base_url, api)
+        yield RunningServices(api=api, worker=worker, base_url=base_url)
+    finally:
+        api.stop()
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def api_url(running_services: RunningServices) -> str:
+    return running_services.base_url
+
+
+@pytest.fixture(scope="session")
+async def sessions(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(settings.resolved_database_url, pool_size=2)
+    yield create_session_factory(engine)
+    await engine.dispose()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    organization_id: str
+    key_id: str
+    secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+async def make_tenant(sessions: async_sessionmaker[AsyncSession], *, user_id: str | None = None) -> Tenant:
+    async with sessions.begin() as session:
+        organization_id = await api_keys.ensure_organization(session, f"org-{uuid.uuid4().hex[:10]}")
+        created = await api_keys.create_key(session, organization_id, user_id=user_id, is_admin=user_id is None)
+    return Tenant(organization_id=organization_id, key_id=created.id, secret=created.secret)
+
+
+@pytest.fixture
+async def tenant(sessions: async_sessionmaker[AsyncSession]) -> Tenant:
+    return await make_tenant(sessions)
+
+
+@pytest.fixture
+async def client(api_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=api_url, timeout=httpx.Timeout(30.0)) as http:
+        yield http

@@ -1,0 +1,412 @@
+"""A local server speaking OpenAI's chat completions wire format, scripted by model name.
+
+The production adapter runs against it unchanged. It runs uvicorn in a background thread on a free
+127.0.0.1 port, so a worker started as a separate process can be pointed at it too
+(`server.providers_env()` is a ready `DURACHAT_PROVIDERS` value).
+
+Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
+
+    echo                  streams the last user message back, word by word
+    reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
+    reasoning-<words>     `reasoning_content` deltas first (DeepSeek/vLLM style), then the reply
+    length-<words>        the reply, finished with finish_reason "length"
+    slow / slow-<ms>      1000 words, one chunk per 50 ms (or <ms>): for stop/cancel tests
+    fail-<status>         always that HTTP status with OpenAI's error JSON; fail-429 adds
+                          `Retry-After: 2`, fail-401 quotes the bearer token back like OpenAI does
+    flaky-<n>[-<tag>]     503 for the first <n> requests to this exact model name, then echo;
+                          a unique <tag> per test avoids sharing the count (or call reset())
+    midstream-error       3 chunks, then an `{"error": ...}` event inside the 200 stream
+    drop                  3 chunks, then the connection is cut without a terminating chunk
+    anything else         404 model_not_found, as OpenAI answers an unknown model
+
+`max_tokens` / `max_completion_tokens` cap the reply in words and finish it with "length".
+Every request is recorded (`requests`), with whether its stream finished or the client left early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
+
+_ERRORS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid request."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided: {key}."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+    404: ("invalid_request_error", "model_not_found", "The model `{model}` does not exist."),
+    408: ("timeout", None, "Request timed out."),
+    422: ("invalid_request_error", None, "Unprocessable request."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
+    500: ("server_error", None, "The server had an error while processing your request."),
+    502: ("server_error", None, "Bad gateway."),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+
+
+@dataclass(frozen=True)
+class Script:
+    """How the server answers one model."""
+
+    reply: str | None = None  # None: echo the last user message
+    reasoning: str = ""
+    reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
+    finish_reason: str = "stop"
+    chunk_delay: float = 0.0  # seconds between chunks
+    fail_status: int | None = None
+    fail_first: int | None = None  # with fail_status: fail only the first n requests
+    retry_after: str | None = None  # `Retry-After` sent with failures
+    retry_after_ms: str | None = None  # `retry-after-ms` sent with failures
+    error_after_chunks: int | None = None  # send an in-stream error event after n chunks
+    drop_after_chunks: int | None = None  # cut the connection after n chunks
+
+
+def script_for_model(model: str) -> Script | None:
+    """The Script a model name asks for, or None for an unknown model."""
+    name, _, argument = model.partition("-")
+    words = argument.replace("-", " ")
+    if model == "echo":
+        return Script()
+    if name == "reply" and argument:
+        return Script(reply=words)
+    if name == "reasoning" and argument:
+        return Script(reply=words, reasoning=f"The user wants {words}. I will answer.")
+    if name == "length" and argument:
+        return Script(reply=words, finish_reason="length")
+    if model == "slow" or (name == "slow" and argument.isdigit()):
+        delay = int(argument) / 1000 if argument else 0.05
+        return Script(reply=" ".join(f"w{index}" for index in range(1000)), chunk_delay=delay)
+    if name == "fail" and argument.isdigit():
+        return Script(fail_status=int(argument), retry_after="2" if argument == "429" else None)
+    failures, _, _tag = argument.partition("-")
+    if name == "flaky" and failures.isdigit():
+        return Script(fail_status=503, fail_first=int(failures))
+    if model == "midstream-error":
+        return Script(reply="this answer breaks off early", error_after_chunks=3)
+    if model == "drop":
+        return Script(reply="this answer is cut off by a dropped connection", drop_after_chunks=3)
+    return None
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received, as it arrived."""
+
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: dict[str, Any]
+    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
+    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
+
+    @property
+    def model(self) -> str:
+        return str(self.body.get("model", ""))
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages = self.body.get("messages", [])
+        return list(messages) if isinstance(messages, list) else []
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
+class _DroppedConnection(Exception):
+    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
+
+
+class OpenAICompatibleServer:
+    """`with OpenAICompatibleServer() as server:` then point a client at `server.base_url`."""
+
+    def __init__(self, *, api_key: str | None = None) -> None:
+        self.api_key = api_key  # when set, other bearer tokens get OpenAI's 401
+        self._scripts: dict[str, Script] = {}
+        self._attempts: dict[str, int] = {}
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, model: str, script: Script) -> None:
+        """Answer `model` with `script`, taking precedence over the model-name conventions."""
+        with self._lock:
+            self._scripts[model] = script
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, model: str) -> list[RecordedRequest]:
+        return [request for request in self.requests if request.model == model]
+
+    def reset(self) -> None:
+        """Forget recorded requests and flaky-model counters (scripts stay)."""
+        with self._lock:
+            self._requests.clear()
+            self._attempts.clear()
+
+    def providers_env(self, name: str, models: list[str], *, api_key: str | None = None) -> str:
+        """A `DURACHAT_PROVIDERS` value configuring this server as provider `name`."""
+        entry: dict[str, Any] = {"base_url": self.base_url, "models": models}
+        key = api_key if api_key is not None else self.api_key
+        if key:
+            entry["api_key"] = key
+        return json.dumps({name: entry})
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app(),
+            loop="asyncio",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            # Slow streams still open at shutdown must not hold the test run for a minute.
+            timeout_graceful_shutdown=1,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="openai-test-server", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the OpenAI-compatible test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout=5)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._thread = self._socket = None
+
+    def __enter__(self) -> OpenAICompatibleServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
+                Route("/v1/models", self._list_models, methods=["GET"]),
+            ]
+        )
+
+    async def _list_models(self, request: Request) -> Response:
+        with self._lock:
+            names = ["echo", *self._scripts]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _chat_completions(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            body = None
+        record = RecordedRequest(
+            path=request.url.path,
+            headers={key.lower(): value for key, value in request.headers.items()},
+            body=body if isinstance(body, dict) else {},
+        )
+        with self._lock:
+            self._requests.append(record)
+        if not isinstance(body, dict):
+            return _error(400, message="We could not parse the JSON body of your request.")
+
+        model = record.model
+        if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
+            return _error(401, key=_bearer(record))
+        with self._lock:
+            script = self._scripts.get(model) or script_for_model(model)
+            self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
+        if script is None:
+            return _error(404, model=model)
+        if script.fail_status is not None and (
+            script.fail_first is None or attempt <= script.fail_first
+        ):
+            headers: dict[str, str] = {}
+            if script.retry_after is not None:
+                headers["retry-after"] = script.retry_after
+            if script.retry_after_ms is not None:
+                headers["retry-after-ms"] = script.retry_after_ms
+            return _error(script.fail_status, model=model, key=_bearer(record), headers=headers)
+
+        reply = script.reply if script.reply is not None else _last_user_text(record.messages)
+        pieces = _PIECE.findall(reply)
+        finish_reason = script.finish_reason
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(cap, int) and len(pieces) > cap:
+            pieces, finish_reason = pieces[:cap], "length"
+        reasoning = _PIECE.findall(script.reasoning)
+        prompt_tokens = sum(len(_text(m.get("content")).split()) for m in record.messages)
+        reasoning_tokens = len(script.reasoning.split())
+        completion_tokens = len("".join(pieces).split()) + reasoning_tokens
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        }
+
+        if body.get("stream") is not True:
+            return JSONResponse(
+                {
+                    **_envelope(model, "chat.completion"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(pieces)},
+                            "finish_reason": finish_reason,
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        stream_options = body.get("stream_options")
+        include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage")
+        events = _stream_events(
+            script, model, reasoning, pieces, finish_reason, usage if include_usage else None
+        )
+        return StreamingResponse(
+            self._paced(record, script, events),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
+
+    async def _paced(
+        self, record: RecordedRequest, script: Script, events: list[bytes | None]
+    ) -> AsyncIterator[bytes]:
+        try:
+            for index, event in enumerate(events):
+                if event is None:
+                    raise _DroppedConnection
+                if index and script.chunk_delay:
+                    await asyncio.sleep(script.chunk_delay)
+                yield event
+            record.finished.set()
+        finally:
+            # Starlette cancels this generator when the client disconnects mid-stream.
+            if not record.finished.is_set():
+                record.disconnected.set()
+
+
+def _stream_events(
+    script: Script,
+    model: str,
+    reasoning: list[str],
+    pieces: list[str],
+    finish_reason: str,
+    usage: dict[str, Any] | None,
+) -> list[bytes | None]:
+    """The SSE byte strings of one streamed answer; None marks where the connection drops."""
+    envelope = _envelope(model, "chat.completion.chunk")
+    extra: dict[str, Any] = {"usage": None} if usage is not None else {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**envelope, "choices": [choice], **extra})
+
+    events: list[bytes | None] = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [chunk({script.reasoning_field: piece}) for piece in reasoning]
+    for count, piece in enumerate(pieces):
+        if count == script.error_after_chunks:
+            error = {"message": "Upstream provider error.", "type": "server_error", "code": 502}
+            return [*events, _sse({"error": error})]
+        if count == script.drop_after_chunks:
+            return [*events, None]
+        events.append(chunk({"content": piece}))
+    events.append(chunk({}, finish_reason))
+    if usage is not None:
+        events.append(_sse({**envelope, "choices": [], "usage": usage}))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _envelope(model: str, kind: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_test",
+    }
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _error(
+    status: int,
+    *,
+    model: str = "",
+    key: str = "",
+    headers: dict[str, str] | None = None,
+    message: str | None = None,
+) -> JSONResponse:
+    error_type, code, template = _ERRORS.get(status, ("server_error", None, "Error."))
+    text = message or template.format(model=model, key=key)
+    payload = {"error": {"message": text, "type": error_type, "param": None, "code": code}}
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _bearer(record: RecordedRequest) -> str:
+    return (record.authorization or "").removeprefix("Bearer ")
+
+
+def _text(content: object) -> str:
+    # Content is a string, or a list of parts of which the text ones count.
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""

@@ -1,0 +1,580 @@
+"""Model adapters: the local provider, the OpenAI adapter on the real wire format, the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from core.settings import ProviderEntry, Settings
+from providers.base import (
+    Finish,
+    GenerationRequest,
+    PromptMessage,
+    ProviderError,
+    ProviderEvent,
+    ReasoningDelta,
+    TextDelta,
+    UnknownModelError,
+    Usage,
+)
+from providers.local import LocalOptions, LocalProvider
+from providers.openai_compatible import OpenAICompatibleProvider, parse_retry_after
+from providers.registry import ProviderRegistry
+from tests.support.openai_server import OpenAICompatibleServer, RecordedRequest, Script
+
+API_KEY = "sk-test-0123456789abcdef"
+PROMPT = [
+    PromptMessage("system", "You are terse."),
+    PromptMessage("user", "Say something nice"),
+]
+
+
+def request(
+    model: str,
+    *,
+    messages: list[PromptMessage] | None = None,
+    attempt: int = 1,
+    **options: Any,
+) -> GenerationRequest:
+    return GenerationRequest(
+        model=model,
+        messages=PROMPT if messages is None else messages,
+        options=options,
+        attempt=attempt,
+    )
+
+
+async def collect(stream: AsyncGenerator[ProviderEvent, None]) -> list[ProviderEvent]:
+    async with aclosing(stream):
+        return [event async for event in stream]
+
+
+def text_of(events: list[ProviderEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, TextDelta))
+
+
+def reasoning_of(events: list[ProviderEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, ReasoningDelta))
+
+
+async def collect_failure(
+    stream: AsyncGenerator[ProviderEvent, None],
+) -> tuple[list[ProviderEvent], ProviderError]:
+    """The events a stream yielded before it raised ProviderError, and the error."""
+    seen: list[ProviderEvent] = []
+    try:
+        async with aclosing(stream):
+            async for event in stream:
+                seen.append(event)
+    except ProviderError as error:
+        return seen, error
+    raise AssertionError(f"the stream finished without failing: {seen}")
+
+
+async def wait_for(flag: threading.Event) -> bool:
+    # The server records on its own thread; wait on its Event without blocking the event loop.
+    return await asyncio.to_thread(flag.wait, 5.0)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[OpenAICompatibleServer]:
+    with OpenAICompatibleServer(api_key=API_KEY) as running:
+        yield running
+
+
+@pytest.fixture
+async def provider(server: OpenAICompatibleServer) -> AsyncIterator[OpenAICompatibleProvider]:
+    server.reset()
+    adapter = OpenAICompatibleProvider(
+        "test", base_url=server.base_url, api_key=API_KEY, models=["echo"], timeout_seconds=10
+    )
+    yield adapter
+    await adapter.aclose()
+
+
+def only_request(server: OpenAICompatibleServer) -> RecordedRequest:
+    [recorded] = server.requests
+    return recorded
+
+
+# --- local provider ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "hello world",
+        "  leading and   inner\tspaces, trailing newline\n",
+        "one",
+        "   ",
+        "multi\n\nline\r\nmessage with émojis 🎉",
+    ],
+)
+async def test_echo_streams_the_last_user_message_back_exactly(message: str) -> None:
+    messages = [
+        PromptMessage("user", "an earlier question"),
+        PromptMessage("assistant", "an earlier answer"),
+        PromptMessage("user", message),
+    ]
+    events = await collect(LocalProvider().stream(request("echo", messages=messages, delayMs=0)))
+
+    deltas = [event for event in events if isinstance(event, TextDelta)]
+    assert "".join(delta.text for delta in deltas) == message
+    assert len(deltas) == max(1, len(message.split()))
+    assert events[-2:] == [
+        Usage(input_tokens=6 + len(message.split()), output_tokens=len(message.split())),
+        Finish("stop"),
+    ]
+
+
+async def test_echo_words_caps_the_reply_and_finishes_with_length() -> None:
+    messages = [PromptMessage("user", "one two three four five")]
+    events = await collect(
+        LocalProvider().stream(request("echo", messages=messages, words=2, delayMs=0))
+    )
+
+    assert text_of(events) == "one two "
+    assert events[-2:] == [Usage(input_tokens=5, output_tokens=2), Finish("length")]
+
+
+async def test_lorem_streams_the_requested_number_of_words() -> None:
+    events = await collect(LocalProvider().stream(request("lorem", words=123, delayMs=0)))
+
+    text = text_of(events)
+    assert len(text.split()) == 123
+    assert text.startswith("Lorem ipsum dolor")
+    assert events[-2:] == [Usage(input_tokens=6, output_tokens=123), Finish("stop")]
+
+
+def test_local_options_parse_pacing_and_failure_injection() -> None:
+    assert LocalOptions.parse({}) == LocalOptions(delay_ms=20)
+    assert LocalOptions.parse({"delayMs": 0, "words": 5}) == LocalOptions(words=5, delay_ms=0)
+    assert LocalOptions.parse({"delayMs": 2.5}).delay_ms == 2.5
+    injected = LocalOptions.parse({"failAfterWords": 3, "failTimes": 2, "failRetryable": False})
+    assert injected == LocalOptions(
+        fail_after_words=3, fail_times=2, fail_retryable=False, delay_ms=20
+    )
+    assert [injected.fails_on(attempt) for attempt in (1, 2, 3)] == [True, True, False]
+    assert LocalOptions.parse({"failTimes": 1}).fail_after_words == 0
+    assert not LocalOptions.parse({"unknownOption": "ignored"}).fails_on(1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"words": -1},
+        {"words": "3"},
+        {"words": True},
+        {"words": 1_000_000},
+        {"delayMs": "fast"},
+        {"delayMs": -5},
+        {"delayMs": float("nan")},
+        {"failAfterWords": 1.5},
+        {"failTimes": "twice"},
+        {"failRetryable": "yes"},
+    ],
+)
+async def test_bad_local_options_are_rejected_without_retry(options: dict[str, Any]) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(LocalProvider().stream(request("echo", **options)))
+
+    assert caught.value.error_type == ProviderError.PROVIDER_REJECTED
+    assert not caught.value.retryable
+    assert "providerOptions.local." in str(caught.value)
+
+
+async def test_injected_failure_fails_only_the_first_attempts_after_some_words() -> None:
+    local = LocalProvider()
+    options: dict[str, Any] = {"delayMs": 0, "failAfterWords": 2, "failTimes": 2}
+    messages = [PromptMessage("user", "alpha beta gamma delta")]
+
+    for attempt in (1, 2):
+        seen, error = await collect_failure(
+            local.stream(request("echo", messages=messages, attempt=attempt, **options))
+        )
+        assert text_of(seen) == "alpha beta "
+        assert error.retryable
+        assert error.error_type == ProviderError.PROVIDER_UNAVAILABLE
+        assert f"attempt {attempt}" in str(error)
+
+    events = await collect(local.stream(request("echo", messages=messages, attempt=3, **options)))
+    assert text_of(events) == "alpha beta gamma delta"
+    assert events[-1] == Finish("stop")
+
+
+async def test_injected_failure_can_be_non_retryable_and_fail_every_attempt() -> None:
+    options: dict[str, Any] = {"delayMs": 0, "failAfterWords": 0, "failRetryable": False}
+    for attempt in (1, 5):
+        with pytest.raises(ProviderError) as caught:
+            await collect(LocalProvider().stream(request("lorem", attempt=attempt, **options)))
+        assert not caught.value.retryable
+
+
+async def test_local_rejects_a_model_it_does_not_have() -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(LocalProvider().stream(request("gpt-4")))
+    assert not caught.value.retryable
+
+
+# --- OpenAI-compatible adapter ------------------------------------------------------------------
+
+
+async def test_streams_text_usage_and_finish_reason(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    events = await collect(provider.stream(request("reply-hello-big-world")))
+
+    assert [type(event) for event in events[:-2]] == [TextDelta] * 3
+    assert text_of(events) == "hello big world"
+    assert events[-2:] == [Usage(input_tokens=6, output_tokens=3), Finish("stop")]
+    assert only_request(server).finished.is_set()
+
+
+async def test_sends_messages_allowed_options_and_the_api_key(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    options: dict[str, Any] = {
+        "temperature": 0.2,
+        "topP": 0.9,
+        "maxTokens": 2,
+        "seed": 7,
+        "n": 3,
+        "stream": False,
+    }
+    events = await collect(provider.stream(request("reply-one-two-three", **options)))
+
+    sent = only_request(server)
+    assert sent.path == "/v1/chat/completions"
+    assert sent.authorization == f"Bearer {API_KEY}"
+    assert sent.messages == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say something nice"},
+    ]
+    body = {key: sent.body[key] for key in sent.body if key not in ("messages", "model")}
+    assert body == {
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "max_tokens": 2,
+        "seed": 7,
+    }
+    assert text_of(events) == "one two "
+    assert events[-1] == Finish("length")
+
+
+async def test_ill_typed_options_are_rejected_before_any_request(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider.stream(request("echo", temperature="hot")))
+
+    assert not caught.value.retryable
+    assert "providerOptions.test.temperature" in str(caught.value)
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_reasoning_streams_before_text_from_either_field_name(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer, field: Any
+) -> None:
+    server.script(
+        f"thinker-{field}",
+        Script(reply="forty two", reasoning="Let me think it over.", reasoning_field=field),
+    )
+    events = await collect(provider.stream(request(f"thinker-{field}")))
+
+    assert reasoning_of(events) == "Let me think it over."
+    assert text_of(events) == "forty two"
+    kinds = [type(event) for event in events]
+    assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
+    assert events[-2:] == [Usage(input_tokens=6, output_tokens=7), Finish("stop")]
+
+
+async def test_reasoning_model_named_by_convention(provider: OpenAICompatibleProvider) -> None:
+    events = await collect(provider.stream(request("reasoning-a-haiku")))
+
+    assert reasoning_of(events) == "The user wants a haiku. I will answer."
+    assert text_of(events) == "a haiku"
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [
+        (400, False),
+        (403, False),
+        (404, False),
+        (422, False),
+        (408, True),
+        (500, True),
+        (502, True),
+        (503, True),
+    ],
+)
+async def test_http_status_decides_whether_a_failure_is_retryable(
+    provider: OpenAICompatibleProvider, status: int, retryable: bool
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider.stream(request(f"fail-{status}")))
+
+    assert caught.value.status_code == status
+    assert caught.value.retryable is retryable
+    expected = ProviderError.PROVIDER_UNAVAILABLE if retryable else ProviderError.PROVIDER_REJECTED
+    assert caught.value.error_type == expected
+    assert f"test/fail-{status}: HTTP {status}" in str(caught.value)
+
+
+async def test_unknown_model_is_rejected_with_the_servers_message(
+    provider: OpenAICompatibleProvider,
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider.stream(request("unknown")))
+
+    assert caught.value.status_code == 404
+    assert not caught.value.retryable
+    assert "The model `unknown` does not exist." in str(caught.value)
+
+
+async def test_rejected_credentials_never_appear_in_the_error(
+    server: OpenAICompatibleServer,
+) -> None:
+    wrong_key = "sk-wrong-secret-9876543210"
+    adapter = OpenAICompatibleProvider(
+        "test", base_url=server.base_url, api_key=wrong_key, models=["echo"], timeout_seconds=10
+    )
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await collect(adapter.stream(request("echo")))
+    finally:
+        await adapter.aclose()
+
+    assert caught.value.status_code == 401
+    assert not caught.value.retryable
+    assert "Incorrect API key provided: [redacted]." in str(caught.value)
+    assert wrong_key not in str(caught.value)
+    assert wrong_key not in repr(caught.value)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+async def test_rate_limit_is_retryable_and_carries_retry_after(
+    provider: OpenAICompatibleProvider,
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider.stream(request("fail-429")))
+
+    assert caught.value.status_code == 429
+    assert caught.value.retryable
+    assert caught.value.retry_after == 2.0
+
+
+async def test_retry_after_ms_takes_precedence_over_retry_after(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    server.script("busy", Script(fail_status=503, retry_after="30", retry_after_ms="1500"))
+    with pytest.raises(ProviderError) as caught:
+        await collect(provider.stream(request("busy")))
+
+    assert caught.value.retryable
+    assert caught.value.retry_after == 1.5
+
+
+def test_retry_after_accepts_seconds_http_dates_and_ignores_garbage() -> None:
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after({"retry-after": "7"}, now=now) == 7.0
+    assert parse_retry_after({"retry-after": "0.25"}, now=now) == 0.25
+    assert parse_retry_after({"retry-after": "Thu, 01 Jan 2026 12:00:30 GMT"}, now=now) == 30.0
+    assert parse_retry_after({"retry-after": "Thu, 01 Jan 2026 11:00:00 GMT"}, now=now) == 0.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}, now=now) == 0.25
+    assert parse_retry_after({"retry-after": "soon"}, now=now) is None
+    assert parse_retry_after({"retry-after": "-3"}, now=now) is None
+    assert parse_retry_after({"retry-after-ms": "nan"}, now=now) is None
+    assert parse_retry_after({}, now=now) is None
+
+
+async def test_flaky_model_fails_its_first_requests_then_succeeds(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    messages = [PromptMessage("user", "still there?")]
+    for _ in range(2):
+        with pytest.raises(ProviderError) as caught:
+            await collect(provider.stream(request("flaky-2-adapter-test", messages=messages)))
+        assert caught.value.retryable
+
+    events = await collect(provider.stream(request("flaky-2-adapter-test", messages=messages)))
+    assert text_of(events) == "still there?"
+    assert len(server.requests_for("flaky-2-adapter-test")) == 3
+
+
+async def test_connection_refused_is_retryable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    adapter = OpenAICompatibleProvider(
+        "test",
+        base_url=f"http://127.0.0.1:{closed_port}/v1",
+        api_key=API_KEY,
+        models=["echo"],
+        timeout_seconds=5,
+    )
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await collect(adapter.stream(request("echo")))
+    finally:
+        await adapter.aclose()
+
+    assert caught.value.retryable
+    assert caught.value.status_code is None
+    assert "connection failed" in str(caught.value)
+
+
+async def test_a_stalled_stream_times_out_as_retryable(server: OpenAICompatibleServer) -> None:
+    adapter = OpenAICompatibleProvider(
+        "test", base_url=server.base_url, api_key=API_KEY, models=["echo"], timeout_seconds=0.3
+    )
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await collect(adapter.stream(request("slow-5000")))
+    finally:
+        await adapter.aclose()
+
+    assert caught.value.retryable
+    assert "timed out" in str(caught.value)
+
+
+@pytest.mark.parametrize("model", ["midstream-error", "drop"])
+async def test_a_stream_that_breaks_after_some_text_is_retryable(
+    provider: OpenAICompatibleProvider, model: str
+) -> None:
+    seen, error = await collect_failure(provider.stream(request(model)))
+
+    assert len([event for event in seen if isinstance(event, TextDelta)]) == 3
+    assert not any(isinstance(event, Finish) for event in seen)
+    assert error.retryable
+
+
+async def test_closing_the_stream_midway_closes_the_http_connection(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    stream = provider.stream(request("slow"))
+    first = [await anext(stream), await anext(stream)]
+    assert text_of(first) == "w0 w1 "
+
+    await stream.aclose()
+
+    sent = only_request(server)
+    assert await wait_for(sent.disconnected)
+    assert not sent.finished.is_set()
+
+
+async def test_cancelling_the_consumer_closes_the_http_connection(
+    provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
+) -> None:
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(provider.stream(request("slow"))) as stream:
+            async for _ in stream:
+                started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await wait_for(only_request(server).disconnected)
+
+
+async def test_a_keyless_provider_streams_without_openai_environment_leaking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The SDK would read these and send them as headers to whatever endpoint is configured.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-from-the-environment")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-from-the-environment")
+    with OpenAICompatibleServer() as keyless:
+        adapter = OpenAICompatibleProvider(
+            "ollama", base_url=keyless.base_url, api_key="", models=["echo"], timeout_seconds=5
+        )
+        try:
+            events = await collect(adapter.stream(request("echo")))
+        finally:
+            await adapter.aclose()
+        sent = only_request(keyless)
+
+    assert text_of(events) == "Say something nice"
+    assert sent.authorization == "Bearer no-key"
+    assert "openai-organization" not in sent.headers
+    assert "openai-project" not in sent.headers
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def settings_with(server: OpenAICompatibleServer) -> Settings:
+    entry = ProviderEntry(base_url=server.base_url, api_key=API_KEY, models=["echo", "org/model"])
+    return Settings(providers={"test": entry})
+
+
+async def test_registry_resolves_local_and_configured_models(
+    server: OpenAICompatibleServer,
+) -> None:
+    registry = ProviderRegistry.from_settings(settings_with(server))
+    try:
+        assert registry.available_models() == [
+            "local/echo",
+            "local/lorem",
+            "test/echo",
+            "test/org/model",
+        ]
+        local, model = registry.resolve("local/lorem")
+        assert (local.name, model) == ("local", "lorem")
+        nested, model = registry.resolve("test/org/model")
+        assert (nested.name, model) == ("test", "org/model")
+
+        remote, model = registry.resolve("test/echo")
+        events = await collect(remote.stream(request(model)))
+        assert text_of(events) == "Say something nice"
+    finally:
+        await registry.aclose()
+
+
+@pytest.mark.parametrize(
+    ("model_ref", "expected"),
+    [
+        ("echo", "must look like 'provider/model'"),
+        ("/echo", "must look like 'provider/model'"),
+        ("local/", "must look like 'provider/model'"),
+        ("openai/gpt-4o", "unknown provider 'openai'; configured providers: local, test"),
+        ("local/gpt-4o", "provider 'local' has no model 'gpt-4o'; its models: echo, lorem"),
+        ("test/org", "provider 'test' has no model 'org'; its models: echo, org/model"),
+    ],
+)
+async def test_registry_rejects_unknown_models_without_leaking_configuration(
+    server: OpenAICompatibleServer, model_ref: str, expected: str
+) -> None:
+    registry = ProviderRegistry.from_settings(settings_with(server))
+    try:
+        with pytest.raises(UnknownModelError) as caught:
+            registry.resolve(model_ref)
+    finally:
+        await registry.aclose()
+
+    assert expected in str(caught.value)
+    assert caught.value.model_ref == model_ref
+    assert API_KEY not in str(caught.value)
+    assert server.base_url not in str(caught.value)
+
+
+def test_registry_refuses_a_configured_provider_named_local() -> None:
+    entry = ProviderEntry(base_url="http://127.0.0.1:1/v1", models=["echo"])
+    with pytest.raises(ValueError, match="reserved"):
+        ProviderRegistry.from_settings(Settings(providers={"local": entry}))

@@ -1,0 +1,201 @@
+"""ChatTurnWorkflow: one run per chat turn, from claiming the chat to the stored answer. No I/O here.
+
+The api starts a run with update-with-start and its `accept_turn` update answers once the chat is
+claimed and the user message is stored. Tokens never pass through this workflow: the generation
+activity streams them into Redis and Postgres, and history carries ids and small figures only.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.chat_session import ChatSessionActivities
+    from activities.generation import GenerationActivities
+    from core.contracts import (
+        TURN_WORKFLOW_NAME,
+        AcceptTurnRequest,
+        GenerateReplyInput,
+        MessageStatus,
+        PersistAssistantMessageInput,
+        StoreUserMessageInput,
+        TurnAccepted,
+        TurnInput,
+        TurnResult,
+        TurnStatus,
+        turn_workflow_id,
+    )
+    from core.errors import ErrorType
+    from workflows import search_attributes
+
+# Postgres writes retry without an attempt limit: a database that is down for a while must delay the
+# turn, never lose it. Only a rejected claim is final.
+SESSION_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=[ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY],
+)
+SESSION_TIMEOUT = timedelta(seconds=15)
+
+# Provider failures retry a few times with backoff; a provider's Retry-After overrides the interval
+# (the activity raises with next_retry_delay). Rejections (4xx) are not retried.
+GENERATION_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=4,
+    non_retryable_error_types=[ErrorType.PROVIDER_REJECTED],
+)
+GENERATION_TIMEOUT = timedelta(minutes=10)
+# Short, so a dead worker's generation is retried elsewhere within seconds.
+GENERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+
+
+@workflow.defn(name=TURN_WORKFLOW_NAME)
+class ChatTurnWorkflow:
+    @workflow.init
+    def __init__(self, turn: TurnInput) -> None:
+        self._accepted: TurnAccepted | None = None
+        self._rejection: ApplicationError | None = None
+
+    @workflow.run
+    async def run(self, turn: TurnInput) -> TurnResult:
+        info = workflow.info()
+        try:
+            claim = await workflow.execute_activity_method(
+                ChatSessionActivities.claim_session,
+                turn,
+                start_to_close_timeout=SESSION_TIMEOUT,
+                retry_policy=SESSION_RETRY,
+            )
+        except ActivityError as err:
+            if isinstance(err.cause, ApplicationError) and err.cause.type in (
+                ErrorType.CHAT_NOT_FOUND,
+                ErrorType.CHAT_BUSY,
+            ):
+                self._rejection = err.cause
+                workflow.upsert_search_attributes(
+                    [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
+                )
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return TurnResult(
+                    chat_id=turn.chat_id or "",
+                    turn_id=turn.turn_id,
+                    assistant_message_id=turn.assistant_message_id,
+                    status=TurnStatus.REJECTED,
+                    error=err.cause.type,
+                )
+            raise
+        workflow.upsert_search_attributes([search_attributes.CHAT_ID.value_set(claim.chat_id)])
+
+        await workflow.execute_activity_method(
+            ChatSessionActivities.store_user_message,
+            StoreUserMessageInput(
+                turn=turn,
+                chat_id=claim.chat_id,
+                parent_message_id=claim.parent_message_id,
+                workflow_id=info.workflow_id,
+                run_id=info.run_id,
+            ),
+            start_to_close_timeout=SESSION_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+        self._accepted = TurnAccepted(
+            chat_id=claim.chat_id,
+            turn_id=turn.turn_id,
+            user_message_id=turn.user_message_id,
+            assistant_message_id=turn.assistant_message_id,
+        )
+
+        started = workflow.now()
+        outcome = PersistAssistantMessageInput(
+            organization_id=turn.organization_id,
+            chat_id=claim.chat_id,
+            turn_id=turn.turn_id,
+            assistant_message_id=turn.assistant_message_id,
+            status=MessageStatus.COMPLETE,
+            model=turn.model,
+            attempts=0,
+        )
+        try:
+            reply = await workflow.execute_activity_method(
+                GenerationActivities.generate_reply,
+                GenerateReplyInput(
+                    organization_id=turn.organization_id,
+                    chat_id=claim.chat_id,
+                    turn_id=turn.turn_id,
+                    user_message_id=turn.user_message_id,
+                    assistant_message_id=turn.assistant_message_id,
+                    model=turn.model,
+                    system=turn.system,
+                    provider_options=turn.provider_options,
+                ),
+                start_to_close_timeout=GENERATION_TIMEOUT,
+                heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
+                retry_policy=GENERATION_RETRY,
+            )
+            outcome.attempts = reply.attempt
+            outcome.finish_reason = reply.finish_reason
+            outcome.input_tokens = reply.input_tokens
+            outcome.output_tokens = reply.output_tokens
+            outcome.ttft_ms = reply.ttft_ms
+        except ActivityError as err:
+            outcome.status = MessageStatus.FAILED
+            outcome.finish_reason = "error"
+            outcome.error = _describe_failure(err)
+        outcome.duration_ms = int((workflow.now() - started).total_seconds() * 1000)
+
+        await workflow.execute_activity_method(
+            ChatSessionActivities.persist_assistant_message,
+            outcome,
+            start_to_close_timeout=SESSION_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+        status = (
+            TurnStatus.COMPLETED if outcome.status is MessageStatus.COMPLETE else TurnStatus.FAILED
+        )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        return TurnResult(
+            chat_id=claim.chat_id,
+            turn_id=turn.turn_id,
+            assistant_message_id=turn.assistant_message_id,
+            status=status,
+            error=outcome.error,
+        )
+
+    @workflow.update
+    async def accept_turn(self, request: AcceptTurnRequest) -> TurnAccepted:
+        """Answers once the chat is claimed and the user message is stored, or rejects the turn."""
+        await workflow.wait_condition(
+            lambda: self._accepted is not None or self._rejection is not None
+        )
+        if self._rejection is not None:
+            raise ApplicationError(
+                self._rejection.message,
+                *self._rejection.details,
+                type=self._rejection.type,
+                non_retryable=True,
+            )
+        assert self._accepted is not None
+        return self._accepted
+
+    @accept_turn.validator
+    def _validate_accept_turn(self, request: AcceptTurnRequest) -> None:
+        if turn_workflow_id(request.turn_id) != workflow.info().workflow_id:
+            raise ApplicationError("update names another turn", type=ErrorType.INVALID_TURN)
+
+
+def _describe_failure(err: ActivityError) -> str:
+    """A user-safe reason for a failed generation: the provider's message, or what timed out."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    if isinstance(cause, TimeoutError):
+        return "the model provider did not answer in time"
+    return "generation failed"
