@@ -49,16 +49,22 @@ class ChatSessionActivities:
         turn = request.turn
         async with self._sessions.begin() as session:
             await chats.store_turn_start(session, request)
-        # The start chunk goes out as soon as the turn is accepted, so a client sees the stream open
-        # before the provider answers. Writing it again on a retry is a no-op.
-        await self._streams.publish_start(
+        # The stream opens as soon as the turn is accepted, so a client sees it before the provider
+        # answers. The one step every generation attempt writes into opens here too: a retried
+        # attempt's `reset-step` then clears only that step's parts, never the step itself.
+        await self._streams.publish_opening(
             turn.organization_id,
             turn.turn_id,
-            {
-                "type": "start",
-                "messageId": turn.assistant_message_id,
-                "messageMetadata": chats.start_metadata(request.chat_id, turn.turn_id, turn.model),
-            },
+            (
+                {
+                    "type": "start",
+                    "messageId": turn.assistant_message_id,
+                    "messageMetadata": chats.start_metadata(
+                        request.chat_id, turn.turn_id, turn.model
+                    ),
+                },
+                {"type": "start-step"},
+            ),
         )
 
     @activity.defn

@@ -112,9 +112,9 @@ class GenerationActivities:
         ttft_ms: int | None = None
         try:
             if attempt > 1:
-                # Tell clients to drop whatever the failed attempt streamed before this one's output.
+                # Clients drop whatever the failed attempt streamed into the step before this
+                # attempt's output; the step itself stays open, so no new `start-step` follows.
                 publisher.send([{"type": "reset-step"}])
-            publisher.send(builder.start_step())
             generation = GenerationRequest(
                 model=model,
                 messages=prompt,

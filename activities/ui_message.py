@@ -18,7 +18,8 @@ class UiMessageBuilder:
     def __init__(self, attempt: int) -> None:
         # Part ids carry the attempt so a retried attempt never reuses ids of the parts it replaced.
         self._attempt = attempt
-        self._parts: list[dict[str, Any]] = []
+        # The step was opened with the stream (see ChatSessionActivities.store_user_message).
+        self._parts: list[dict[str, Any]] = [{"type": "step-start"}]
         self._open: tuple[str, str] | None = (
             None  # (kind, id) of the text/reasoning part being streamed
         )
@@ -31,10 +32,6 @@ class UiMessageBuilder:
     @property
     def parts(self) -> list[dict[str, Any]]:
         return self._parts
-
-    def start_step(self) -> list[Chunk]:
-        self._parts.append({"type": "step-start"})
-        return [{"type": "start-step"}]
 
     def on_event(self, event: ProviderEvent) -> list[Chunk]:
         if isinstance(event, TextDelta):

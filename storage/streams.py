@@ -18,8 +18,8 @@ from redis.exceptions import ResponseError
 # A stream ends with `finish` (also after `abort`) or `error`.
 STREAM_END_PREFIXES = ('{"type":"finish"', '{"type":"error"')
 CHUNK_FIELD = "c"
-# The start chunk gets the smallest possible explicit id so writing it twice is a no-op.
-START_ENTRY_ID = "0-1"
+# The opening chunks get the smallest possible explicit ids, so writing them twice is a no-op.
+OPENING_ENTRY_IDS = ("0-1", "0-2")
 
 # ARGV: attempt, chunk json... Appends only while `attempt` is the current one; returns the last id.
 _FENCED_APPEND = """
@@ -89,16 +89,18 @@ class TurnStreams:
     def _terminal_key(organization_id: str, turn_id: str) -> str:
         return f"{organization_id}:turn:{turn_id}:ended"
 
-    async def publish_start(
-        self, organization_id: str, turn_id: str, chunk: dict[str, Any]
+    async def publish_opening(
+        self, organization_id: str, turn_id: str, chunks: tuple[dict[str, Any], dict[str, Any]]
     ) -> None:
+        """Write the stream's first two chunks (`start`, `start-step`) once, however often called."""
         key = self.stream_key(organization_id, turn_id)
-        try:
-            await self._redis.xadd(key, {CHUNK_FIELD: encode_chunk(chunk)}, id=START_ENTRY_ID)
-        except ResponseError as exc:
-            # "equal or smaller than the target stream top item": the start chunk is already there.
-            if "equal or smaller" not in str(exc):
-                raise
+        for entry_id, chunk in zip(OPENING_ENTRY_IDS, chunks, strict=True):
+            try:
+                await self._redis.xadd(key, {CHUNK_FIELD: encode_chunk(chunk)}, id=entry_id)
+            except ResponseError as exc:
+                # "equal or smaller than the target stream top item": written by an earlier try.
+                if "equal or smaller" not in str(exc):
+                    raise
         await self._redis.expire(key, self._max_lifetime)
 
     async def begin_attempt(self, organization_id: str, turn_id: str, attempt: int) -> None:

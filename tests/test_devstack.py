@@ -13,7 +13,7 @@ import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -39,11 +39,17 @@ from devstack.supervisor import ProcessSupervisor
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every probe socket stays bound until all are picked."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
 
 
 def port_is_free(port: int) -> bool:
@@ -56,12 +62,13 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-def free_temporal_port() -> int:
-    """A free port whose derived HTTP and metrics ports are free too."""
+def free_temporal_port(taken: Sequence[int]) -> int:
+    """A free port whose derived HTTP and metrics ports are free too, outside `taken`."""
+    offsets = (0, EmbeddedTemporal.HTTP_PORT_OFFSET, EmbeddedTemporal.METRICS_PORT_OFFSET)
     while True:
         port = free_port()
-        offsets = (EmbeddedTemporal.HTTP_PORT_OFFSET, EmbeddedTemporal.METRICS_PORT_OFFSET)
-        if port + max(offsets) < 65536 and all(port_is_free(port + o) for o in offsets):
+        ports = [port + offset for offset in offsets]
+        if max(ports) < 65536 and not set(ports) & set(taken) and all(map(port_is_free, ports)):
             return port
 
 
@@ -97,15 +104,16 @@ def descendants(service: EmbeddedService) -> list[int]:
 
 
 def stack_settings(data_dir: Path, **overrides: object) -> Settings:
+    postgres_port, redis_port, ui_port = free_ports(3)
     values: dict[str, object] = {
         "data_dir": data_dir,
         "database_url": None,
         "redis_url": None,
         "temporal_address": None,
-        "embedded_postgres_port": free_port(),
-        "embedded_redis_port": free_port(),
-        "embedded_temporal_port": free_temporal_port(),
-        "embedded_temporal_ui_port": free_port(),
+        "embedded_postgres_port": postgres_port,
+        "embedded_redis_port": redis_port,
+        "embedded_temporal_port": free_temporal_port([postgres_port, redis_port, ui_port]),
+        "embedded_temporal_ui_port": ui_port,
         "embedded_temporal_ui": False,
     }
     values.update(overrides)
@@ -153,13 +161,9 @@ async def test_redis_starts_and_serves_streams(data_dir: Path) -> None:
 async def test_temporal_starts_with_search_attributes_and_ui(data_dir: Path) -> None:
     import httpx
 
+    port, ui_port, http_port, metrics_port = free_ports(4)
     temporal = EmbeddedTemporal(
-        data_dir,
-        free_port(),
-        free_port(),
-        True,
-        http_port=free_port(),
-        metrics_port=free_port(),
+        data_dir, port, ui_port, True, http_port=http_port, metrics_port=metrics_port
     )
     with temporal:
         client = await Client.connect(temporal.address)
@@ -253,7 +257,9 @@ def test_port_in_use_gives_clear_error(data_dir: Path) -> None:
         squatter.listen()
         port = squatter.getsockname()[1]
         postgres = EmbeddedPostgres(data_dir, port)
-        with pytest.raises(ServiceStartError, match=rf"postgres cannot listen on 127\.0\.0\.1:{port}"):
+        with pytest.raises(
+            ServiceStartError, match=rf"postgres cannot listen on 127\.0\.0\.1:{port}"
+        ):
             postgres.start()
         assert not postgres.is_running()
 
@@ -273,8 +279,9 @@ def test_stack_start_failure_stops_started_services(data_dir: Path) -> None:
 def test_failed_start_reports_log_tail(data_dir: Path) -> None:
     # A directory where the SQLite file should be makes the server exit at once.
     (data_dir / "temporal.db").mkdir(parents=True)
+    port, ui_port, http_port, metrics_port = free_ports(4)
     temporal = EmbeddedTemporal(
-        data_dir, free_port(), free_port(), False, http_port=free_port(), metrics_port=free_port()
+        data_dir, port, ui_port, False, http_port=http_port, metrics_port=metrics_port
     )
     temporal.start()
     try:
@@ -289,52 +296,51 @@ def test_failed_start_reports_log_tail(data_dir: Path) -> None:
 
 
 _LAUNCHER = """
-import sys
+import socket, sys
 from pathlib import Path
-from devstack.embedded import {cls}
-service = {cls}(Path(sys.argv[1]), *map(int, sys.argv[2:]){extra})
+from devstack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedTemporal
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+data_dir = Path(sys.argv[1])
+service = {constructor}
 service.start()
 service.wait_ready(30)
-print(service.pid, flush=True)
+# structlog writes to stdout; the pid goes to stderr, the one channel read.
+print(service.pid, file=sys.stderr, flush=True)
 sys.stdin.read()
 """
 
 
 @pytest.mark.parametrize(
-    ("cls", "ports", "extra"),
+    "constructor",
     [
-        ("EmbeddedPostgres", 1, ""),
-        ("EmbeddedRedis", 1, ", persistent=False"),
-        ("EmbeddedTemporal", 4, ", False"),
+        "EmbeddedPostgres(data_dir, free_port())",
+        "EmbeddedRedis(data_dir, free_port(), persistent=False)",
+        "EmbeddedTemporal(data_dir, free_port(), free_port(), False,"
+        " http_port=free_port(), metrics_port=free_port())",
     ],
+    ids=["postgres", "redis", "temporal"],
 )
-def test_killed_launcher_leaves_no_orphan(
-    data_dir: Path, cls: str, ports: int, extra: str
-) -> None:
-    if cls == "EmbeddedTemporal":
-        # port, ui_port (unused), then EmbeddedTemporal's keyword ports are derived: keep it simple.
-        base = free_temporal_port()
-        port_args = [str(base), str(free_port())]
-        extra = ", False"
-        code = _LAUNCHER.format(cls=cls, extra="").replace(
-            "*map(int, sys.argv[2:])", "int(sys.argv[2]), int(sys.argv[3]), False"
-        )
-    else:
-        port_args = [str(free_port())]
-        code = _LAUNCHER.format(cls=cls, extra=extra)
+def test_killed_launcher_leaves_no_orphan(data_dir: Path, constructor: str) -> None:
     launcher = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code), str(data_dir), *port_args],
+        [sys.executable, "-c", _LAUNCHER.format(constructor=constructor), str(data_dir)],
         cwd=REPO_ROOT,
         stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        assert launcher.stdout is not None
-        server_pid = int(launcher.stdout.readline())
-        assert not is_gone(server_pid)
+        assert launcher.stderr is not None
+        server_pid = int(launcher.stderr.readline())
+        server = psutil.Process(server_pid)
+        pids = [server_pid, *(child.pid for child in server.children(recursive=True))]
         launcher.kill()
         launcher.wait()
-        assert wait_until(lambda: is_gone(server_pid)), f"{cls} outlived its launcher"
+        assert wait_until(lambda: all(is_gone(pid) for pid in pids)), "outlived its launcher"
     finally:
         launcher.kill()
         launcher.wait()

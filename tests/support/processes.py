@@ -52,7 +52,11 @@ class ServiceProcess:
             self.process.wait()
 
     def log_tail(self, characters: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-characters:] if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace")[-characters:]
+            if self.log_path.exists()
+            else ""
+        )
 
 
 def wait_until_ready(base_url: str, process: ServiceProcess, timeout: float = 60.0) -> None:
