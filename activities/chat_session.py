@@ -40,6 +40,7 @@ class ChatSessionActivities:
             raise ApplicationError(
                 "the chat has an active turn",
                 exc.active_turn_id,
+                exc.chat_id,
                 type=ErrorType.CHAT_BUSY,
                 non_retryable=True,
             ) from exc

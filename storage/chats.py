@@ -29,8 +29,9 @@ class ChatNotFound(Exception):
 
 
 class ChatBusy(Exception):
-    def __init__(self, active_turn_id: str) -> None:
-        super().__init__(f"chat has an active turn {active_turn_id}")
+    def __init__(self, chat_id: str, active_turn_id: str) -> None:
+        super().__init__(f"chat {chat_id} has an active turn {active_turn_id}")
+        self.chat_id = chat_id
         self.active_turn_id = active_turn_id
 
 
@@ -114,7 +115,7 @@ async def claim_session(session: AsyncSession, turn: TurnInput) -> ClaimSessionR
         ).scalar_one_or_none()
         # A lease whose turn has ended (or never got stored) is stale, not busy.
         if holder_status == TurnStatus.RUNNING:
-            raise ChatBusy(chat.active_turn_id or "")
+            raise ChatBusy(chat.id, chat.active_turn_id or "")
     chat.active_turn_id = turn.turn_id
     return ClaimSessionResult(
         chat_id=chat.id, created=created, parent_message_id=chat.active_leaf_id
