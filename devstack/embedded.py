@@ -33,10 +33,10 @@ from typing import IO, Any, ClassVar, Self, TypeVar
 import redis
 import structlog
 
+from core.contracts import SEARCH_ATTRIBUTE_NAMES
 from devstack._process import ServiceStartError, ensure_port_free, spawn, stop_child
 
 __all__ = [
-    "SEARCH_ATTRIBUTES",
     "EmbeddedPostgres",
     "EmbeddedRedis",
     "EmbeddedService",
@@ -45,17 +45,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
-
-# Custom search attributes (all Keyword) the turn workflows set; the embedded Temporal registers them
-# at start. Plain data, importable from workflow code without side effects.
-SEARCH_ATTRIBUTES: tuple[str, ...] = (
-    "DurachatOrganizationId",
-    "DurachatChatId",
-    "DurachatTurnId",
-    "DurachatModel",
-    "DurachatProvider",
-    "DurachatStatus",
-)
 
 LOCALHOST = "127.0.0.1"
 _POLL_INTERVAL_S = 0.05
@@ -547,7 +536,7 @@ class EmbeddedTemporal(EmbeddedService):
             "warn",
         ]
         argv += ["--ui-port", str(self.ui_port)] if self.ui else ["--headless"]
-        for attribute in SEARCH_ATTRIBUTES:
+        for attribute in SEARCH_ATTRIBUTE_NAMES:
             argv += ["--search-attribute", f"{attribute}=Keyword"]
         return argv
 
@@ -578,7 +567,7 @@ class EmbeddedTemporal(EmbeddedService):
             )
         except (RuntimeError, RPCError):
             return False
-        return set(SEARCH_ATTRIBUTES) <= set(response.custom_attributes)
+        return set(SEARCH_ATTRIBUTE_NAMES) <= set(response.custom_attributes)
 
 
 def _temporal_executable() -> Path:

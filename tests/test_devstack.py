@@ -20,13 +20,13 @@ import asyncpg
 import psutil
 import pytest
 import redis.asyncio as aioredis
-from temporalio.api.enums.v1 import IndexedValueType, WorkflowExecutionStatus
+from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import ListSearchAttributesRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
+from core.contracts import SEARCH_ATTRIBUTE_NAMES
 from core.settings import Settings
 from devstack.embedded import (
-    SEARCH_ATTRIBUTES,
     EmbeddedPostgres,
     EmbeddedRedis,
     EmbeddedService,
@@ -171,7 +171,7 @@ async def test_temporal_starts_with_search_attributes_and_ui(data_dir: Path) -> 
             ListSearchAttributesRequest(namespace="default")
         )
         registered = dict(response.custom_attributes)
-        for name in SEARCH_ATTRIBUTES:
+        for name in SEARCH_ATTRIBUTE_NAMES:
             assert registered.get(name) == IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD, name
         assert temporal.ui_url is not None
         async with httpx.AsyncClient() as http:
@@ -203,6 +203,7 @@ def test_stack_does_not_start_twins_of_external_services(data_dir: Path) -> None
 def test_stack_stop_leaves_no_process_behind(data_dir: Path) -> None:
     with ServiceStack(stack_settings(data_dir), redis_persistent=False) as stack:
         assert {service.name for service in stack.services} == {"postgres", "redis", "temporal"}
+        # Also by pid: Valkey rewrites its command line and Postgres backends have their own.
         pids = [pid for service in stack.services for pid in descendants(service)]
         assert processes_mentioning(str(data_dir))
     assert all(is_gone(pid) for pid in pids)
@@ -242,13 +243,13 @@ async def test_stack_restart_keeps_data(data_dir: Path) -> None:
         redis_client = aioredis.from_url(endpoints.redis_url)
         try:
             entries = await redis_client.xrange("turn:restart")
-            assert [fields for _, fields in entries] == [{b"delta": b"kept"}]
+            assert [fields for _, fields in entries or []] == [{b"delta": b"kept"}]
         finally:
             await redis_client.aclose()
         temporal = await Client.connect(endpoints.temporal_address)
         description = await temporal.get_workflow_handle(workflow_id).describe()
         assert description.workflow_type == "DevstackRestartProbe"
-        assert description.status == WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        assert description.status == WorkflowExecutionStatus.RUNNING
 
 
 def test_port_in_use_gives_clear_error(data_dir: Path) -> None:

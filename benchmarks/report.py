@@ -1,0 +1,134 @@
+"""Percentiles, the machine description and the plain-text tables the benchmarks print; no I/O but /proc reads."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "ArmFigures",
+    "Percentiles",
+    "machine_description",
+    "percentiles",
+    "render_case",
+    "versions",
+]
+
+# The libraries on a turn's path whose version changes the figures.
+_VERSIONED = ("temporalio", "fastapi", "uvicorn", "sse-starlette", "redis", "asyncpg", "httpx")
+
+
+@dataclass(frozen=True)
+class Percentiles:
+    p50: float
+    p95: float
+    p99: float
+
+    def __sub__(self, other: Percentiles) -> Percentiles:
+        return Percentiles(self.p50 - other.p50, self.p95 - other.p95, self.p99 - other.p99)
+
+
+def percentiles(values: Sequence[float]) -> Percentiles:
+    """p50/p95/p99 with linear interpolation between order statistics (numpy's default method)."""
+    if not values:
+        raise ValueError("no samples")
+    if len(values) == 1:
+        return Percentiles(values[0], values[0], values[0])
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return Percentiles(cuts[49], cuts[94], cuts[98])
+
+
+@dataclass(frozen=True)
+class ArmFigures:
+    """One arm of one case, in milliseconds."""
+
+    time_to_first_token: Percentiles
+    token_delay: Percentiles
+    turns_per_second: float
+
+
+def render_case(
+    title: str,
+    direct: ArmFigures,
+    api: ArmFigures,
+    api_accept: Percentiles,
+    api_cpu_ms_per_turn: Mapping[str, float],
+) -> str:
+    """One case as a small table: both arms and their difference, TTFT and per-token delay side by side."""
+    label_width = 26
+
+    def row(label: str, *groups: Percentiles | None) -> str:
+        cells = "".join(
+            "   " + ("" if group is None else f"{group.p50:8.2f}{group.p95:8.2f}{group.p99:8.2f}")
+            for group in groups
+        )
+        return f"  {label:<{label_width}}{cells}".rstrip()
+
+    header_groups = "   " + f"{'p50':>8}{'p95':>8}{'p99':>8}"
+    lines = [
+        title,
+        f"  {'':<{label_width}}   {'time to first token (ms)':<24}   per-token delay (ms)",
+        f"  {'':<{label_width}}{header_groups * 2}",
+        row("direct", direct.time_to_first_token, direct.token_delay),
+        row("through api", api.time_to_first_token, api.token_delay),
+        row(
+            "added (api - direct)",
+            api.time_to_first_token - direct.time_to_first_token,
+            api.token_delay - direct.token_delay,
+        ),
+        row("api: turn accepted (hdrs)", api_accept),
+        f"  turns/s achieved: direct {direct.turns_per_second:.1f}, "
+        f"through api {api.turns_per_second:.1f}",
+        "  cpu per api turn (ms): "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in api_cpu_ms_per_turn.items())
+        + f"; total {sum(api_cpu_ms_per_turn.values()):.1f}",
+    ]
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    core_text = f"{cores} cores" if usable == cores else f"{usable} of {cores} cores usable"
+    memory = _meminfo_gib()
+    memory_text = f", {memory:.0f} GiB RAM" if memory is not None else ""
+    return (
+        f"{core_text} ({_cpu_model()}){memory_text}, {platform.system()} {platform.release()}; "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def versions() -> str:
+    found = []
+    for name in _VERSIONED:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _meminfo_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

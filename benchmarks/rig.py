@@ -1,0 +1,262 @@
+"""A private, throwaway durachat stack for benchmarks: embedded services, api and worker on free ports.
+
+It never touches the default ports or `.durachat/`, so it runs next to a `make run` stack. Everything
+it writes (service data, api/worker output, the launcher's own log lines) stays in one temporary
+directory, kept only when asked or when the run failed, so a benchmark's terminal shows its report.
+
+Stop order mirrors `durachat dev`: api and worker first (they drain against live services), then
+Temporal, Redis and Postgres. Every child sits in its own process group and gets SIGTERM if this
+process dies (see `devstack._process`), so a Ctrl-C or a crash leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import httpx
+import structlog
+
+from core.settings import Environment, Settings
+from devstack.embedded import EmbeddedTemporal
+from devstack.stack import ServiceStack, StackEndpoints
+from devstack.supervisor import ProcessSupervisor
+from storage import api_keys
+from storage.db import create_engine, create_session_factory
+from storage.migrations import upgrade_database
+
+__all__ = ["BenchRig", "RigError"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_SECONDS = 60.0
+# Above the defaults of every service (5432x, 6379x, 7233, 8000-8233) and below the ephemeral range,
+# so neither a dev stack nor an outgoing connection is likely to hold a picked port.
+_PORT_RANGE = (20_000, 45_000)
+
+log = structlog.get_logger(__name__)
+
+
+class RigError(RuntimeError):
+    """The stack could not be started or broke while measuring; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class RigPorts:
+    postgres: int
+    redis: int
+    temporal: int
+    api: int
+
+    @classmethod
+    def pick(cls) -> RigPorts:
+        taken: set[int] = set()
+        # Temporal also binds its HTTP API and metrics ports at fixed offsets from its gRPC port.
+        temporal_offsets = (
+            0,
+            EmbeddedTemporal.HTTP_PORT_OFFSET,
+            EmbeddedTemporal.METRICS_PORT_OFFSET,
+        )
+        return cls(
+            postgres=_free_port_block(taken),
+            redis=_free_port_block(taken),
+            temporal=_free_port_block(taken, temporal_offsets),
+            api=_free_port_block(taken),
+        )
+
+
+class BenchRig:
+    """Start a complete durachat stack in a temporary directory; `stop()` (or the `with` exit) removes it all.
+
+    Use it from the main thread: the children are tied to the thread that spawns them.
+    """
+
+    def __init__(self, *, keep_work_dir: bool = False) -> None:
+        self.keep_work_dir = keep_work_dir
+        self.work_dir = Path(tempfile.mkdtemp(prefix="durachat-bench-"))
+        self.log_dir = self.work_dir / "logs"
+        self.log_dir.mkdir()
+        self.ports = RigPorts.pick()
+        self.settings = Settings(
+            environment=Environment.DEVELOPMENT,
+            data_dir=self.work_dir / "data",
+            # Explicit Nones: a DURACHAT_*_URL in the caller's environment must not send the benchmark
+            # to somebody's real services.
+            database_url=None,
+            redis_url=None,
+            temporal_address=None,
+            embedded_postgres_port=self.ports.postgres,
+            embedded_redis_port=self.ports.redis,
+            embedded_temporal_port=self.ports.temporal,
+            embedded_temporal_ui=False,
+            api_port=self.ports.api,
+            temporal_task_queue=f"durachat-bench-{uuid.uuid4().hex[:8]}",
+        )
+        self.api_url = f"http://{self.settings.api_host}:{self.ports.api}"
+        self.api_key = ""
+        self._stack = ServiceStack(self.settings, redis_persistent=False)
+        self._supervisor: ProcessSupervisor | None = None
+        self._process_output: IO[str] | None = None
+        self._stopped = False
+        self.failed = False
+
+    @property
+    def process_log(self) -> Path:
+        """Where the api's and the worker's output goes, prefixed with their names."""
+        return self.log_dir / "api-worker.log"
+
+    def start(self) -> None:
+        _log_to_file(self.log_dir / "bench.log")
+        try:
+            endpoints = self._stack.start()
+            upgrade_database(endpoints.database_url)
+            self.api_key = asyncio.run(_create_api_key(endpoints.database_url))
+            self._start_processes(endpoints)
+            self._wait_until_ready()
+        except BaseException:
+            self.failed = True
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every process this rig started, then delete the work dir unless it should be kept."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._supervisor is not None:
+                self._supervisor.close()
+                self._supervisor = None
+            if self._process_output is not None:
+                self._process_output.close()
+                self._process_output = None
+            self._stack.stop()
+        finally:
+            if self.keep_work_dir or self.failed:
+                log.info("bench.rig.kept", work_dir=str(self.work_dir))
+            else:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def process_ids(self) -> dict[str, int]:
+        """The pid of every server and service process this rig runs, by name, in a turn's path order."""
+        pids = dict(self._supervisor.pids) if self._supervisor is not None else {}
+        pids.update((service.name, service.pid) for service in self._stack.services if service.pid)
+        order = ("api", "worker", "temporal", "postgres", "redis")
+        return dict(sorted(pids.items(), key=lambda item: order.index(item[0])))
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.process_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self.failed = True
+        self.stop()
+
+    def _start_processes(self, endpoints: StackEndpoints) -> None:
+        environment = {
+            **endpoints.as_environment(),
+            "DURACHAT_ENVIRONMENT": self.settings.environment.value,
+            "DURACHAT_DATA_DIR": str(self.settings.data_dir),
+            "DURACHAT_API_HOST": self.settings.api_host,
+            "DURACHAT_API_PORT": str(self.ports.api),
+            "DURACHAT_TEMPORAL_TASK_QUEUE": self.settings.temporal_task_queue,
+        }
+        # Line-buffered: the supervisor writes whole lines, and a reader of the file during a run
+        # (tail -f) should see them as they come.
+        self._process_output = self.process_log.open("a", buffering=1, encoding="utf-8")
+        self._supervisor = ProcessSupervisor(output=self._process_output)
+        for role in ("worker", "api"):
+            self._supervisor.start(
+                role, [sys.executable, "-m", "cli", role], env=environment, cwd=REPO_ROOT
+            )
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RigError(
+            f"the api was not ready within {READY_TIMEOUT_SECONDS:.0f}s; "
+            f"last lines of {self.process_log}:\n{self.log_tail()}"
+        )
+
+
+async def _create_api_key(database_url: str) -> str:
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        async with create_session_factory(engine).begin() as session:
+            organization_id = await api_keys.ensure_organization(session, "bench")
+            created = await api_keys.create_key(
+                session, organization_id, is_admin=True, name="bench"
+            )
+    finally:
+        await engine.dispose()
+    return created.secret
+
+
+def _log_to_file(path: Path) -> None:
+    """Send this process's structlog and stdlib records (devstack, alembic) to `path`, not the terminal."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port_block(taken: set[int], offsets: tuple[int, ...] = (0,)) -> int:
+    """A base port such that base + every offset is free now and not yet given to another service."""
+    low, high = _PORT_RANGE
+    for _ in range(200):
+        base = random.randint(low, high)
+        ports = {base + offset for offset in offsets}
+        if ports.isdisjoint(taken) and all(_port_is_free(port) for port in ports):
+            taken.update(ports)
+            return base
+    raise RigError("no free loopback ports found for the benchmark stack")

@@ -1,0 +1,350 @@
+"""`python -m benchmarks.turn_latency` (`make bench`): what a turn through durachat adds to a direct provider stream.
+
+On a private stack (free ports, temporary data dir; see `benchmarks.rig`) it runs the same turns two ways
+at the same pace and concurrency:
+
+- direct: the built-in `local` provider's stream, consumed in this process;
+- through api: POST /v1/chats with `local/lorem` over real HTTP, i.e. auth, update-with-start of the turn
+  workflow, the claim and store activities, the generation activity writing to a Redis Stream, and the
+  api relaying that stream as SSE.
+
+For each it reports p50/p95/p99 of the time to the first text delta and of the gaps between successive
+deltas, the difference between the arms, the turns per second achieved and the CPU time each process of
+the stack spent per api turn. The arms run in
+alternating rounds, so a noisy moment of the machine lands on both rather than on one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+
+from benchmarks.arms import ApiArm, DirectArm, Pace, TurnFailedError, TurnTiming
+from benchmarks.cpu import CpuMeter
+from benchmarks.report import (
+    ArmFigures,
+    Percentiles,
+    machine_description,
+    percentiles,
+    render_case,
+    versions,
+)
+from benchmarks.rig import BenchRig, RigError
+
+MS_PER_S = 1000.0
+
+
+class Arm(Protocol):
+    name: str
+
+    async def run_turn(self, pace: Pace) -> TurnTiming: ...
+
+
+@dataclass(frozen=True)
+class Case:
+    pace: Pace
+    concurrency: int
+    turns: int
+
+    @property
+    def title(self) -> str:
+        clients = "1 client" if self.concurrency == 1 else f"{self.concurrency} concurrent clients"
+        return (
+            f"{self.pace.words} words @ {self.pace.delay_ms:g} ms, {clients}, "
+            f"{self.turns} turns per arm"
+        )
+
+
+@dataclass
+class ArmRun:
+    """Every measured turn of one arm in one case, and the wall time its blocks took."""
+
+    timings: list[TurnTiming]
+    elapsed: float = 0.0
+    # CPU seconds each process spent while this arm's blocks ran (api arm only).
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+
+    def figures(self) -> ArmFigures:
+        return ArmFigures(
+            time_to_first_token=percentiles(
+                [timing.time_to_first_token * MS_PER_S for timing in self.timings]
+            ),
+            token_delay=percentiles(
+                [gap * MS_PER_S for timing in self.timings for gap in timing.token_gaps]
+            ),
+            turns_per_second=len(self.timings) / self.elapsed,
+        )
+
+    def cpu_ms_per_turn(self) -> dict[str, float]:
+        return {
+            name: seconds * MS_PER_S / len(self.timings)
+            for name, seconds in self.cpu_seconds.items()
+        }
+
+    def accept_percentiles(self) -> Percentiles:
+        return percentiles(
+            [
+                accept * MS_PER_S
+                for timing in self.timings
+                if (accept := timing.time_to_accept) is not None
+            ]
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.turn_latency",
+        description="Time to first token and per-token delay through durachat's api, "
+        "against the same provider stream consumed directly.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--words", type=int, default=40, help="text deltas per answer")
+    parser.add_argument(
+        "--delay-ms", type=float, default=10.0, help="the provider's pause between deltas"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_ints,
+        default=[1, 8],
+        help="comma-separated numbers of concurrent clients; one case each",
+    )
+    parser.add_argument("--turns", type=int, default=100, help="measured turns per arm and case")
+    parser.add_argument(
+        "--burst-concurrency",
+        type=_positive_ints,
+        default=[8],
+        help="comma-separated numbers of concurrent clients for the delayMs=0 cases, where the "
+        "provider emits every delta at once",
+    )
+    parser.add_argument(
+        "--no-burst", dest="burst", action="store_false", help="skip the delayMs=0 cases"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=8, help="uncounted turns per arm before each case"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="alternating direct/api blocks per case"
+    )
+    parser.add_argument(
+        "--turn-timeout", type=float, default=30.0, help="seconds before a turn counts as failed"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary data and log directory"
+    )
+    options = parser.parse_args(argv)
+    for name in ("words", "turns", "rounds"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if options.warmup < 0 or options.delay_ms < 0 or options.turn_timeout <= 0:
+        parser.error("--warmup and --delay-ms must be >= 0, --turn-timeout > 0")
+    if options.rounds > options.turns:
+        parser.error("--rounds cannot exceed --turns")
+    return options
+
+
+def plan_cases(options: argparse.Namespace) -> list[Case]:
+    paced = Pace(options.words, options.delay_ms)
+    cases = [Case(paced, concurrency, options.turns) for concurrency in options.concurrency]
+    if options.burst and options.delay_ms > 0:
+        burst = Pace(options.words, 0.0)
+        cases += [
+            Case(burst, concurrency, options.turns) for concurrency in options.burst_concurrency
+        ]
+    return cases
+
+
+async def run_block(
+    arm: Arm, pace: Pace, turns: int, concurrency: int, turn_timeout: float
+) -> ArmRun:
+    """`turns` turns by `concurrency` clients, each starting its next turn as soon as one ends."""
+    remaining = turns
+    timings: list[TurnTiming] = []
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            try:
+                async with asyncio.timeout(turn_timeout):
+                    timings.append(await arm.run_turn(pace))
+            except TimeoutError as error:
+                raise TurnFailedError(
+                    f"{arm.name}: no complete answer within {turn_timeout:g}s"
+                ) from error
+            except httpx.HTTPError as error:
+                raise TurnFailedError(f"{arm.name}: {type(error).__name__}: {error}") from error
+
+    started = time.perf_counter()
+    clients = [asyncio.create_task(client()) for _ in range(min(concurrency, turns))]
+    try:
+        await asyncio.gather(*clients)
+    finally:
+        # gather leaves the other clients running when one fails; a failed block stops at once.
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+    return ArmRun(timings, time.perf_counter() - started)
+
+
+async def run_case(
+    case: Case,
+    direct: Arm,
+    api: Arm,
+    meter: CpuMeter,
+    *,
+    warmup: int,
+    rounds: int,
+    turn_timeout: float,
+) -> tuple[ArmRun, ArmRun]:
+    # Warm-up fills the api's and the worker's caches and connection pools and lets the kept-alive
+    # client connections open at this case's concurrency; none of it is counted.
+    for arm in (direct, api):
+        if warmup:
+            await run_block(arm, case.pace, warmup, case.concurrency, turn_timeout)
+    runs = {direct.name: ArmRun([]), api.name: ArmRun([])}
+    for round_index, turns in enumerate(_split(case.turns, rounds)):
+        # Alternate which arm goes first, so neither always runs right after the other's load.
+        order = (direct, api) if round_index % 2 == 0 else (api, direct)
+        for arm in order:
+            before = meter.sample()
+            block = await run_block(arm, case.pace, turns, case.concurrency, turn_timeout)
+            spent = meter.sample() - before
+            run = runs[arm.name]
+            run.timings.extend(block.timings)
+            run.elapsed += block.elapsed
+            for name, seconds in spent.seconds.items():
+                run.cpu_seconds[name] = run.cpu_seconds.get(name, 0.0) + seconds
+    return runs[direct.name], runs[api.name]
+
+
+async def measure(rig: BenchRig, cases: list[Case], options: argparse.Namespace) -> list[str]:
+    direct = DirectArm()
+    api = ApiArm(
+        rig.api_url,
+        rig.api_key,
+        max_connections=max(case.concurrency for case in cases),
+        timeout=options.turn_timeout,
+    )
+    meter = CpuMeter(rig.process_ids())
+    tables = []
+    try:
+        for index, case in enumerate(cases, start=1):
+            _progress(f"[{index}/{len(cases)}] {case.title}")
+            direct_run, api_run = await run_case(
+                case,
+                direct,
+                api,
+                meter,
+                warmup=options.warmup,
+                rounds=options.rounds,
+                turn_timeout=options.turn_timeout,
+            )
+            tables.append(
+                render_case(
+                    case.title,
+                    direct_run.figures(),
+                    api_run.figures(),
+                    api_run.accept_percentiles(),
+                    api_run.cpu_ms_per_turn(),
+                )
+            )
+    finally:
+        await api.aclose()
+        await direct.aclose()
+    return tables
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    cases = plan_cases(options)
+    started = time.monotonic()
+    # SIGTERM takes the same way out as Ctrl-C, through the `finally` that stops the stack.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    rig = BenchRig(keep_work_dir=options.keep)
+    tables: list[str] = []
+    exit_code = 0
+    try:
+        _progress(f"starting a private stack in {rig.work_dir} ...")
+        rig.start()
+        _progress(f"stack ready in {time.monotonic() - started:.1f}s; measuring")
+        tables = asyncio.run(measure(rig, cases, options))
+    except KeyboardInterrupt:
+        _progress("interrupted")
+        exit_code = 130
+    except (TurnFailedError, RigError) as error:
+        rig.failed = True
+        _progress(f"benchmark failed: {error}\nlast lines of {rig.process_log}:\n{rig.log_tail()}")
+        exit_code = 1
+    except BaseException:
+        rig.failed = True
+        raise
+    finally:
+        _progress("stopping the stack ...")
+        with _signals_ignored():
+            rig.stop()
+        if rig.failed or options.keep:
+            _progress(f"data and logs kept in {rig.work_dir}")
+    if tables:
+        _print_report(tables, options, time.monotonic() - started)
+    return exit_code
+
+
+def _print_report(tables: list[str], options: argparse.Namespace, elapsed: float) -> None:
+    header = [
+        "durachat turn latency: direct provider stream vs the same turn through the api",
+        f"machine   {machine_description()}",
+        f"versions  {versions()}",
+        "stack     embedded Temporal dev server, Postgres, Valkey; 1 api, 1 worker; all on this machine",
+        f"run       {elapsed / 60:.1f} min in total; {options.warmup} warm-up turns per arm and case, "
+        f"{options.rounds} alternating rounds",
+        "",
+    ]
+    sys.stdout.write("\n".join(header) + "\n" + "\n\n".join(tables) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(message: str) -> None:
+    # Progress goes to stderr, so stdout holds only the report (`make bench > report.txt`).
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Let the stack stop: a second Ctrl-C must not abandon half-stopped servers."""
+    previous = {
+        signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if index < extra else 0) for index in range(parts)]
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from error
+    if not values or any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError("expected positive integers, e.g. 1,8")
+    return values
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
