@@ -50,7 +50,8 @@ def run_dev(settings: Settings) -> None:
             _wait_until_ready(api_url, supervisor)
             _print_banner(api_url, endpoints, secret)
             outcome = supervisor.wait()
-        if outcome.exit_code:
+        # A Ctrl-C or SIGTERM is the normal way to stop the dev stack; only a crashed child is a failure.
+        if outcome.child is not None:
             raise SystemExit(outcome.exit_code)
 
 

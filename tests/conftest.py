@@ -45,7 +45,9 @@ def provider_server() -> Iterator[OpenAICompatibleServer]:
 
 
 @pytest.fixture(scope="session")
-def stack_settings(tmp_path_factory: pytest.TempPathFactory, provider_server: OpenAICompatibleServer) -> Settings:
+def stack_settings(
+    tmp_path_factory: pytest.TempPathFactory, provider_server: OpenAICompatibleServer
+) -> Settings:
     data_dir = tmp_path_factory.mktemp("durachat-data")
     return Settings(
         environment="test",
@@ -94,7 +96,10 @@ def process_environment(settings: Settings) -> dict[str, str]:
         if isinstance(value, (dict, list)):
             if name == "providers":
                 value = {
-                    provider: {**entry, "api_key": settings.providers[provider].api_key.get_secret_value()}
+                    provider: {
+                        **entry,
+                        "api_key": settings.providers[provider].api_key.get_secret_value(),
+                    }
                     for provider, entry in value.items()
                 }
             environment[key] = json.dumps(value) if name != "cors_origins" else ",".join(value)
@@ -111,7 +116,9 @@ class RunningServices:
 
 
 @pytest.fixture(scope="session")
-def running_services(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServices]:
+def running_services(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServices]:
     log_dir: Path = tmp_path_factory.mktemp("logs")
     environment = process_environment(settings)
     worker = ServiceProcess("worker", environment, log_dir)
@@ -150,10 +157,16 @@ class Tenant:
         return {"Authorization": f"Bearer {self.secret}"}
 
 
-async def make_tenant(sessions: async_sessionmaker[AsyncSession], *, user_id: str | None = None) -> Tenant:
+async def make_tenant(
+    sessions: async_sessionmaker[AsyncSession], *, user_id: str | None = None
+) -> Tenant:
     async with sessions.begin() as session:
-        organization_id = await api_keys.ensure_organization(session, f"org-{uuid.uuid4().hex[:10]}")
-        created = await api_keys.create_key(session, organization_id, user_id=user_id, is_admin=user_id is None)
+        organization_id = await api_keys.ensure_organization(
+            session, f"org-{uuid.uuid4().hex[:10]}"
+        )
+        created = await api_keys.create_key(
+            session, organization_id, user_id=user_id, is_admin=user_id is None
+        )
     return Tenant(organization_id=organization_id, key_id=created.id, secret=created.secret)
 
 

@@ -52,8 +52,12 @@ async def test_send_streams_answer_and_stores_it(client: httpx.AsyncClient, tena
     assert chat["activeTurnId"] is None
 
 
-async def test_follow_up_message_sees_the_history(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    first, _ = await send_and_collect(client, tenant.headers, {"message": "one", "providerOptions": FAST})
+async def test_follow_up_message_sees_the_history(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    first, _ = await send_and_collect(
+        client, tenant.headers, {"message": "one", "providerOptions": FAST}
+    )
     chat_id = first.headers["x-chat-id"]
     response, events = await send_and_collect(
         client, tenant.headers, {"message": "two", "providerOptions": FAST}, f"/v1/chats/{chat_id}"
@@ -96,7 +100,9 @@ async def test_resume_without_cursor_replays_the_whole_message_then_follows_live
             if seen == 5:
                 break
 
-    async with client.stream("GET", f"/v1/chats/{chat_id}/stream", headers=tenant.headers) as resumed:
+    async with client.stream(
+        "GET", f"/v1/chats/{chat_id}/stream", headers=tenant.headers
+    ) as resumed:
         assert resumed.status_code == 200
         assert resumed.headers["x-vercel-ai-ui-message-stream"] == "v1"
         events = [event async for event in iter_sse(resumed)]
@@ -141,13 +147,19 @@ async def test_resume_with_last_event_id_continues_exactly_after_it(
 
 
 async def test_resume_with_no_active_turn_is_204(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    response, _ = await send_and_collect(client, tenant.headers, {"message": "done", "providerOptions": FAST})
-    resumed = await client.get(f"/v1/chats/{response.headers['x-chat-id']}/stream", headers=tenant.headers)
+    response, _ = await send_and_collect(
+        client, tenant.headers, {"message": "done", "providerOptions": FAST}
+    )
+    resumed = await client.get(
+        f"/v1/chats/{response.headers['x-chat-id']}/stream", headers=tenant.headers
+    )
     assert resumed.status_code == 204
 
 
 async def test_malformed_cursor_is_400(client: httpx.AsyncClient, tenant: Tenant) -> None:
-    response, _ = await send_and_collect(client, tenant.headers, {"message": "a", "providerOptions": FAST})
+    response, _ = await send_and_collect(
+        client, tenant.headers, {"message": "a", "providerOptions": FAST}
+    )
     headers = {**tenant.headers, "Last-Event-ID": "not-a-cursor"}
     resumed = await client.get(f"/v1/chats/{response.headers['x-chat-id']}/stream", headers=headers)
     assert resumed.status_code == 400
@@ -159,11 +171,15 @@ async def test_concurrent_first_messages_on_one_channel_make_one_chat(
 ) -> None:
     channel = {"source": "discord", "id": f"channel-{uuid.uuid4().hex[:8]}"}
     body = {"message": "first!", "externalChannelId": channel, "providerOptions": FAST}
-    results = await asyncio.gather(*(send_and_collect(client, tenant.headers, body) for _ in range(4)))
+    results = await asyncio.gather(
+        *(send_and_collect(client, tenant.headers, body) for _ in range(4))
+    )
 
     async with sessions() as session:
         count = await session.scalar(
-            select(func.count()).select_from(Chat).where(
+            select(func.count())
+            .select_from(Chat)
+            .where(
                 Chat.organization_id == tenant.organization_id, Chat.external_id == channel["id"]
             )
         )
@@ -172,7 +188,11 @@ async def test_concurrent_first_messages_on_one_channel_make_one_chat(
     for response, _events in results:
         # A send that finds the channel's chat mid-turn is told so (409), with the chat's id.
         assert response.status_code in (200, 409), response.text
-        chat_ids.add(response.headers["x-chat-id"] if response.status_code == 200 else response.json()["chatId"])
+        chat_ids.add(
+            response.headers["x-chat-id"]
+            if response.status_code == 200
+            else response.json()["chatId"]
+        )
     assert len(chat_ids) == 1
     assert any(response.status_code == 200 for response, _ in results)
 
@@ -181,10 +201,14 @@ async def test_concurrent_first_messages_on_one_channel_make_one_chat(
     assert again.headers["x-chat-id"] in chat_ids
 
 
-async def test_json_mode_waits_for_the_finished_turn(client: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_json_mode_waits_for_the_finished_turn(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
     body = {"message": "answer me plainly", "providerOptions": FAST}
     by_query = await client.post("/v1/chats?stream=false", json=body, headers=tenant.headers)
-    by_accept = await client.post("/v1/chats", json=body, headers={**tenant.headers, "Accept": "application/json"})
+    by_accept = await client.post(
+        "/v1/chats", json=body, headers={**tenant.headers, "Accept": "application/json"}
+    )
     for response in (by_query, by_accept):
         assert response.status_code == 200, response.text
         payload = response.json()
@@ -194,7 +218,9 @@ async def test_json_mode_waits_for_the_finished_turn(client: httpx.AsyncClient, 
         assert payload["usage"]["outputTokens"] == 3
 
 
-async def test_history_seeds_a_new_chat_from_messages(client: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_history_seeds_a_new_chat_from_messages(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
     body = {
         "messages": [
             {"role": "user", "content": "my name is Ada"},
@@ -206,7 +232,11 @@ async def test_history_seeds_a_new_chat_from_messages(client: httpx.AsyncClient,
     response, events = await send_and_collect(client, tenant.headers, body)
     assert response.status_code == 200
     chat = await get_chat(client, tenant.headers, response.headers["x-chat-id"])
-    assert [stored_text(m) for m in chat["messages"]][:3] == ["my name is Ada", "Hello Ada", "what is my name?"]
+    assert [stored_text(m) for m in chat["messages"]][:3] == [
+        "my name is Ada",
+        "Hello Ada",
+        "what is my name?",
+    ]
 
 
 async def test_unknown_model_is_400_and_starts_nothing(
@@ -214,15 +244,22 @@ async def test_unknown_model_is_400_and_starts_nothing(
 ) -> None:
     tenant = await make_tenant(sessions)
     for model in ("nope/model", "local/nope", "no-slash"):
-        response = await client.post("/v1/chats", json={"message": "hi", "model": model}, headers=tenant.headers)
+        response = await client.post(
+            "/v1/chats", json={"message": "hi", "model": model}, headers=tenant.headers
+        )
         assert response.status_code == 400, response.text
         problem = response.json()
         assert problem["status"] == 400 and problem["title"] and problem["detail"]
         assert "local/echo" in problem["availableModels"]
     async with sessions() as session:
-        assert await session.scalar(
-            select(func.count()).select_from(Chat).where(Chat.organization_id == tenant.organization_id)
-        ) == 0
+        assert (
+            await session.scalar(
+                select(func.count())
+                .select_from(Chat)
+                .where(Chat.organization_id == tenant.organization_id)
+            )
+            == 0
+        )
 
 
 async def test_bad_bodies_are_problems_and_change_nothing(
@@ -244,12 +281,19 @@ async def test_bad_bodies_are_problems_and_change_nothing(
         response = await client.post("/v1/chats", json=body, headers=tenant.headers)
         assert 400 <= response.status_code < 500, (body, response.text)
         assert response.headers["content-type"] == "application/problem+json"
-    missing = await client.post("/v1/chats/does-not-exist", json={"message": "hi"}, headers=tenant.headers)
+    missing = await client.post(
+        "/v1/chats/does-not-exist", json={"message": "hi"}, headers=tenant.headers
+    )
     assert missing.status_code == 404
     async with sessions() as session:
-        assert await session.scalar(
-            select(func.count()).select_from(Chat).where(Chat.organization_id == tenant.organization_id)
-        ) == 0
+        assert (
+            await session.scalar(
+                select(func.count())
+                .select_from(Chat)
+                .where(Chat.organization_id == tenant.organization_id)
+            )
+            == 0
+        )
 
 
 async def test_another_tenants_chat_and_stream_are_404(
@@ -271,22 +315,30 @@ async def test_another_tenants_chat_and_stream_are_404(
         ("POST", f"/v1/chats/{chat_id}", {}),
     ]:
         kwargs = {"json": {"message": "let me in"}} if method == "POST" else {}
-        response = await client.request(method, path, headers={**intruder.headers, **extra}, **kwargs)
+        response = await client.request(
+            method, path, headers={**intruder.headers, **extra}, **kwargs
+        )
         assert response.status_code == 404, (path, response.text)
         assert "secret" not in response.text
     # The intruder's own chat with the same client-chosen id is a different chat.
     own, events = await send_and_collect(
-        client, intruder.headers, {"id": chat_id, "messages": [{"role": "user", "content": "mine"}], "providerOptions": FAST}
+        client,
+        intruder.headers,
+        {"id": chat_id, "messages": [{"role": "user", "content": "mine"}], "providerOptions": FAST},
     )
     assert own.status_code == 200
-    assert [stored_text(m) for m in (await get_chat(client, intruder.headers, chat_id))["messages"]] == ["mine", "mine"]
+    assert [
+        stored_text(m) for m in (await get_chat(client, intruder.headers, chat_id))["messages"]
+    ] == ["mine", "mine"]
     await wait_for_settled_answer(client, tenant.headers, chat_id)
 
 
 async def test_turn_row_records_model_attempts_usage_and_timings(
     client: httpx.AsyncClient, tenant: Tenant, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    response, events = await send_and_collect(client, tenant.headers, {"message": "count me", "providerOptions": FAST})
+    response, events = await send_and_collect(
+        client, tenant.headers, {"message": "count me", "providerOptions": FAST}
+    )
     turn_id = chunks_of(events)[0]["messageMetadata"]["turnId"]
     async with sessions() as session:
         turn = await session.get(Turn, turn_id)

@@ -165,10 +165,9 @@ class Launcher:
 
 
 def assert_clean_stop(exit_code: int, signum: signal.Signals) -> None:
-    # A requested stop that completed. `dev` reports 128 + signal today (the supervisor's
-    # convention) while `services` exits 0; both count as clean until the two are made consistent.
-    # Anything else (1: a child died; negative: killed by a signal) is a failed shutdown.
-    assert exit_code in (0, 128 + signum), f"exit code {exit_code} after {signum.name}"
+    # A requested stop is a normal end: exit 0. Anything else (1: a child died; negative: the
+    # launcher itself was killed by the signal) is a failed shutdown.
+    assert exit_code == 0, f"exit code {exit_code} after {signum.name}"
 
 
 def assert_no_strays(launcher: Launcher, data_dir: Path) -> None:

@@ -19,7 +19,9 @@ async def test_openai_compatible_provider_streams_reasoning_then_text(
     client: httpx.AsyncClient, tenant: Tenant, provider_server: OpenAICompatibleServer
 ) -> None:
     model = "mock/reasoning-the-answer-is-42"
-    response, events = await send_and_collect(client, tenant.headers, {"message": "what is it?", "model": model})
+    response, events = await send_and_collect(
+        client, tenant.headers, {"message": "what is it?", "model": model}
+    )
     assert response.status_code == 200
     chunks = chunks_of(events)
     kinds = [chunk["type"] for chunk in chunks]
@@ -27,7 +29,9 @@ async def test_openai_compatible_provider_streams_reasoning_then_text(
     assert text_of(chunks) == "the answer is 42"
     answer = (await get_chat(client, tenant.headers, response.headers["x-chat-id"]))["messages"][-1]
     assert [part["type"] for part in answer["parts"]] == ["step-start", "reasoning", "text"]
-    assert stored_text(answer, "reasoning") == "".join(c["delta"] for c in chunks if c["type"] == "reasoning-delta")
+    assert stored_text(answer, "reasoning") == "".join(
+        c["delta"] for c in chunks if c["type"] == "reasoning-delta"
+    )
     assert answer["metadata"]["usage"]["outputTokens"] > 0
     sent = provider_server.requests_for("reasoning-the-answer-is-42")[-1]
     assert sent.authorization == "Bearer sk-test-provider-key"
@@ -41,7 +45,9 @@ async def test_provider_rejection_fails_at_once_with_an_error_chunk(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     before = len(provider_server.requests_for("fail-401"))
-    response, events = await send_and_collect(client, tenant.headers, {"message": "hi", "model": "mock/fail-401"})
+    response, events = await send_and_collect(
+        client, tenant.headers, {"message": "hi", "model": "mock/fail-401"}
+    )
     assert response.status_code == 200
     chunks = chunks_of(events)
     assert chunks[-1]["type"] == "error"
@@ -81,7 +87,9 @@ async def test_flaky_provider_is_retried_by_temporal(
 ) -> None:
     model = "flaky-1"
     provider_server.reset()
-    response, events = await send_and_collect(client, tenant.headers, {"message": "steady now", "model": f"mock/{model}"})
+    response, events = await send_and_collect(
+        client, tenant.headers, {"message": "steady now", "model": f"mock/{model}"}
+    )
     assert text_of(chunks_of(events)) == "steady now"
     assert len(provider_server.requests_for(model)) == 2
 
@@ -100,7 +108,9 @@ async def test_operators_find_the_turn_by_search_attributes(
     await handle.result()
     description = await handle.describe()
     attributes = {
-        key.name: value for key, value in description.typed_search_attributes if key.name.startswith("Durachat")
+        key.name: value
+        for key, value in description.typed_search_attributes
+        if key.name.startswith("Durachat")
     }
     assert attributes == {
         "DurachatOrganizationId": tenant.organization_id,
@@ -117,4 +127,9 @@ async def test_operators_find_the_turn_by_search_attributes(
         for event in history.events
         if event.HasField("activity_task_scheduled_event_attributes")
     }
-    assert names == {"claim_session", "store_user_message", "generate_reply", "persist_assistant_message"}
+    assert names == {
+        "claim_session",
+        "store_user_message",
+        "generate_reply",
+        "persist_assistant_message",
+    }

@@ -12,7 +12,10 @@ from tests.support.sse import SseEvent, collect_sse
 
 
 async def send_and_collect(
-    client: httpx.AsyncClient, headers: dict[str, str], body: dict[str, Any], path: str = "/v1/chats"
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    path: str = "/v1/chats",
 ) -> tuple[httpx.Response, list[SseEvent]]:
     async with client.stream("POST", path, json=body, headers=headers) as response:
         if response.status_code != 200:
@@ -21,7 +24,9 @@ async def send_and_collect(
         return response, await collect_sse(response)
 
 
-async def get_chat(client: httpx.AsyncClient, headers: dict[str, str], chat_id: str) -> dict[str, Any]:
+async def get_chat(
+    client: httpx.AsyncClient, headers: dict[str, str], chat_id: str
+) -> dict[str, Any]:
     response = await client.get(f"/v1/chats/{chat_id}", headers=headers)
     assert response.status_code == 200, response.text
     chat: dict[str, Any] = response.json()
