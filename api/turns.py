@@ -44,7 +44,7 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted:
             if cause.type == ErrorType.CHAT_NOT_FOUND:
                 raise NotFoundError("chat not found") from err
             if cause.type == ErrorType.CHAT_BUSY:
-                active_turn_id, chat_id = (list(cause.details) + [None, None])[:2]
+                active_turn_id, chat_id = ([*list(cause.details), None, None])[:2]
                 raise ConflictError(
                     "the chat has an active turn; stop it or wait for it to finish",
                     extra={"turnId": active_turn_id, "chatId": chat_id},

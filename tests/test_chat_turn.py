@@ -229,7 +229,7 @@ async def test_history_seeds_a_new_chat_from_messages(
         ],
         "model": "mock/echo",
     }
-    response, events = await send_and_collect(client, tenant.headers, body)
+    response, _events = await send_and_collect(client, tenant.headers, body)
     assert response.status_code == 200
     chat = await get_chat(client, tenant.headers, response.headers["x-chat-id"])
     assert [stored_text(m) for m in chat["messages"]][:3] == [
@@ -249,7 +249,9 @@ async def test_unknown_model_is_400_and_starts_nothing(
         )
         assert response.status_code == 400, response.text
         problem = response.json()
-        assert problem["status"] == 400 and problem["title"] and problem["detail"]
+        assert problem["status"] == 400
+        assert problem["title"]
+        assert problem["detail"]
         assert "local/echo" in problem["availableModels"]
     async with sessions() as session:
         assert (
@@ -306,7 +308,8 @@ async def test_another_tenants_chat_and_stream_are_404(
         async for event in iter_sse(response):
             first = event
             break
-    assert first is not None and first.id
+    assert first is not None
+    assert first.id
     intruder = await make_tenant(sessions)
     for method, path, extra in [
         ("GET", f"/v1/chats/{chat_id}", {}),
@@ -321,7 +324,7 @@ async def test_another_tenants_chat_and_stream_are_404(
         assert response.status_code == 404, (path, response.text)
         assert "secret" not in response.text
     # The intruder's own chat with the same client-chosen id is a different chat.
-    own, events = await send_and_collect(
+    own, _events = await send_and_collect(
         client,
         intruder.headers,
         {"id": chat_id, "messages": [{"role": "user", "content": "mine"}], "providerOptions": FAST},
@@ -336,7 +339,7 @@ async def test_another_tenants_chat_and_stream_are_404(
 async def test_turn_row_records_model_attempts_usage_and_timings(
     client: httpx.AsyncClient, tenant: Tenant, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    response, events = await send_and_collect(
+    _response, events = await send_and_collect(
         client, tenant.headers, {"message": "count me", "providerOptions": FAST}
     )
     turn_id = chunks_of(events)[0]["messageMetadata"]["turnId"]
@@ -345,5 +348,7 @@ async def test_turn_row_records_model_attempts_usage_and_timings(
     assert turn is not None
     assert (turn.status, turn.model, turn.attempts) == ("completed", "local/echo", 1)
     assert (turn.input_tokens, turn.output_tokens) == (2, 2)
-    assert turn.ttft_ms is not None and turn.duration_ms is not None
-    assert turn.workflow_id == f"turn-{turn_id}" and turn.run_id
+    assert turn.ttft_ms is not None
+    assert turn.duration_ms is not None
+    assert turn.workflow_id == f"turn-{turn_id}"
+    assert turn.run_id

@@ -58,7 +58,9 @@ async def test_provider_rejection_fails_at_once_with_an_error_chunk(
     assert answer["metadata"]["error"] == chunks[-1]["errorText"]
     async with sessions() as session:
         turn = await session.get(Turn, chunks[0]["messageMetadata"]["turnId"])
-    assert turn is not None and turn.status == "failed" and turn.error
+    assert turn is not None
+    assert turn.status == "failed"
+    assert turn.error
 
 
 async def test_retryable_failure_resets_the_stream_and_completes(
@@ -79,7 +81,9 @@ async def test_retryable_failure_resets_the_stream_and_completes(
     assert stored_text(answer) == "one two three four five"
     async with sessions() as session:
         turn = await session.get(Turn, chunks[0]["messageMetadata"]["turnId"])
-    assert turn is not None and turn.attempts == 2 and turn.status == "completed"
+    assert turn is not None
+    assert turn.attempts == 2
+    assert turn.status == "completed"
 
 
 async def test_flaky_provider_is_retried_by_temporal(
@@ -87,7 +91,7 @@ async def test_flaky_provider_is_retried_by_temporal(
 ) -> None:
     model = "flaky-1"
     provider_server.reset()
-    response, events = await send_and_collect(
+    _response, events = await send_and_collect(
         client, tenant.headers, {"message": "steady now", "model": f"mock/{model}"}
     )
     assert text_of(chunks_of(events)) == "steady now"

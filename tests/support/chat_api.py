@@ -34,7 +34,10 @@ async def get_chat(
 
 
 async def wait_for_settled_answer(
-    client: httpx.AsyncClient, headers: dict[str, str], chat_id: str, timeout: float = 30.0
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    chat_id: str,
+    timeout: float = 30.0,  # noqa: ASYNC109
 ) -> dict[str, Any]:
     """The chat's last message once it is no longer streaming."""
     deadline = time.monotonic() + timeout
