@@ -107,6 +107,8 @@ class StoreUserMessageInput:
     parent_message_id: str | None
     workflow_id: str
     run_id: str
+    # Only a chat this turn created takes the history seed; an existing chat's history is the server's.
+    chat_created: bool = False
 
 
 @dataclass

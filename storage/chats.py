@@ -132,7 +132,7 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
         return False
 
     parent_id = request.parent_message_id
-    for seed in turn.history_seed:
+    for seed in turn.history_seed if request.chat_created else []:
         seed_id = new_id()
         session.add(
             Message(

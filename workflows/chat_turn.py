@@ -101,6 +101,7 @@ class ChatTurnWorkflow:
                 parent_message_id=claim.parent_message_id,
                 workflow_id=info.workflow_id,
                 run_id=info.run_id,
+                chat_created=claim.created,
             ),
             start_to_close_timeout=SESSION_TIMEOUT,
             retry_policy=SESSION_RETRY,
