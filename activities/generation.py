@@ -15,15 +15,22 @@ from temporalio.exceptions import ApplicationError
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult
 from core.errors import ErrorType
-from providers.base import GenerationRequest, PromptMessage, ProviderError, UnknownModelError
+from providers.base import (
+    GenerationRequest,
+    ModelProvider,
+    PromptMessage,
+    ProviderError,
+    UnknownModelError,
+)
 from providers.registry import ProviderRegistry
 from storage import chats
 from storage.models import Message
 from storage.streams import TurnStreams
 
 # Heartbeats go out on this period whatever the provider does, so a provider that thinks for a while
-# before its first token is not mistaken for a dead worker. The SDK throttles the actual RPCs.
-HEARTBEAT_PERIOD_SECONDS = 1.0
+# before its first token is not mistaken for a dead worker (the SDK throttles the actual RPCs). The
+# same loop polls the stop flag, which bounds a stop's latency while the provider sends nothing.
+STOP_POLL_SECONDS = 0.25
 
 
 class ChunkPublisher:
@@ -43,6 +50,8 @@ class ChunkPublisher:
         self._pending: list[Chunk] = []
         self._writer: asyncio.Task[None] | None = None
         self.last_entry_id: str | None = None
+        # Set when a write learns that a stop was requested (the Redis fast path of a stop).
+        self.stop_seen = asyncio.Event()
 
     def send(self, chunks: list[Chunk]) -> None:
         if not chunks:
@@ -68,9 +77,12 @@ class ChunkPublisher:
     async def _drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            self.last_entry_id = await self._streams.append(
+            appended = await self._streams.append(
                 self._organization_id, self._turn_id, self._attempt, batch
             )
+            self.last_entry_id = appended.last_entry_id
+            if appended.stop_requested:
+                self.stop_seen.set()
 
 
 class GenerationActivities:
@@ -86,6 +98,7 @@ class GenerationActivities:
 
     @activity.defn
     async def generate_reply(self, request: GenerateReplyInput) -> GenerateReplyResult:
+        """Stream one attempt's answer; a stop (Redis flag or Temporal cancellation) keeps the partial answer."""
         attempt = activity.info().attempt
         started = time.monotonic()
         try:
@@ -108,50 +121,107 @@ class GenerationActivities:
         await self._streams.begin_attempt(request.organization_id, request.turn_id, attempt)
         publisher = ChunkPublisher(self._streams, request.organization_id, request.turn_id, attempt)
         builder = UiMessageBuilder(attempt)
-        heartbeat = asyncio.create_task(_heartbeat_forever(publisher))
-        ttft_ms: int | None = None
+        timing = _FirstTokenClock(started)
+        if attempt > 1:
+            # Clients drop whatever the failed attempt streamed into the step before this
+            # attempt's output; the step itself stays open, so no new `start-step` follows.
+            publisher.send([{"type": "reset-step"}])
+        generation = GenerationRequest(
+            model=model,
+            messages=prompt,
+            options=_options_for(request.provider_options, provider.name),
+            attempt=attempt,
+        )
+        streaming = asyncio.create_task(
+            _stream_into(provider, generation, builder, publisher, timing)
+        )
+        watcher = asyncio.create_task(self._watch_for_stop(request, publisher))
+        stopped = False
         try:
-            if attempt > 1:
-                # Clients drop whatever the failed attempt streamed into the step before this
-                # attempt's output; the step itself stays open, so no new `start-step` follows.
-                publisher.send([{"type": "reset-step"}])
-            generation = GenerationRequest(
-                model=model,
-                messages=prompt,
-                options=_options_for(request.provider_options, provider.name),
-                attempt=attempt,
-            )
-            async with aclosing(provider.stream(generation)) as events:
-                async for event in events:
-                    chunks = builder.on_event(event)
-                    if chunks and ttft_ms is None and builder.produced_output:
-                        ttft_ms = int((time.monotonic() - started) * 1000)
-                    publisher.send(chunks)
-            publisher.send(builder.finish_step())
-            await publisher.flush()
+            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if streaming.done():
+                streaming.result()
+            else:
+                # Cancelling the consumer closes the provider stream (aclosing) at once.
+                streaming.cancel()
+                await asyncio.gather(streaming, return_exceptions=True)
+                watcher.result()  # the watcher failing (Redis unreachable) is no stop: retry
+                stopped = True
+        except asyncio.CancelledError:
+            # Temporal cancelled the activity (a stop that arrived as a workflow signal): keep
+            # what was generated, then report the cancellation.
+            streaming.cancel()
+            await asyncio.gather(streaming, return_exceptions=True)
+            await self._keep_partial_answer(request, builder, publisher)
+            raise
         except ProviderError as exc:
             await publisher.aclose()
             raise _as_application_error(exc) from exc
         finally:
-            heartbeat.cancel()
+            watcher.cancel()
 
+        publisher.send(builder.finish_step())
+        await publisher.flush()
         async with self._sessions.begin() as session:
             await chats.save_assistant_parts(
                 session, request.organization_id, request.assistant_message_id, builder.parts
             )
         return GenerateReplyResult(
-            finish_reason=builder.finish_reason,
+            finish_reason="other" if stopped else builder.finish_reason,
             input_tokens=builder.input_tokens,
             output_tokens=builder.output_tokens,
-            ttft_ms=ttft_ms,
+            ttft_ms=timing.ttft_ms,
             attempt=attempt,
+            stopped=stopped,
         )
 
+    async def _watch_for_stop(self, request: GenerateReplyInput, publisher: ChunkPublisher) -> None:
+        """Heartbeat, and return as soon as a stop is requested: seen by a write, or polled while the provider is silent."""
+        while True:
+            activity.heartbeat(publisher.last_entry_id)
+            try:
+                await asyncio.wait_for(publisher.stop_seen.wait(), STOP_POLL_SECONDS)
+                return
+            except TimeoutError:
+                pass
+            if await self._streams.stop_requested(request.organization_id, request.turn_id):
+                return
 
-async def _heartbeat_forever(publisher: ChunkPublisher) -> None:
-    while True:
-        activity.heartbeat(publisher.last_entry_id)
-        await asyncio.sleep(HEARTBEAT_PERIOD_SECONDS)
+    async def _keep_partial_answer(
+        self, request: GenerateReplyInput, builder: UiMessageBuilder, publisher: ChunkPublisher
+    ) -> None:
+        publisher.send(builder.finish_step())
+        await publisher.flush()
+        async with self._sessions.begin() as session:
+            await chats.save_assistant_parts(
+                session, request.organization_id, request.assistant_message_id, builder.parts
+            )
+
+
+class _FirstTokenClock:
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self.ttft_ms: int | None = None
+
+    def output_seen(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = int((time.monotonic() - self._started) * 1000)
+
+
+async def _stream_into(
+    provider: ModelProvider,
+    generation: GenerationRequest,
+    builder: UiMessageBuilder,
+    publisher: ChunkPublisher,
+    timing: _FirstTokenClock,
+) -> None:
+    async with aclosing(provider.stream(generation)) as events:
+        async for event in events:
+            chunks = builder.on_event(event)
+            if chunks and builder.produced_output:
+                timing.output_seen()
+            publisher.send(chunks)
+    await publisher.flush()
 
 
 def _options_for(provider_options: dict[str, Any], provider_name: str) -> dict[str, Any]:

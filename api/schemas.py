@@ -150,3 +150,19 @@ class TurnOut(BaseModel):
     status: str
     message: UIMessageOut
     usage: UsageOut
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    turn_id: str | None = Field(
+        default=None,
+        alias="turnId",
+        max_length=64,
+        description="Stop only if this turn is the active one.",
+    )
+
+
+class StopOut(BaseModel):
+    stopped: bool = Field(description="True when a turn was running and has been told to stop.")
+    turnId: str | None  # noqa: N815

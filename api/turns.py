@@ -5,9 +5,17 @@ from __future__ import annotations
 from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
 from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.state import AppState
-from core.contracts import AcceptTurnRequest, TurnAccepted, TurnInput, TurnStatus, turn_workflow_id
+from core.contracts import (
+    AcceptTurnRequest,
+    StopTurnRequest,
+    TurnAccepted,
+    TurnInput,
+    TurnStatus,
+    turn_workflow_id,
+)
 from core.errors import ConflictError, ErrorType, NotFoundError
 from workflows import search_attributes
 from workflows.chat_turn import ChatTurnWorkflow
@@ -50,3 +58,17 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted:
                     extra={"turnId": active_turn_id, "chatId": chat_id},
                 ) from err
         raise
+
+
+async def stop_turn(state: AppState, organization_id: str, turn_id: str) -> bool:
+    """Tell a running turn to stop: the Redis flag ends generation within a token, the signal makes
+    it durable (acted on even if no worker is up now). False when the turn had already ended."""
+    await state.streams.request_stop(organization_id, turn_id)
+    handle = state.temporal.get_workflow_handle_for(ChatTurnWorkflow.run, turn_workflow_id(turn_id))
+    try:
+        await handle.signal(ChatTurnWorkflow.stop_turn, StopTurnRequest(reason="user"))
+    except RPCError as err:
+        if err.status == RPCStatusCode.NOT_FOUND:  # the workflow has already completed
+            return False
+        raise
+    return True

@@ -130,6 +130,8 @@ class GenerateReplyResult:
     output_tokens: int
     ttft_ms: int | None
     attempt: int
+    # True when a stop ended generation early; the partial answer is stored.
+    stopped: bool = False
 
 
 @dataclass
@@ -150,12 +152,28 @@ class PersistAssistantMessageInput:
 
 
 @dataclass
+class StopTurnRequest:
+    """Signal: stop the turn's generation and keep the partial answer."""
+
+    reason: str = "user"
+
+
+@dataclass
 class TurnResult:
     chat_id: str
     turn_id: str
     assistant_message_id: str
     status: TurnStatus
     error: str | None = None
+
+
+def turn_status_for(message_status: MessageStatus) -> TurnStatus:
+    """A finished turn's status follows its assistant message's final status."""
+    return {
+        MessageStatus.COMPLETE: TurnStatus.COMPLETED,
+        MessageStatus.ABORTED: TurnStatus.ABORTED,
+        MessageStatus.FAILED: TurnStatus.FAILED,
+    }[message_status]
 
 
 def turn_workflow_id(turn_id: str) -> str:

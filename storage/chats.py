@@ -19,6 +19,7 @@ from core.contracts import (
     StoreUserMessageInput,
     TurnInput,
     TurnStatus,
+    turn_status_for,
 )
 from storage.ids import new_id
 from storage.models import Chat, Message, Turn
@@ -233,11 +234,7 @@ async def finish_turn(
     session: AsyncSession, outcome: PersistAssistantMessageInput, metadata: dict[str, Any]
 ) -> None:
     """Record the assistant message's final state and the turn's figures, and release the chat's lease."""
-    turn_status = {
-        MessageStatus.COMPLETE: TurnStatus.COMPLETED,
-        MessageStatus.ABORTED: TurnStatus.ABORTED,
-        MessageStatus.FAILED: TurnStatus.FAILED,
-    }[outcome.status]
+    turn_status = turn_status_for(outcome.status)
     await session.execute(
         update(Message)
         .where(

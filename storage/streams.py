@@ -21,13 +21,14 @@ CHUNK_FIELD = "c"
 # The opening chunks get the smallest possible explicit ids, so writing them twice is a no-op.
 OPENING_ENTRY_IDS = ("0-1", "0-2")
 
-# ARGV: attempt, chunk json... Appends only while `attempt` is the current one; returns the last id.
+# KEYS: stream, fence, abort flag. ARGV: attempt, chunk json... Appends only while `attempt` is the
+# current one; returns {last id, 1 if a stop was requested}, so the writer learns of a stop at once.
 _FENCED_APPEND = """
 local current = tonumber(redis.call('GET', KEYS[2]) or '0')
 if current ~= tonumber(ARGV[1]) then return false end
 local last = false
 for i = 2, #ARGV do last = redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
-return last
+return {last, redis.call('EXISTS', KEYS[3])}
 """
 
 # ARGV: attempt. Raises the fence to `attempt` unless a later attempt already holds it.
@@ -64,6 +65,12 @@ class StreamEntry:
         return self.chunk_json.startswith(STREAM_END_PREFIXES)
 
 
+@dataclass(frozen=True)
+class AppendResult:
+    last_entry_id: str
+    stop_requested: bool
+
+
 class StaleAttemptError(Exception):
     """A later generation attempt owns the turn's stream now; this one must stop writing."""
 
@@ -84,6 +91,10 @@ class TurnStreams:
     @staticmethod
     def _fence_key(organization_id: str, turn_id: str) -> str:
         return f"{organization_id}:turn:{turn_id}:attempt"
+
+    @staticmethod
+    def _abort_key(organization_id: str, turn_id: str) -> str:
+        return f"{organization_id}:turn:{turn_id}:stop"
 
     @staticmethod
     def _terminal_key(organization_id: str, turn_id: str) -> str:
@@ -112,17 +123,26 @@ class TurnStreams:
 
     async def append(
         self, organization_id: str, turn_id: str, attempt: int, chunks: Sequence[dict[str, Any]]
-    ) -> str:
-        last_id = await self._fenced_append(
+    ) -> AppendResult:
+        result = await self._fenced_append(
             keys=[
                 self.stream_key(organization_id, turn_id),
                 self._fence_key(organization_id, turn_id),
+                self._abort_key(organization_id, turn_id),
             ],
             args=[attempt, *(encode_chunk(chunk) for chunk in chunks)],
         )
-        if last_id is None:
+        if result is None:
             raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
-        return str(last_id)
+        last_id, stop_requested = result
+        return AppendResult(last_entry_id=str(last_id), stop_requested=bool(stop_requested))
+
+    async def request_stop(self, organization_id: str, turn_id: str) -> None:
+        """The fast path of a stop: generation sees this flag at its next write or poll."""
+        await self._redis.set(self._abort_key(organization_id, turn_id), "1", ex=self._max_lifetime)
+
+    async def stop_requested(self, organization_id: str, turn_id: str) -> bool:
+        return bool(await self._redis.exists(self._abort_key(organization_id, turn_id)))
 
     async def append_terminal(
         self, organization_id: str, turn_id: str, chunks: Sequence[dict[str, Any]]

@@ -11,7 +11,8 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.chat_session import ChatSessionActivities
@@ -22,11 +23,13 @@ with workflow.unsafe.imports_passed_through():
         GenerateReplyInput,
         MessageStatus,
         PersistAssistantMessageInput,
+        StopTurnRequest,
         StoreUserMessageInput,
         TurnAccepted,
         TurnInput,
         TurnResult,
         TurnStatus,
+        turn_status_for,
         turn_workflow_id,
     )
     from core.errors import ErrorType
@@ -62,6 +65,7 @@ class ChatTurnWorkflow:
     def __init__(self, turn: TurnInput) -> None:
         self._accepted: TurnAccepted | None = None
         self._rejection: ApplicationError | None = None
+        self._stop: StopTurnRequest | None = None
 
     @workflow.run
     async def run(self, turn: TurnInput) -> TurnResult:
@@ -123,32 +127,11 @@ class ChatTurnWorkflow:
             model=turn.model,
             attempts=0,
         )
-        try:
-            reply = await workflow.execute_activity_method(
-                GenerationActivities.generate_reply,
-                GenerateReplyInput(
-                    organization_id=turn.organization_id,
-                    chat_id=claim.chat_id,
-                    turn_id=turn.turn_id,
-                    user_message_id=turn.user_message_id,
-                    assistant_message_id=turn.assistant_message_id,
-                    model=turn.model,
-                    system=turn.system,
-                    provider_options=turn.provider_options,
-                ),
-                start_to_close_timeout=GENERATION_TIMEOUT,
-                heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
-                retry_policy=GENERATION_RETRY,
-            )
-            outcome.attempts = reply.attempt
-            outcome.finish_reason = reply.finish_reason
-            outcome.input_tokens = reply.input_tokens
-            outcome.output_tokens = reply.output_tokens
-            outcome.ttft_ms = reply.ttft_ms
-        except ActivityError as err:
-            outcome.status = MessageStatus.FAILED
-            outcome.finish_reason = "error"
-            outcome.error = _describe_failure(err)
+        if self._stop is None:
+            await self._generate(turn, claim.chat_id, outcome)
+        else:
+            outcome.status = MessageStatus.ABORTED
+            outcome.finish_reason = "other"
         outcome.duration_ms = int((workflow.now() - started).total_seconds() * 1000)
 
         await workflow.execute_activity_method(
@@ -157,9 +140,7 @@ class ChatTurnWorkflow:
             start_to_close_timeout=SESSION_TIMEOUT,
             retry_policy=SESSION_RETRY,
         )
-        status = (
-            TurnStatus.COMPLETED if outcome.status is MessageStatus.COMPLETE else TurnStatus.FAILED
-        )
+        status = turn_status_for(outcome.status)
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
         await workflow.wait_condition(workflow.all_handlers_finished)
         return TurnResult(
@@ -169,6 +150,57 @@ class ChatTurnWorkflow:
             status=status,
             error=outcome.error,
         )
+
+    async def _generate(
+        self, turn: TurnInput, chat_id: str, outcome: PersistAssistantMessageInput
+    ) -> None:
+        """Run generation to its end, or until a stop; record what happened in `outcome`."""
+        generation = workflow.start_activity_method(
+            GenerationActivities.generate_reply,
+            GenerateReplyInput(
+                organization_id=turn.organization_id,
+                chat_id=chat_id,
+                turn_id=turn.turn_id,
+                user_message_id=turn.user_message_id,
+                assistant_message_id=turn.assistant_message_id,
+                model=turn.model,
+                system=turn.system,
+                provider_options=turn.provider_options,
+            ),
+            start_to_close_timeout=GENERATION_TIMEOUT,
+            heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
+            retry_policy=GENERATION_RETRY,
+            # The activity stores the partial answer when cancelled; wait for that before persisting.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        await workflow.wait_condition(lambda: generation.done() or self._stop is not None)
+        if not generation.done():
+            # The api also raised the Redis stop flag, which usually ends generation first; the
+            # cancellation covers a lost flag and generation that has not started yet.
+            generation.cancel()
+        try:
+            reply = await generation
+        except ActivityError as err:
+            if isinstance(err.cause, CancelledError):
+                outcome.status = MessageStatus.ABORTED
+                outcome.finish_reason = "other"
+                return
+            outcome.status = MessageStatus.FAILED
+            outcome.finish_reason = "error"
+            outcome.error = _describe_failure(err)
+            return
+        outcome.status = MessageStatus.ABORTED if reply.stopped else MessageStatus.COMPLETE
+        outcome.attempts = reply.attempt
+        outcome.finish_reason = reply.finish_reason
+        outcome.input_tokens = reply.input_tokens
+        outcome.output_tokens = reply.output_tokens
+        outcome.ttft_ms = reply.ttft_ms
+
+    @workflow.signal
+    def stop_turn(self, request: StopTurnRequest) -> None:
+        """Stop generation and keep the partial answer; later stops of the same turn change nothing."""
+        if self._stop is None:
+            self._stop = request
 
     @workflow.update
     async def accept_turn(self, request: AcceptTurnRequest) -> TurnAccepted:

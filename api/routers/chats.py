@@ -14,11 +14,13 @@ from api.schemas import (
     ChatOut,
     ExternalChannelOut,
     SendMessageRequest,
+    StopOut,
+    StopRequest,
     TurnOut,
     UIMessageOut,
 )
 from api.state import AppState
-from api.turns import start_turn
+from api.turns import start_turn, stop_turn
 from core.contracts import ChatMode, ExternalChannel, TurnInput, turn_workflow_id
 from core.errors import BadRequestError, NotFoundError, UpstreamError
 from providers.base import UnknownModelError
@@ -170,6 +172,31 @@ async def resume_stream(
         chat_id=chat.id,
         ping_seconds=state.settings.stream_ping_seconds,
     )
+
+
+@router.post(
+    "/{chat_id}/stop",
+    summary="Stop the chat's active turn, keeping the partial answer",
+    responses={
+        401: {"description": "Missing or invalid API key", **PROBLEM},
+        404: {"description": "No such chat", **PROBLEM},
+    },
+)
+async def stop_chat_turn(
+    chat_id: ChatId,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    body: StopRequest | None = None,
+) -> StopOut:
+    async with state.sessions() as session:
+        chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+    if chat is None:
+        raise NotFoundError("chat not found")
+    turn_id = chat.active_turn_id
+    if turn_id is None or (body is not None and body.turn_id not in (None, turn_id)):
+        return StopOut(stopped=False, turnId=None)
+    stopped = await stop_turn(state, principal.organization_id, turn_id)
+    return StopOut(stopped=stopped, turnId=turn_id if stopped else None)
 
 
 async def _send(

@@ -1,0 +1,584 @@
+"""Crash recovery, each shown by a test that kills real processes.
+
+This module runs on its own stack (Temporal, Postgres and Valkey on free ports in a temporary data
+directory, its own api and worker processes, its own task queue), so killing and restarting things
+here never disturbs the session-wide stack the other tests share.
+
+Every scenario prints what it observed (`[crash-recovery] ...`, shown with `pytest -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from core.settings import Settings
+from devstack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedService
+from devstack.stack import ServiceStack
+from storage.db import create_engine, create_session_factory
+from storage.migrations import upgrade_database
+from storage.models import Message, Turn
+from tests.conftest import Tenant, make_tenant, process_environment
+from tests.support.chat_api import stored_text
+from tests.support.ports import free_port_block
+from tests.support.processes import ServiceProcess, wait_until_ready
+from tests.support.sse import SseEvent, iter_sse, text_of
+
+WORDS = 80
+# 80 words, 50 ms apart: a turn of about 4 s, long enough to break something in the middle of it.
+PACED = {"local": {"words": WORDS, "delayMs": 50}}
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+def report(scenario: str, **figures: object) -> None:
+    details = ", ".join(f"{name}={value}" for name, value in figures.items())
+    print(f"\n[crash-recovery] {scenario}: {details}")
+
+
+# --- the module's own stack -----------------------------------------------------------------------
+
+
+@dataclass
+class CrashStack:
+    """Services this module may kill: the embedded servers and every api / worker it started."""
+
+    settings: Settings
+    services: ServiceStack
+    log_dir: Path
+    api_url: str = ""
+    processes: list[ServiceProcess] = field(default_factory=list)
+    api: ServiceProcess | None = None
+    worker: ServiceProcess | None = None
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return process_environment(self.settings)
+
+    def service(self, kind: type[EmbeddedService]) -> Any:
+        return next(service for service in self.services.services if isinstance(service, kind))
+
+    @property
+    def redis(self) -> EmbeddedRedis:
+        redis: EmbeddedRedis = self.service(EmbeddedRedis)
+        return redis
+
+    @property
+    def postgres(self) -> EmbeddedPostgres:
+        postgres: EmbeddedPostgres = self.service(EmbeddedPostgres)
+        return postgres
+
+    def _process(self, role: str, environment: dict[str, str]) -> ServiceProcess:
+        log_dir = self.log_dir / f"{role}-{len(self.processes) + 1}"
+        log_dir.mkdir(parents=True)
+        process = ServiceProcess(role, environment, log_dir)
+        self.processes.append(process)
+        process.start()
+        return process
+
+    def start_worker(self) -> ServiceProcess:
+        self.worker = self._process("worker", self.environment)
+        return self.worker
+
+    def start_api(self) -> ServiceProcess:
+        """Start an api on a fresh port and make it the one tests talk to."""
+        port = free_port_block()
+        self.api = self._process("api", {**self.environment, "DURACHAT_API_PORT": str(port)})
+        self.api_url = f"http://{self.settings.api_host}:{port}"
+        wait_until_ready(self.api_url, self.api)
+        return self.api
+
+    def stop_processes(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {process.log_path}\n{process.log_tail(3000)}" for process in self.processes
+        )
+
+
+@pytest.fixture(scope="module")
+def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack]:
+    settings = Settings(
+        environment="test",
+        data_dir=tmp_path_factory.mktemp("crash-data"),
+        embedded_postgres_port=free_port_block(),
+        embedded_redis_port=free_port_block(),
+        embedded_temporal_port=free_port_block((0, 10, 11)),
+        embedded_temporal_ui=False,
+        temporal_task_queue=f"durachat-crash-{uuid.uuid4().hex[:8]}",
+        stream_ping_seconds=1,
+    )
+    services = ServiceStack(settings, redis_persistent=False)
+    services.start()
+    stack: CrashStack | None = None
+    try:
+        endpoints = services.endpoints
+        upgrade_database(endpoints.database_url)
+        settings = settings.model_copy(
+            update={
+                "database_url": endpoints.database_url,
+                "redis_url": endpoints.redis_url,
+                "temporal_address": endpoints.temporal_address,
+            }
+        )
+        stack = CrashStack(settings, services, tmp_path_factory.mktemp("crash-logs"))
+        stack.start_worker()
+        stack.start_api()
+        yield stack
+    finally:
+        if stack is not None:
+            stack.stop_processes()
+        services.stop()
+
+
+@pytest.fixture(scope="module")
+async def crash_sessions(
+    crash_stack: CrashStack,
+) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(crash_stack.settings.resolved_database_url, pool_size=2)
+    yield create_session_factory(engine)
+    await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+async def crash_tenant(crash_sessions: async_sessionmaker[AsyncSession]) -> Tenant:
+    return await make_tenant(crash_sessions)
+
+
+@pytest.fixture
+async def http(crash_stack: CrashStack) -> AsyncIterator[httpx.AsyncClient]:
+    # Generous read timeout: a relay blocks up to 5 s per XREAD (with 1 s pings in between).
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+        yield client
+
+
+# --- reading a stream in the background -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    at: float
+    event: SseEvent
+
+
+class StreamReader:
+    """Reads one SSE response in a background task, timestamping every event."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        self.received: list[Received] = []
+        self.status: int | None = None
+        self.response_headers: httpx.Headers | None = None
+        self.body: bytes = b""
+        self.error: BaseException | None = None
+        self.ended_at: float | None = None
+        self.opened = asyncio.Event()
+        self._task = asyncio.create_task(self._read(client, method, url, headers, body))
+
+    async def _read(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: dict[str, Any] | None,
+    ) -> None:
+        try:
+            async with client.stream(method, url, json=body, headers=headers) as response:
+                self.status = response.status_code
+                self.response_headers = response.headers
+                self.opened.set()
+                if response.status_code != 200:
+                    self.body = await response.aread()
+                    return
+                async for event in iter_sse(response):
+                    self.received.append(Received(time.monotonic(), event))
+        except httpx.HTTPError as error:
+            self.error = error
+        finally:
+            self.ended_at = time.monotonic()
+            self.opened.set()
+
+    @property
+    def events(self) -> list[SseEvent]:
+        return [item.event for item in self.received]
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [item.event.chunk for item in self.received if item.event.data != "[DONE]"]
+
+    @property
+    def done(self) -> bool:
+        return any(item.event.data == "[DONE]" for item in self.received)
+
+    def deltas(self) -> int:
+        return sum(chunk["type"] == "text-delta" for chunk in self.chunks)
+
+    def first_at(self, predicate: Callable[[dict[str, Any]], bool], after: float = 0.0) -> float:
+        for item in self.received:
+            if item.at >= after and item.event.data != "[DONE]" and predicate(item.event.chunk):
+                return item.at
+        raise AssertionError("no such chunk in the stream")
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.ended_at is not None:
+                raise AssertionError(
+                    f"the stream ended first (status {self.status}, error {self.error!r}): "
+                    f"{[chunk['type'] for chunk in self.chunks][-10:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met in {timeout}s")
+            await asyncio.sleep(0.01)
+
+    async def finish(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+        await asyncio.wait_for(asyncio.shield(self._task), timeout)
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def text_after_last_reset(chunks: list[dict[str, Any]]) -> str:
+    types = [chunk["type"] for chunk in chunks]
+    start = len(types) - types[::-1].index("reset-step") if "reset-step" in types else 0
+    return text_of(chunks[start:])
+
+
+def turn_id_of(chunks: list[dict[str, Any]]) -> str:
+    turn_id: str = chunks[0]["messageMetadata"]["turnId"]
+    return turn_id
+
+
+async def settled_answer(
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    chat_id: str,
+    timeout: float = 60.0,  # noqa: ASYNC109
+) -> dict[str, Any]:
+    """The chat's last message once it is no longer streaming; tolerates an api that is unwell."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            response = await client.get(f"{url}/v1/chats/{chat_id}", headers=headers)
+        except httpx.HTTPError as error:
+            last = error
+        else:
+            last = f"{response.status_code} {response.text[:300]}"
+            if response.status_code == 200:
+                message: dict[str, Any] = response.json()["messages"][-1]
+                last = message
+                if message["role"] == "assistant" and message["status"] != "streaming":
+                    return message
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the answer did not settle in {timeout}s; last seen: {last}")
+
+
+async def assistant_rows(
+    sessions: async_sessionmaker[AsyncSession], turn_id: str
+) -> tuple[list[Message], Turn]:
+    async with sessions() as session:
+        messages = (
+            (
+                await session.execute(
+                    select(Message).where(Message.turn_id == turn_id, Message.role == "assistant")
+                )
+            )
+            .scalars()
+            .all()
+        )
+        turn = (await session.execute(select(Turn).where(Turn.id == turn_id))).scalar_one()
+    return list(messages), turn
+
+
+def start_turn(client: httpx.AsyncClient, stack: CrashStack, tenant: Tenant) -> StreamReader:
+    body = {"message": "tell me a story", "model": "local/lorem", "providerOptions": PACED}
+    return StreamReader(client, "POST", f"{stack.api_url}/v1/chats", tenant.headers, body)
+
+
+# --- scenarios ------------------------------------------------------------------------------------
+
+
+async def test_worker_killed_mid_generation_resumes_on_another_worker(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    reader = start_turn(http, crash_stack, crash_tenant)
+    await reader.wait_for(lambda: reader.deltas() >= 15)
+    old_worker = crash_stack.worker
+    assert old_worker is not None
+    old_worker.kill()
+    killed_at = time.monotonic()
+    crash_stack.start_worker()
+
+    # The client stays connected: the api relays from Redis, not from the dead worker.
+    await reader.finish(timeout=60)
+    assert reader.error is None, reader.error
+    assert reader.done, [chunk["type"] for chunk in reader.chunks]
+    chunks = reader.chunks
+    types = [chunk["type"] for chunk in chunks]
+    assert types[0] == "start"
+    assert types[-1] == "finish"
+    assert "reset-step" in types
+    reset = len(types) - 1 - types[::-1].index("reset-step")
+    assert "start-step" not in types[reset:], "a reset-step is not followed by another start-step"
+    resumed_at = reader.first_at(lambda chunk: chunk["type"] == "reset-step", after=killed_at)
+    first_delta_at = reader.first_at(lambda chunk: chunk["type"] == "text-delta", after=resumed_at)
+    finish_at = reader.first_at(lambda chunk: chunk["type"] == "finish")
+    assert first_delta_at - killed_at < HEARTBEAT_TIMEOUT_S + 10, "resumed within seconds"
+
+    chat_id = reader.response_headers["x-chat-id"] if reader.response_headers else ""
+    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, chat_id)
+    assert answer["status"] == "complete"
+    assert text_after_last_reset(chunks) == stored_text(answer)
+    assert len(stored_text(answer).split()) == WORDS
+
+    messages, turn = await assistant_rows(crash_sessions, turn_id_of(chunks))
+    assert len(messages) == 1, "exactly one assistant message for the turn"
+    assert messages[0].status == "complete"
+    assert turn.status == "completed"
+    assert turn.attempts == 2
+    report(
+        "worker SIGKILL",
+        deltas_before_kill=types[:reset].count("text-delta"),
+        kill_to_reset_step_s=round(resumed_at - killed_at, 2),
+        kill_to_first_post_reset_delta_s=round(first_delta_at - killed_at, 2),
+        kill_to_finish_s=round(finish_at - killed_at, 2),
+        attempts=turn.attempts,
+    )
+
+
+async def test_api_killed_mid_stream_client_resumes_on_a_new_api(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    reader = start_turn(http, crash_stack, crash_tenant)
+    await reader.wait_for(lambda: reader.deltas() >= 15)
+    old_api = crash_stack.api
+    assert old_api is not None
+    old_api.kill()
+    killed_at = time.monotonic()
+    await reader.finish(timeout=10)
+    first_part = [event for event in reader.events if event.data != "[DONE]"]
+    assert not reader.done, "the old api died before the end of the turn"
+    chat_id = reader.response_headers["x-chat-id"] if reader.response_headers else ""
+
+    crash_stack.start_api()
+    api_ready_at = time.monotonic()
+    last_id = first_part[-1].id
+    assert last_id
+    resumed = StreamReader(
+        http,
+        "GET",
+        f"{crash_stack.api_url}/v1/chats/{chat_id}/stream",
+        {**crash_tenant.headers, "Last-Event-ID": last_id},
+    )
+    await resumed.finish(timeout=30)
+    assert resumed.status == 200, resumed.body
+    assert resumed.error is None, resumed.error
+    assert resumed.done
+    rest = [event for event in resumed.events if event.data != "[DONE]"]
+
+    combined = first_part + rest
+    ids = [event.id for event in combined]
+    assert all(ids)
+    assert len(ids) == len(set(ids)), "no event twice"
+    chunks = [event.chunk for event in combined]
+    assert chunks[0]["type"] == "start"
+    assert chunks[-1]["type"] == "finish"
+    assert "reset-step" not in [chunk["type"] for chunk in chunks]
+    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, chat_id)
+    assert answer["status"] == "complete"
+    assert text_of(chunks) == stored_text(answer), "no gap"
+    assert len(stored_text(answer).split()) == WORDS
+
+    messages, _turn = await assistant_rows(crash_sessions, turn_id_of(chunks))
+    assert len(messages) == 1
+    live = [item for item in resumed.received if item.event.data != "[DONE]"]
+    report(
+        "api SIGKILL",
+        client_saw=f"{len(first_part)} events then {type(reader.error).__name__}: {reader.error}",
+        kill_to_new_api_ready_s=round(api_ready_at - killed_at, 2),
+        resumed_events=len(rest),
+        resume_span_s=round(live[-1].at - live[0].at, 2) if live else None,
+        kill_to_finish_seen_s=round(live[-1].at - killed_at, 2) if live else None,
+    )
+
+
+async def _resume_with_cursor(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], cursor: str
+) -> tuple[StreamReader, float]:
+    started = time.monotonic()
+    reader = StreamReader(client, "GET", url, {**headers, "Last-Event-ID": cursor})
+    # Bounded: the reader must end on its own within 20 s; a hang fails here.
+    try:
+        await reader.finish(timeout=20)
+    except TimeoutError:
+        await reader.cancel()
+        raise AssertionError(
+            f"a resume whose cursor is gone hung for 20 s; got so far {reader.chunks}"
+        ) from None
+    return reader, time.monotonic() - started
+
+
+def _describe(reader: StreamReader) -> str:
+    types = [chunk["type"] for chunk in reader.chunks]
+    errors = [chunk.get("errorText") for chunk in reader.chunks if chunk["type"] == "error"]
+    return (
+        f"status={reader.status} chunks={len(types)} first={types[:3]} last={types[-2:]} "
+        f"done={reader.done} errors={errors} transport_error={reader.error!r} "
+        f"body={reader.body[:200]!r}"
+    )
+
+
+def _is_stored_message_or_clear_error(reader: StreamReader, stored: str) -> bool:
+    if reader.status is not None and reader.status >= 400:
+        return True
+    chunks = reader.chunks
+    if any(chunk["type"] == "error" for chunk in chunks):
+        return True
+    return (
+        reader.done and chunks[-1]["type"] == "finish" and text_after_last_reset(chunks) == stored
+    )
+
+
+async def test_redis_restarted_without_persistence_mid_turn(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    redis = crash_stack.redis
+    reader = start_turn(http, crash_stack, crash_tenant)
+    await reader.wait_for(lambda: reader.deltas() >= 15)
+    chat_id = reader.response_headers["x-chat-id"] if reader.response_headers else ""
+    cursor = reader.events[-1].id
+    assert cursor
+    turn_id = turn_id_of(reader.chunks)
+
+    stopped_at = time.monotonic()
+    try:
+        await asyncio.to_thread(redis.stop)
+    finally:
+        redis.start()  # from this (the main) thread: the server dies with the thread that spawned it
+        await asyncio.to_thread(redis.wait_ready, 30)
+    back_at = time.monotonic()
+
+    # Right away, while the turn's stream is gone from the new Redis.
+    early, early_s = await _resume_with_cursor(
+        http, f"{crash_stack.api_url}/v1/chats/{chat_id}/stream", crash_tenant.headers, cursor
+    )
+
+    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, chat_id)
+    settled_at = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await reader.finish(timeout=15)
+    if reader.ended_at is None:
+        await reader.cancel()
+
+    late, late_s = await _resume_with_cursor(
+        http, f"{crash_stack.api_url}/v1/chats/{chat_id}/stream", crash_tenant.headers, cursor
+    )
+    messages, turn = await assistant_rows(crash_sessions, turn_id)
+    live_types = [chunk["type"] for chunk in reader.chunks]
+    report(
+        "redis restart",
+        redis_down_s=round(back_at - stopped_at, 2),
+        redis_back_to_settled_s=round(settled_at - back_at, 2),
+        stored_status=answer["status"],
+        stored_words=len(stored_text(answer).split()),
+        attempts=turn.attempts,
+        live_client=(
+            f"{len(live_types)} chunks, resets={live_types.count('reset-step')}, "
+            f"done={reader.done}, last={live_types[-2:]}, error={reader.error!r}"
+        ),
+        early_resume=f"{round(early_s, 2)}s {_describe(early)}",
+        late_resume=f"{round(late_s, 2)}s {_describe(late)}",
+    )
+
+    assert answer["status"] == "complete", answer
+    assert len(stored_text(answer).split()) == WORDS
+    assert len(messages) == 1
+    stored = stored_text(answer)
+    assert _is_stored_message_or_clear_error(early, stored), _describe(early)
+    assert _is_stored_message_or_clear_error(late, stored), _describe(late)
+
+
+async def test_postgres_down_for_a_while_mid_turn(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    postgres = crash_stack.postgres
+    posted_at = time.monotonic()
+    reader = start_turn(http, crash_stack, crash_tenant)
+    await reader.wait_for(lambda: reader.deltas() >= 1)
+    chat_id = reader.response_headers["x-chat-id"] if reader.response_headers else ""
+    turn_id = turn_id_of(reader.chunks)
+    await asyncio.sleep(max(0.0, posted_at + 1.5 - time.monotonic()))
+
+    stopped_at = time.monotonic()
+    try:
+        await asyncio.to_thread(postgres.stop)
+        down_at = time.monotonic()
+        await asyncio.sleep(5)
+    finally:
+        restart_at = time.monotonic()
+        postgres.start()  # from the main thread, like the stack did
+        await asyncio.to_thread(postgres.wait_ready, 60)
+    back_at = time.monotonic()
+
+    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, chat_id)
+    settled_at = time.monotonic()
+    await reader.finish(timeout=30)
+    messages, turn = await assistant_rows(crash_sessions, turn_id)
+    types = [chunk["type"] for chunk in reader.chunks]
+    report(
+        "postgres outage",
+        stopped_after_post_s=round(stopped_at - posted_at, 2),
+        stop_took_s=round(down_at - stopped_at, 2),
+        down_s=round(back_at - down_at, 2),
+        restart_took_s=round(back_at - restart_at, 2),
+        back_to_settled_s=round(settled_at - back_at, 2),
+        post_to_settled_s=round(settled_at - posted_at, 2),
+        stored_status=answer["status"],
+        error=answer["metadata"].get("error"),
+        attempts=turn.attempts,
+        reset_steps=types.count("reset-step"),
+        stream_done=reader.done,
+        stream_error=repr(reader.error),
+    )
+
+    assert answer["status"] == "complete", answer
+    assert len(stored_text(answer).split()) == WORDS
+    assert len(messages) == 1
+    assert reader.done
+    assert reader.chunks[-1]["type"] == "finish"
+    assert text_after_last_reset(reader.chunks) == stored_text(answer)
