@@ -16,6 +16,7 @@ from core.contracts import (
     TurnInput,
 )
 from core.errors import ErrorType
+from core.ui_chunks import opening_chunks
 from storage import chats
 from storage.streams import TurnStreams
 
@@ -56,16 +57,7 @@ class ChatSessionActivities:
         await self._streams.publish_opening(
             turn.organization_id,
             turn.turn_id,
-            (
-                {
-                    "type": "start",
-                    "messageId": turn.assistant_message_id,
-                    "messageMetadata": chats.start_metadata(
-                        request.chat_id, turn.turn_id, turn.model
-                    ),
-                },
-                {"type": "start-step"},
-            ),
+            opening_chunks(turn.assistant_message_id, request.chat_id, turn.turn_id, turn.model),
         )
 
     @activity.defn

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult
 from core.errors import ErrorType
+from core.ui_chunks import opening_chunks
 from providers.base import (
     GenerationRequest,
     ModelProvider,
@@ -118,6 +119,15 @@ class GenerationActivities:
             )
         prompt = build_prompt(request.system, chat.instructions if chat else None, branch)
 
+        # Written again in case Redis lost the stream since the turn opened it (a no-op otherwise),
+        # so a reader starting from the beginning always finds `start`.
+        await self._streams.publish_opening(
+            request.organization_id,
+            request.turn_id,
+            opening_chunks(
+                request.assistant_message_id, request.chat_id, request.turn_id, request.model
+            ),
+        )
         await self._streams.begin_attempt(request.organization_id, request.turn_id, attempt)
         publisher = ChunkPublisher(self._streams, request.organization_id, request.turn_id, attempt)
         builder = UiMessageBuilder(attempt)

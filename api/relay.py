@@ -7,16 +7,17 @@ Temporal and never depends on a reader.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from core.errors import BadRequestError
-from storage.streams import TurnStreams
+from storage.redis import BLOCKING_READ_LIMIT_SECONDS
+from storage.streams import StreamEntry, TurnStreams, encode_chunk
 
 # How long one XREAD blocks before the relay loops; pings keep the connection alive meanwhile.
-READ_BLOCK_MS = 5_000
+READ_BLOCK_MS = BLOCKING_READ_LIMIT_SECONDS * 1000
 FROM_START = "0-0"
 UI_MESSAGE_STREAM_HEADERS = {
     "x-vercel-ai-ui-message-stream": "v1",
@@ -38,11 +39,31 @@ def parse_cursor(cursor: str) -> tuple[str, str]:
     return turn_id, entry_id
 
 
+# Given whether the client already holds part of the message: the stored message as chunks once the
+# turn has ended, or None while it still runs.
+StoredAnswer = Callable[[bool], Awaitable[list[dict[str, Any]] | None]]
+
+
 async def relay_turn(
-    streams: TurnStreams, organization_id: str, turn_id: str, after_entry_id: str = FROM_START
+    streams: TurnStreams,
+    organization_id: str,
+    turn_id: str,
+    after_entry_id: str = FROM_START,
+    *,
+    stored_answer: StoredAnswer,
 ) -> AsyncIterator[ServerSentEvent]:
     cursor = after_entry_id
+    entries: list[StreamEntry] = []
     while True:
+        if not entries and not await streams.exists(organization_id, turn_id):
+            # The stream expired, or Redis lost it. A finished turn is served from Postgres; a
+            # running one will write a new stream (its next attempt reopens it), so keep waiting.
+            chunks = await stored_answer(cursor != FROM_START)
+            if chunks is not None:
+                for chunk in chunks:
+                    yield ServerSentEvent(data=encode_chunk(chunk))
+                yield ServerSentEvent(data="[DONE]")
+                return
         entries = await streams.read_after(organization_id, turn_id, cursor, block_ms=READ_BLOCK_MS)
         for entry in entries:
             cursor = entry.entry_id
@@ -50,9 +71,6 @@ async def relay_turn(
             if entry.ends_stream:
                 yield ServerSentEvent(data="[DONE]")
                 return
-        if not entries and not await streams.exists(organization_id, turn_id):
-            # The stream expired or Redis lost it: nothing more will arrive on this cursor.
-            return
 
 
 def ui_message_stream_response(

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from temporalio.client import WithStartWorkflowOperation, WorkflowUpdateFailedError
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDConflictPolicy
-from temporalio.exceptions import ApplicationError
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.state import AppState
@@ -21,8 +28,12 @@ from workflows import search_attributes
 from workflows.chat_turn import ChatTurnWorkflow
 
 
-async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted:
-    """Start the turn's workflow and wait until its chat is claimed and the user message is stored."""
+async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
+    """Start the turn's workflow and wait until its chat is claimed and the user message is stored.
+
+    A repeated send (same turn id) attaches to the running workflow; None means that turn has
+    already finished, and its workflow id is never reused for a second run.
+    """
     attributes: list[SearchAttributePair[str]] = [
         SearchAttributePair(search_attributes.ORGANIZATION_ID, turn.organization_id),
         SearchAttributePair(search_attributes.TURN_ID, turn.turn_id),
@@ -38,6 +49,7 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted:
         id=turn_workflow_id(turn.turn_id),
         task_queue=state.settings.temporal_task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=TypedSearchAttributes(attributes),
     )
     try:
@@ -46,6 +58,12 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted:
             AcceptTurnRequest(turn_id=turn.turn_id),
             start_workflow_operation=start,
         )
+    except WorkflowAlreadyStartedError:
+        # The start operation keeps the same error for its own handle; read it so asyncio does not
+        # report it as never retrieved.
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await start.workflow_handle()
+        return None
     except WorkflowUpdateFailedError as err:
         cause = err.cause
         if isinstance(cause, ApplicationError):

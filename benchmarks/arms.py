@@ -4,10 +4,14 @@ Both arms record the same things with the same clock (`time.perf_counter`): when
 for, and when each text delta reached the caller. For the api arm "reached" means the SSE event was
 complete on the client (its terminating blank line was read), which is when a browser's EventSource
 or the AI SDK's parser would hand it on.
+
+`StopArm` times a third thing on the same clock: a turn through the api stopped mid-answer with
+POST /v1/chats/{id}/stop, from the stop request to the `abort` chunk on the turn's open stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +25,7 @@ import httpx
 from providers.base import GenerationRequest, PromptMessage, TextDelta
 from providers.local import LOREM_MODEL, LocalProvider
 
-__all__ = ["ApiArm", "DirectArm", "Pace", "TurnFailedError", "TurnTiming"]
+__all__ = ["ApiArm", "DirectArm", "Pace", "StopArm", "StopTiming", "TurnFailedError", "TurnTiming"]
 
 PROMPT: Final = "Benchmark turn: answer with lorem ipsum."
 
@@ -143,6 +147,166 @@ class ApiArm:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+@dataclass(frozen=True)
+class StopTiming:
+    """One stopped turn, in seconds on the `time.perf_counter` clock."""
+
+    stop_sent_at: float
+    stop_answered_at: float
+    abort_at: float
+    finish_at: float
+    # Text deltas that arrived after the stop request had been sent: generated before the stop was seen.
+    deltas_after_stop: int
+    # Whether the stored message was read back and found `aborted` with the streamed text.
+    verified: bool
+
+    @property
+    def stop_response(self) -> float:
+        return self.stop_answered_at - self.stop_sent_at
+
+    @property
+    def to_abort(self) -> float:
+        return self.abort_at - self.stop_sent_at
+
+    @property
+    def to_finish(self) -> float:
+        return self.finish_at - self.stop_sent_at
+
+
+class StopArm:
+    """Start a paced turn through the api, stop it after a few deltas, time the stop on the open stream.
+
+    The turn's stream and the stop request use different clients, so the stop always goes over its
+    own (kept-alive) connection while the stream's connection is busy, as from a second browser tab.
+    """
+
+    name = "stop"
+
+    def __init__(self, api_url: str, api_key: str, *, max_connections: int, timeout: float) -> None:
+        def client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=api_url,
+                headers={"Authorization": f"Bearer {api_key}"},
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+                timeout=httpx.Timeout(timeout, connect=5.0),
+            )
+
+        self._streams = client()
+        self._control = client()
+
+    async def run_turn(self, pace: Pace, *, stop_after: int, verify: bool) -> StopTiming:
+        """One turn stopped once `stop_after` text deltas have arrived; `verify` reads the message back."""
+        body = {
+            "message": PROMPT,
+            "model": f"local/{LOREM_MODEL}",
+            "providerOptions": {"local": pace.provider_options()},
+        }
+        stop: asyncio.Task[tuple[float, float]] | None = None
+        deltas: list[float] = []
+        text: list[str] = []
+        abort_at = finish_at = None
+        done = False
+        async with self._streams.stream("POST", "/v1/chats", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise TurnFailedError(
+                    f"POST /v1/chats answered {response.status_code}: {response.text[:500]}"
+                )
+            chat_id = response.headers["X-Chat-Id"]
+            turn_id: str | None = None
+            try:
+                async for data in _sse_data(response):
+                    now = time.perf_counter()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk: dict[str, Any] = json.loads(data)
+                    kind = chunk.get("type")
+                    if kind == "start":
+                        turn_id = chunk["messageMetadata"]["turnId"]
+                    elif kind == "text-delta":
+                        deltas.append(now)
+                        text.append(chunk["delta"])
+                        if len(deltas) == stop_after and turn_id is not None:
+                            # A task, so this loop goes on reading the stream while the stop is sent.
+                            stop = asyncio.create_task(self._stop(chat_id, turn_id))
+                    elif kind == "abort":
+                        abort_at = now
+                    elif kind == "finish":
+                        finish_at = now
+                    elif kind in ("error", "reset-step"):
+                        raise TurnFailedError(f"the stop turn's stream sent {kind}: {data[:500]}")
+            finally:
+                if stop is not None and not stop.done():
+                    stop.cancel()
+        if stop is None:
+            raise TurnFailedError(
+                f"the turn ended after {len(deltas)} deltas, before a stop was sent"
+            )
+        stop_sent_at, stop_answered_at = await stop
+        if abort_at is None or finish_at is None or not done:
+            raise TurnFailedError(
+                "a stopped turn's stream did not end with abort, finish and [DONE] "
+                f"(abort={abort_at is not None}, finish={finish_at is not None}, done={done})"
+            )
+        if len(deltas) >= pace.words:
+            raise TurnFailedError("the turn streamed its whole answer: the stop came too late")
+        if verify:
+            await self._verify(chat_id, "".join(text))
+        return StopTiming(
+            stop_sent_at=stop_sent_at,
+            stop_answered_at=stop_answered_at,
+            abort_at=abort_at,
+            finish_at=finish_at,
+            deltas_after_stop=sum(1 for at in deltas if at > stop_sent_at),
+            verified=verify,
+        )
+
+    async def _stop(self, chat_id: str, turn_id: str) -> tuple[float, float]:
+        sent_at = time.perf_counter()
+        response = await self._control.post(f"/v1/chats/{chat_id}/stop", json={"turnId": turn_id})
+        answered_at = time.perf_counter()
+        if response.status_code != 200:
+            raise TurnFailedError(
+                f"POST /stop answered {response.status_code}: {response.text[:500]}"
+            )
+        answer = response.json()
+        if answer != {"stopped": True, "turnId": turn_id}:
+            raise TurnFailedError(f"POST /stop did not stop turn {turn_id}: {answer}")
+        return sent_at, answered_at
+
+    async def _verify(self, chat_id: str, streamed_text: str) -> None:
+        """The chat's last message must be the stopped answer: `aborted`, holding what was streamed."""
+        response = await self._control.get(f"/v1/chats/{chat_id}")
+        if response.status_code != 200:
+            raise TurnFailedError(
+                f"GET /v1/chats/{chat_id} answered {response.status_code}: {response.text[:500]}"
+            )
+        chat: dict[str, Any] = response.json()
+        last = chat["messages"][-1] if chat["messages"] else {}
+        stored_text = "".join(
+            part.get("text", "") for part in last.get("parts", []) if part.get("type") == "text"
+        )
+        problems = []
+        if last.get("role") != "assistant" or last.get("status") != "aborted":
+            problems.append(f"last message is {last.get('role')}/{last.get('status')}")
+        if stored_text != streamed_text:
+            problems.append(
+                f"stored text ({len(stored_text)} chars) differs from the streamed text "
+                f"({len(streamed_text)} chars)"
+            )
+        if chat.get("activeTurnId") is not None:
+            problems.append(f"the chat still has an active turn {chat['activeTurnId']}")
+        if problems:
+            raise TurnFailedError(f"stopped chat {chat_id}: " + "; ".join(problems))
+
+    async def aclose(self) -> None:
+        await self._streams.aclose()
+        await self._control.aclose()
 
 
 async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:

@@ -16,6 +16,7 @@ __all__ = [
     "machine_description",
     "percentiles",
     "render_case",
+    "render_stop",
     "versions",
 ]
 
@@ -88,6 +89,25 @@ def render_case(
         + ", ".join(f"{name} {ms:.1f}" for name, ms in api_cpu_ms_per_turn.items())
         + f"; total {sum(api_cpu_ms_per_turn.values()):.1f}",
     ]
+    return "\n".join(lines)
+
+
+def render_stop(
+    title: str, rows: Sequence[tuple[str, Sequence[float]]], notes: Sequence[str]
+) -> str:
+    """The stop case: p50/p95/p99 and max of each timed step, in milliseconds, then free-text notes."""
+    label_width = 34
+    lines = [
+        title,
+        f"  {'ms after the stop request was sent':<{label_width}}"
+        f"{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}",
+    ]
+    for label, values in rows:
+        cut = percentiles(values)
+        lines.append(
+            f"  {label:<{label_width}}{cut.p50:8.2f}{cut.p95:8.2f}{cut.p99:8.2f}{max(values):8.2f}"
+        )
+    lines += [f"  {note}" for note in notes]
     return "\n".join(lines)
 
 

@@ -12,6 +12,9 @@ For each it reports p50/p95/p99 of the time to the first text delta and of the g
 deltas, the difference between the arms, the turns per second achieved and the CPU time each process of
 the stack spent per api turn. The arms run in
 alternating rounds, so a noisy moment of the machine lands on both rather than on one.
+
+A last case stops paced turns mid-answer (POST /v1/chats/{id}/stop from a second connection once a few
+deltas have arrived) and reports the time from the stop request to the `abort` chunk on the open stream.
 """
 
 from __future__ import annotations
@@ -22,13 +25,21 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import httpx
 
-from benchmarks.arms import ApiArm, DirectArm, Pace, TurnFailedError, TurnTiming
+from benchmarks.arms import (
+    ApiArm,
+    DirectArm,
+    Pace,
+    StopArm,
+    StopTiming,
+    TurnFailedError,
+    TurnTiming,
+)
 from benchmarks.cpu import CpuMeter
 from benchmarks.report import (
     ArmFigures,
@@ -36,6 +47,7 @@ from benchmarks.report import (
     machine_description,
     percentiles,
     render_case,
+    render_stop,
     versions,
 )
 from benchmarks.rig import BenchRig, RigError
@@ -100,6 +112,25 @@ class ArmRun:
         )
 
 
+@dataclass(frozen=True)
+class StopCase:
+    """Paced turns through the api, each stopped once `stop_after` text deltas have arrived."""
+
+    pace: Pace
+    concurrency: int
+    turns: int
+    stop_after: int
+    verify_every: int
+
+    @property
+    def title(self) -> str:
+        clients = "1 client" if self.concurrency == 1 else f"{self.concurrency} concurrent clients"
+        return (
+            f"stop: {self.pace.words} words @ {self.pace.delay_ms:g} ms, stopped after "
+            f"{self.stop_after} deltas, {clients}, {self.turns} turns"
+        )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.turn_latency",
@@ -138,6 +169,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--turn-timeout", type=float, default=30.0, help="seconds before a turn counts as failed"
     )
     parser.add_argument(
+        "--stop-turns",
+        type=int,
+        default=50,
+        help="measured stopped turns of the stop case; 0 skips the case",
+    )
+    parser.add_argument(
+        "--stop-words", type=int, default=400, help="text deltas a stop-case answer would have"
+    )
+    parser.add_argument(
+        "--stop-delay-ms",
+        type=float,
+        default=20.0,
+        help="provider pause between deltas (stop case)",
+    )
+    parser.add_argument(
+        "--stop-after", type=int, default=3, help="text deltas received before the stop is sent"
+    )
+    parser.add_argument(
+        "--stop-concurrency", type=int, default=1, help="concurrent clients of the stop case"
+    )
+    parser.add_argument(
+        "--stop-verify-every",
+        type=int,
+        default=1,
+        help="read every Nth stopped chat back and check its last message is `aborted` with the "
+        "streamed text; 0 never",
+    )
+    parser.add_argument(
         "--keep", action="store_true", help="keep the temporary data and log directory"
     )
     options = parser.parse_args(argv)
@@ -148,6 +207,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--warmup and --delay-ms must be >= 0, --turn-timeout > 0")
     if options.rounds > options.turns:
         parser.error("--rounds cannot exceed --turns")
+    if options.stop_turns < 0 or options.stop_verify_every < 0:
+        parser.error("--stop-turns and --stop-verify-every must be >= 0")
+    if options.stop_after < 1 or options.stop_concurrency < 1 or options.stop_delay_ms <= 0:
+        parser.error("--stop-after and --stop-concurrency must be >= 1, --stop-delay-ms > 0")
+    if options.stop_words <= options.stop_after:
+        parser.error("--stop-words must exceed --stop-after")
     return options
 
 
@@ -166,22 +231,39 @@ async def run_block(
     arm: Arm, pace: Pace, turns: int, concurrency: int, turn_timeout: float
 ) -> ArmRun:
     """`turns` turns by `concurrency` clients, each starting its next turn as soon as one ends."""
-    remaining = turns
     timings: list[TurnTiming] = []
 
+    async def turn(_: int) -> None:
+        timings.append(await arm.run_turn(pace))
+
+    elapsed = await _run_clients(arm.name, turn, turns, concurrency, turn_timeout)
+    return ArmRun(timings, elapsed)
+
+
+async def _run_clients(
+    name: str,
+    turn: Callable[[int], Awaitable[None]],
+    turns: int,
+    concurrency: int,
+    turn_timeout: float,
+) -> float:
+    """Call `turn(index)` `turns` times from `concurrency` clients; return the wall time it took."""
+    next_index = 0
+
     async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
+        nonlocal next_index
+        while next_index < turns:
+            index = next_index
+            next_index += 1
             try:
                 async with asyncio.timeout(turn_timeout):
-                    timings.append(await arm.run_turn(pace))
+                    await turn(index)
             except TimeoutError as error:
                 raise TurnFailedError(
-                    f"{arm.name}: no complete answer within {turn_timeout:g}s"
+                    f"{name}: no complete answer within {turn_timeout:g}s"
                 ) from error
             except httpx.HTTPError as error:
-                raise TurnFailedError(f"{arm.name}: {type(error).__name__}: {error}") from error
+                raise TurnFailedError(f"{name}: {type(error).__name__}: {error}") from error
 
     started = time.perf_counter()
     clients = [asyncio.create_task(client()) for _ in range(min(concurrency, turns))]
@@ -192,7 +274,7 @@ async def run_block(
         for task in clients:
             task.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-    return ArmRun(timings, time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
 async def run_case(
@@ -226,7 +308,64 @@ async def run_case(
     return runs[direct.name], runs[api.name]
 
 
-async def measure(rig: BenchRig, cases: list[Case], options: argparse.Namespace) -> list[str]:
+def plan_stop_case(options: argparse.Namespace) -> StopCase | None:
+    if options.stop_turns == 0:
+        return None
+    return StopCase(
+        Pace(options.stop_words, options.stop_delay_ms),
+        options.stop_concurrency,
+        options.stop_turns,
+        options.stop_after,
+        options.stop_verify_every,
+    )
+
+
+async def run_stop_case(
+    case: StopCase, arm: StopArm, meter: CpuMeter, *, warmup: int, turn_timeout: float
+) -> str:
+    """Warm up, then time `case.turns` stopped turns; the case's table."""
+
+    async def block(turns: int, timings: list[StopTiming], verify_every: int) -> float:
+        async def turn(index: int) -> None:
+            verify = verify_every > 0 and index % verify_every == 0
+            timings.append(await arm.run_turn(case.pace, stop_after=case.stop_after, verify=verify))
+
+        return await _run_clients(arm.name, turn, turns, case.concurrency, turn_timeout)
+
+    if warmup:
+        await block(warmup, [], 1)
+    timings: list[StopTiming] = []
+    before = meter.sample()
+    elapsed = await block(case.turns, timings, case.verify_every)
+    cpu = {
+        name: seconds * MS_PER_S / len(timings)
+        for name, seconds in (meter.sample() - before).seconds.items()
+    }
+    late = sorted(timing.deltas_after_stop for timing in timings)
+    verified = sum(timing.verified for timing in timings)
+    return render_stop(
+        case.title,
+        [
+            ("stop request answered (200)", [t.stop_response * MS_PER_S for t in timings]),
+            ("abort chunk on the open stream", [t.to_abort * MS_PER_S for t in timings]),
+            ("finish chunk on the open stream", [t.to_finish * MS_PER_S for t in timings]),
+        ],
+        [
+            "text deltas after the stop was sent: "
+            f"median {late[len(late) // 2]}, max {late[-1]} "
+            f"(one per {case.pace.delay_ms:g} ms while the stop is unseen)",
+            f"read back as `aborted` with the streamed text: {verified} of {len(timings)} chats"
+            + ("" if verified == len(timings) else " checked (--stop-verify-every)"),
+            f"stopped turns/s: {len(timings) / elapsed:.1f}; cpu per stopped turn (ms): "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in cpu.items())
+            + f"; total {sum(cpu.values()):.1f}",
+        ],
+    )
+
+
+async def measure(
+    rig: BenchRig, cases: list[Case], stop_case: StopCase | None, options: argparse.Namespace
+) -> list[str]:
     direct = DirectArm()
     api = ApiArm(
         rig.api_url,
@@ -234,11 +373,18 @@ async def measure(rig: BenchRig, cases: list[Case], options: argparse.Namespace)
         max_connections=max(case.concurrency for case in cases),
         timeout=options.turn_timeout,
     )
+    stop = StopArm(
+        rig.api_url,
+        rig.api_key,
+        max_connections=stop_case.concurrency if stop_case else 1,
+        timeout=options.turn_timeout,
+    )
     meter = CpuMeter(rig.process_ids())
     tables = []
+    total = len(cases) + (stop_case is not None)
     try:
         for index, case in enumerate(cases, start=1):
-            _progress(f"[{index}/{len(cases)}] {case.title}")
+            _progress(f"[{index}/{total}] {case.title}")
             direct_run, api_run = await run_case(
                 case,
                 direct,
@@ -257,7 +403,19 @@ async def measure(rig: BenchRig, cases: list[Case], options: argparse.Namespace)
                     api_run.cpu_ms_per_turn(),
                 )
             )
+        if stop_case is not None:
+            _progress(f"[{total}/{total}] {stop_case.title}")
+            tables.append(
+                await run_stop_case(
+                    stop_case,
+                    stop,
+                    meter,
+                    warmup=options.warmup,
+                    turn_timeout=options.turn_timeout,
+                )
+            )
     finally:
+        await stop.aclose()
         await api.aclose()
         await direct.aclose()
     return tables
@@ -266,6 +424,7 @@ async def measure(rig: BenchRig, cases: list[Case], options: argparse.Namespace)
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     cases = plan_cases(options)
+    stop_case = plan_stop_case(options)
     started = time.monotonic()
     # SIGTERM takes the same way out as Ctrl-C, through the `finally` that stops the stack.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -276,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _progress(f"starting a private stack in {rig.work_dir} ...")
         rig.start()
         _progress(f"stack ready in {time.monotonic() - started:.1f}s; measuring")
-        tables = asyncio.run(measure(rig, cases, options))
+        tables = asyncio.run(measure(rig, cases, stop_case, options))
     except KeyboardInterrupt:
         _progress("interrupted")
         exit_code = 130

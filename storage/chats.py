@@ -21,6 +21,7 @@ from core.contracts import (
     TurnStatus,
     turn_status_for,
 )
+from core.ui_chunks import start_metadata
 from storage.ids import new_id
 from storage.models import Chat, Message, Turn
 
@@ -196,11 +197,6 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
     return True
 
 
-def start_metadata(chat_id: str, turn_id: str, model: str) -> dict[str, Any]:
-    """The assistant message metadata announced by the stream's `start` chunk."""
-    return {"chatId": chat_id, "turnId": turn_id, "model": model}
-
-
 async def load_branch(session: AsyncSession, organization_id: str, leaf_id: str) -> list[Message]:
     """The messages from the root of the tree down to `leaf_id`, oldest first."""
     base = (
@@ -286,6 +282,14 @@ async def get_turn(
         select(Turn).where(
             Turn.id == turn_id, Turn.organization_id == organization_id, Turn.chat_id == chat_id
         )
+    )
+    turn: Turn | None = result.scalar_one_or_none()
+    return turn
+
+
+async def get_turn_by_id(session: AsyncSession, organization_id: str, turn_id: str) -> Turn | None:
+    result = await session.execute(
+        select(Turn).where(Turn.id == turn_id, Turn.organization_id == organization_id)
     )
     turn: Turn | None = result.scalar_one_or_none()
     return turn

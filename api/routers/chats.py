@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
-from api.relay import FROM_START, parse_cursor, relay_turn, ui_message_stream_response
+from api.relay import (
+    FROM_START,
+    StoredAnswer,
+    parse_cursor,
+    relay_turn,
+    ui_message_stream_response,
+)
 from api.schemas import (
     ChatId,
     ChatOut,
@@ -21,8 +28,16 @@ from api.schemas import (
 )
 from api.state import AppState
 from api.turns import start_turn, stop_turn
-from core.contracts import ChatMode, ExternalChannel, TurnInput, turn_workflow_id
-from core.errors import BadRequestError, NotFoundError, UpstreamError
+from core.contracts import (
+    ChatMode,
+    ExternalChannel,
+    TurnAccepted,
+    TurnInput,
+    TurnStatus,
+    turn_workflow_id,
+)
+from core.errors import BadRequestError, ConflictError, NotFoundError, UpstreamError
+from core.ui_chunks import stored_message_chunks
 from providers.base import UnknownModelError
 from storage import chats
 from storage.api_keys import Principal
@@ -30,6 +45,18 @@ from storage.ids import new_id
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
+
+# Turn ids of repeated sends are derived from (organization, user, key) under this namespace.
+IDEMPOTENT_TURN_NAMESPACE = uuid.UUID("5b0f7c1e-6a51-4f0e-9a3e-0d2c8f4a7b10")
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        description="A repeated send with the same key attaches to the first one's turn and stream.",
+    ),
+]
 
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -62,6 +89,7 @@ async def send_to_new_chat(
     request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    idempotency_key: IdempotencyKey = None,
     stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     if body.external_channel_id is not None:
@@ -71,7 +99,13 @@ async def send_to_new_chat(
     else:
         mode, chat_id = ChatMode.CREATE, new_id()
     return await _send(
-        state, principal, body, mode, chat_id, wants_stream=_wants_stream(request, stream)
+        state,
+        principal,
+        body,
+        mode,
+        chat_id,
+        wants_stream=_wants_stream(request, stream),
+        idempotency_key=idempotency_key,
     )
 
 
@@ -82,6 +116,7 @@ async def send_to_chat(
     request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    idempotency_key: IdempotencyKey = None,
     stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     if body.id is not None and body.id != chat_id:
@@ -95,6 +130,7 @@ async def send_to_chat(
         ChatMode.CONTINUE,
         chat_id,
         wants_stream=_wants_stream(request, stream),
+        idempotency_key=idempotency_key,
     )
 
 
@@ -168,7 +204,13 @@ async def resume_stream(
         else:
             turn_id, after = chat.active_turn_id, FROM_START
     return ui_message_stream_response(
-        relay_turn(state.streams, principal.organization_id, turn_id, after),
+        relay_turn(
+            state.streams,
+            principal.organization_id,
+            turn_id,
+            after,
+            stored_answer=_stored_answer(state, principal.organization_id, chat.id, turn_id),
+        ),
         chat_id=chat.id,
         ping_seconds=state.settings.stream_ping_seconds,
     )
@@ -207,6 +249,7 @@ async def _send(
     chat_id: str | None,
     *,
     wants_stream: bool,
+    idempotency_key: str | None,
 ) -> Response:
     if body.trigger == "regenerate-message":
         raise BadRequestError("regenerating a message is not available on this endpoint yet")
@@ -228,7 +271,7 @@ async def _send(
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
-        turn_id=new_id(),
+        turn_id=_turn_id_for(principal, body, mode, chat_id, idempotency_key),
         chat_mode=mode,
         chat_id=chat_id,
         user_message_id=new_id(),
@@ -247,16 +290,85 @@ async def _send(
         history_seed=body.history_seed() if mode is not ChatMode.CONTINUE else [],
         client_message_id=body.client_message_id(),
     )
-    accepted = await start_turn(state, turn)
+    accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn.turn_id)
     if wants_stream:
         return ui_message_stream_response(
-            relay_turn(state.streams, principal.organization_id, accepted.turn_id),
+            relay_turn(
+                state.streams,
+                principal.organization_id,
+                accepted.turn_id,
+                stored_answer=_stored_answer(
+                    state, principal.organization_id, accepted.chat_id, accepted.turn_id
+                ),
+            ),
             chat_id=accepted.chat_id,
             ping_seconds=state.settings.stream_ping_seconds,
         )
     return await _finished_turn_json(
         state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id
     )
+
+
+def _turn_id_for(
+    principal: Principal,
+    body: SendMessageRequest,
+    mode: ChatMode,
+    chat_id: str | None,
+    idempotency_key: str | None,
+) -> str:
+    """A new turn id, or, for a repeated send, the id its first try got.
+
+    A send is repeated when it carries the same `Idempotency-Key`, or, from AI SDK clients, the same
+    id for the new user message in the same chat (useChat keeps a message's id when it retries).
+    """
+    if idempotency_key is not None:
+        scope = f"key:{idempotency_key}"
+    elif body.client_message_id() and mode is not ChatMode.CREATE:
+        channel = body.external_channel_id
+        where = f"{channel.source}/{channel.id}" if channel else chat_id
+        scope = f"message:{where}:{body.client_message_id()}"
+    else:
+        return new_id()
+    return str(
+        uuid.uuid5(
+            IDEMPOTENT_TURN_NAMESPACE, f"{principal.organization_id}\n{principal.user_id}\n{scope}"
+        )
+    )
+
+
+async def _earlier_turn(state: AppState, principal: Principal, turn_id: str) -> TurnAccepted:
+    """The turn a repeated send names, when it has already finished."""
+    async with state.sessions() as session:
+        turn = await chats.get_turn_by_id(session, principal.organization_id, turn_id)
+    if turn is None:
+        raise ConflictError(
+            "this idempotency key belongs to a send that was refused; retry with a new key",
+            extra={"turnId": turn_id},
+        )
+    return TurnAccepted(
+        chat_id=turn.chat_id,
+        turn_id=turn.id,
+        user_message_id=turn.user_message_id,
+        assistant_message_id=turn.assistant_message_id,
+    )
+
+
+def _stored_answer(
+    state: AppState, organization_id: str, chat_id: str, turn_id: str
+) -> StoredAnswer:
+    async def load(resuming: bool) -> list[dict[str, Any]] | None:
+        async with state.sessions() as session:
+            turn = await chats.get_turn(session, organization_id, chat_id, turn_id)
+            if turn is None or turn.status == TurnStatus.RUNNING:
+                return None
+            message = await chats.get_message(session, organization_id, turn.assistant_message_id)
+        if message is None:
+            return None
+        return stored_message_chunks(
+            message.id, message.parts, message.message_metadata, message.status, resuming=resuming
+        )
+
+    return load
 
 
 async def _finished_turn_json(

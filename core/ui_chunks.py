@@ -1,0 +1,69 @@
+"""AI SDK UI message stream chunks that more than one layer builds: the opening of a turn's stream,
+and a stored message replayed as chunks when its Redis stream is gone. Pure data, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Chunk = dict[str, Any]
+
+
+def start_metadata(chat_id: str, turn_id: str, model: str) -> dict[str, Any]:
+    """The assistant message metadata announced by the stream's `start` chunk."""
+    return {"chatId": chat_id, "turnId": turn_id, "model": model}
+
+
+def opening_chunks(
+    assistant_message_id: str, chat_id: str, turn_id: str, model: str
+) -> tuple[Chunk, Chunk]:
+    """`start` and the `start-step` every generation attempt of the turn streams into."""
+    return (
+        {
+            "type": "start",
+            "messageId": assistant_message_id,
+            "messageMetadata": start_metadata(chat_id, turn_id, model),
+        },
+        {"type": "start-step"},
+    )
+
+
+def stored_message_chunks(
+    message_id: str,
+    parts: list[dict[str, Any]],
+    metadata: dict[str, Any],
+    status: str,
+    *,
+    resuming: bool,
+) -> list[Chunk]:
+    """A finished message as a stream. `resuming`: the client already has the start and part of the
+    message, so a `reset-step` replaces what it has of the step instead of a second `start`."""
+    chunks: list[Chunk] = (
+        [{"type": "reset-step"}]
+        if resuming
+        else [
+            {"type": "start", "messageId": message_id, "messageMetadata": metadata},
+            {"type": "start-step"},
+        ]
+    )
+    for index, part in enumerate(parts):
+        kind = part.get("type")
+        if kind not in ("text", "reasoning"):
+            continue
+        part_id = f"stored-{index}"
+        chunks += [
+            {"type": f"{kind}-start", "id": part_id},
+            {"type": f"{kind}-delta", "id": part_id, "delta": part.get("text", "")},
+            {"type": f"{kind}-end", "id": part_id},
+        ]
+    chunks.append({"type": "finish-step"})
+    if status == "failed":
+        chunks.append(
+            {"type": "error", "errorText": str(metadata.get("error", "generation failed"))}
+        )
+        return chunks
+    finish = {
+        "type": "finish",
+        "finishReason": metadata.get("finishReason", "other"),
+        "messageMetadata": metadata,
+    }
+    return [*chunks, {"type": "abort"}, finish] if status == "aborted" else [*chunks, finish]
