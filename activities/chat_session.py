@@ -37,6 +37,10 @@ class ChatSessionActivities:
             raise ApplicationError(
                 "chat not found", type=ErrorType.CHAT_NOT_FOUND, non_retryable=True
             ) from exc
+        except chats.MessageNotFound as exc:
+            raise ApplicationError(
+                "message not found", type=ErrorType.MESSAGE_NOT_FOUND, non_retryable=True
+            ) from exc
         except chats.ChatBusy as exc:
             raise ApplicationError(
                 "the chat has an active turn",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.contracts import SeedMessage
+from core.contracts import SeedMessage, TurnKind
 
 CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ChatId = Annotated[
@@ -57,6 +58,67 @@ class MessageIn(BaseModel):
         )
 
 
+@dataclass
+class NewTurn:
+    """What a request asks a turn to do, whichever endpoint it came through."""
+
+    kind: TurnKind
+    user_parts: list[dict[str, Any]]
+    model: str | None
+    system: str | None
+    provider_options: dict[str, dict[str, Any]]
+    target_message_id: str | None = None
+    external_channel: ExternalChannelIn | None = None
+    history_seed: list[SeedMessage] = field(default_factory=list)
+    client_message_id: str | None = None
+
+    def text(self) -> str:
+        return "".join(
+            str(part.get("text", "")) for part in self.user_parts if part.get("type") == "text"
+        )
+
+
+class TurnOptionsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, description="`provider/model`; the server default when omitted."
+    )
+    system: str | None = Field(default=None, max_length=100_000)
+    provider_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, alias="providerOptions"
+    )
+
+
+class RegenerateRequest(TurnOptionsIn):
+    """A new answer beside an earlier one; the earlier one stays in the tree."""
+
+    def as_new_turn(self, message_id: str) -> NewTurn:
+        return NewTurn(
+            TurnKind.REGENERATE, [], self.model, self.system, self.provider_options, message_id
+        )
+
+
+class EditRequest(TurnOptionsIn):
+    """A new user message beside an earlier one (the earlier one and its answers stay), and its answer."""
+
+    content: str = Field(min_length=1, description="The edited message text.")
+
+    def as_new_turn(self, message_id: str) -> NewTurn:
+        parts = [{"type": "text", "text": self.content}]
+        return NewTurn(
+            TurnKind.EDIT, parts, self.model, self.system, self.provider_options, message_id
+        )
+
+
+class BranchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: str = Field(
+        alias="messageId", max_length=64, description="Show the branch through this message."
+    )
+
+
 class SendMessageRequest(BaseModel):
     """A send: the durachat shape, or the exact body the AI SDK's DefaultChatTransport posts."""
 
@@ -98,6 +160,28 @@ class SendMessageRequest(BaseModel):
     def new_user_text(self) -> str:
         return "".join(str(part["text"]) for part in self.new_user_parts())
 
+    def as_new_turn(self) -> NewTurn:
+        if self.trigger == "regenerate-message":
+            # The AI SDK names the assistant message to answer again; without one, the latest.
+            return NewTurn(
+                TurnKind.REGENERATE,
+                [],
+                self.model,
+                self.system,
+                self.provider_options,
+                self.message_id,
+            )
+        return NewTurn(
+            TurnKind.SEND,
+            self.new_user_parts(),
+            self.model,
+            self.system,
+            self.provider_options,
+            external_channel=self.external_channel_id,
+            history_seed=self.history_seed(),
+            client_message_id=self.client_message_id(),
+        )
+
     def client_message_id(self) -> str | None:
         return self.messages[-1].id if self.messages else None
 
@@ -118,6 +202,10 @@ class UsageOut(BaseModel):
 class UIMessageOut(BaseModel):
     id: str
     role: str
+    siblingIds: list[str] = Field(  # noqa: N815
+        default_factory=list,
+        description="This message and its siblings (edits, regenerations) in creation order; the client can show `2 of 3`.",
+    )
     parts: list[dict[str, Any]]
     metadata: dict[str, Any]
     status: Literal["streaming", "complete", "aborted", "failed"]

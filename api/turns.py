@@ -69,6 +69,8 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
         if isinstance(cause, ApplicationError):
             if cause.type == ErrorType.CHAT_NOT_FOUND:
                 raise NotFoundError("chat not found") from err
+            if cause.type == ErrorType.MESSAGE_NOT_FOUND:
+                raise NotFoundError("no such message in this chat to regenerate or edit") from err
             if cause.type == ErrorType.CHAT_BUSY:
                 active_turn_id, chat_id = ([*list(cause.details), None, None])[:2]
                 raise ConflictError(

@@ -29,6 +29,14 @@ class ChatMode(StrEnum):
     CHANNEL = "channel"  # the live chat bound to an external channel, created on first use
 
 
+class TurnKind(StrEnum):
+    """What a turn adds to the chat's message tree."""
+
+    SEND = "send"  # a new user message after the active leaf, and its answer
+    REGENERATE = "regenerate"  # a new answer beside an earlier one, to the same user message
+    EDIT = "edit"  # a new user message beside an earlier one (same parent), and its answer
+
+
 class TurnStatus(StrEnum):
     RUNNING = "running"
     # Only a workflow result and search attribute: the chat was not found or busy, nothing was stored.
@@ -76,6 +84,10 @@ class TurnInput:
     external_channel: ExternalChannel | None = None
     history_seed: list[SeedMessage] = field(default_factory=list)
     client_message_id: str | None = None
+    kind: TurnKind = TurnKind.SEND
+    # REGENERATE: the message to answer again (an assistant message, or the user message it answers).
+    # EDIT: the user message the new one replaces as a sibling.
+    target_message_id: str | None = None
 
 
 @dataclass
@@ -97,7 +109,10 @@ class TurnAccepted:
 class ClaimSessionResult:
     chat_id: str
     created: bool
+    # Where the turn's new message hangs in the tree.
     parent_message_id: str | None
+    # REGENERATE: the stored user message the turn answers (no new user message is stored).
+    answered_message_id: str | None = None
 
 
 @dataclass
@@ -109,6 +124,8 @@ class StoreUserMessageInput:
     run_id: str
     # Only a chat this turn created takes the history seed; an existing chat's history is the server's.
     chat_created: bool = False
+    # A regeneration: the stored user message to answer; no new user message is stored.
+    answered_message_id: str | None = None
 
 
 @dataclass

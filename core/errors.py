@@ -8,6 +8,7 @@ class ErrorType:
 
     CHAT_NOT_FOUND = "ChatNotFound"
     CHAT_BUSY = "ChatBusy"
+    MESSAGE_NOT_FOUND = "MessageNotFound"
     PROVIDER_REJECTED = "ProviderRejected"
     PROVIDER_UNAVAILABLE = "ProviderUnavailable"
     INVALID_TURN = "InvalidTurn"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, literal, select, text, update
+from sqlalchemy import func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -18,6 +18,7 @@ from core.contracts import (
     PersistAssistantMessageInput,
     StoreUserMessageInput,
     TurnInput,
+    TurnKind,
     TurnStatus,
     turn_status_for,
 )
@@ -28,6 +29,10 @@ from storage.models import Chat, Message, Turn
 
 class ChatNotFound(Exception):
     """No live chat of the caller has that id (or is bound to that channel)."""
+
+
+class MessageNotFound(Exception):
+    """The chat has no message with that id that the turn can act on."""
 
 
 class ChatBusy(Exception):
@@ -54,8 +59,11 @@ def _live_chat_query(visibility: Visibility) -> Any:
     return query
 
 
-async def get_live_chat(session: AsyncSession, visibility: Visibility, chat_id: str) -> Chat | None:
-    result = await session.execute(_live_chat_query(visibility).where(Chat.id == chat_id))
+async def get_live_chat(
+    session: AsyncSession, visibility: Visibility, chat_id: str, *, for_update: bool = False
+) -> Chat | None:
+    query = _live_chat_query(visibility).where(Chat.id == chat_id)
+    result = await session.execute(query.with_for_update() if for_update else query)
     chat: Chat | None = result.scalar_one_or_none()
     return chat
 
@@ -118,17 +126,46 @@ async def claim_session(session: AsyncSession, turn: TurnInput) -> ClaimSessionR
         # A lease whose turn has ended (or never got stored) is stale, not busy.
         if holder_status == TurnStatus.RUNNING:
             raise ChatBusy(chat.id, chat.active_turn_id or "")
+    parent_id, answered_id = await _place_in_tree(session, chat, turn)
     chat.active_turn_id = turn.turn_id
     return ClaimSessionResult(
-        chat_id=chat.id, created=created, parent_message_id=chat.active_leaf_id
+        chat_id=chat.id,
+        created=created,
+        parent_message_id=parent_id,
+        answered_message_id=answered_id,
     )
+
+
+async def _place_in_tree(
+    session: AsyncSession, chat: Chat, turn: TurnInput
+) -> tuple[str | None, str | None]:
+    """(parent of the turn's new message, stored user message it answers) for the turn's kind."""
+    if turn.kind is TurnKind.SEND:
+        return chat.active_leaf_id, None
+    target = (
+        await session.execute(
+            select(Message).where(
+                Message.id == turn.target_message_id,
+                Message.organization_id == chat.organization_id,
+                Message.chat_id == chat.id,
+            )
+        )
+    ).scalar_one_or_none()
+    if turn.kind is TurnKind.REGENERATE:
+        if target is not None and target.role == "assistant" and target.parent_id is not None:
+            return target.parent_id, target.parent_id
+        if target is not None and target.role == "user":
+            return target.id, target.id
+    elif target is not None and target.role == "user":
+        return target.parent_id, None
+    raise MessageNotFound(turn.target_message_id or "")
 
 
 async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput) -> bool:
     """Store the user message, the streaming assistant placeholder and the turn row; False if already stored."""
     turn = request.turn
     already = (
-        await session.execute(select(Message.id).where(Message.id == turn.user_message_id))
+        await session.execute(select(Message.id).where(Message.id == turn.assistant_message_id))
     ).scalar_one_or_none()
     if already is not None:
         return False
@@ -148,25 +185,28 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
             )
         )
         parent_id = seed_id
-    session.add(
-        Message(
-            id=turn.user_message_id,
-            organization_id=turn.organization_id,
-            chat_id=request.chat_id,
-            parent_id=parent_id,
-            role="user",
-            parts=turn.user_parts,
-            status=MessageStatus.COMPLETE,
-            turn_id=turn.turn_id,
-            client_message_id=turn.client_message_id,
+    # A regeneration answers a stored user message again; every other turn stores a new one.
+    user_message_id = request.answered_message_id or turn.user_message_id
+    if request.answered_message_id is None:
+        session.add(
+            Message(
+                id=turn.user_message_id,
+                organization_id=turn.organization_id,
+                chat_id=request.chat_id,
+                parent_id=parent_id,
+                role="user",
+                parts=turn.user_parts,
+                status=MessageStatus.COMPLETE,
+                turn_id=turn.turn_id,
+                client_message_id=turn.client_message_id,
+            )
         )
-    )
     session.add(
         Message(
             id=turn.assistant_message_id,
             organization_id=turn.organization_id,
             chat_id=request.chat_id,
-            parent_id=turn.user_message_id,
+            parent_id=user_message_id,
             role="assistant",
             parts=[],
             status=MessageStatus.STREAMING,
@@ -179,7 +219,7 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
             id=turn.turn_id,
             organization_id=turn.organization_id,
             chat_id=request.chat_id,
-            user_message_id=turn.user_message_id,
+            user_message_id=user_message_id,
             assistant_message_id=turn.assistant_message_id,
             workflow_id=request.workflow_id,
             run_id=request.run_id,
@@ -214,6 +254,54 @@ async def load_branch(session: AsyncSession, organization_id: str, leaf_id: str)
         select(Message).join(branch, Message.id == branch.c.id).order_by(branch.c.depth.desc())
     )
     return list(result.scalars())
+
+
+async def children_by_parent(
+    session: AsyncSession, chat: Chat, parent_ids: set[str | None]
+) -> dict[str | None, list[str]]:
+    """For each parent (None: the chat's roots), its children's ids, oldest first: a message's siblings."""
+    conditions = [Message.parent_id.in_([p for p in parent_ids if p is not None])]
+    if None in parent_ids:
+        conditions.append(Message.parent_id.is_(None))
+    rows = await session.execute(
+        select(Message.parent_id, Message.id)
+        .where(
+            Message.organization_id == chat.organization_id,
+            Message.chat_id == chat.id,
+            or_(*conditions),
+        )
+        .order_by(Message.created_at, Message.id)
+    )
+    children: dict[str | None, list[str]] = {}
+    for parent_id, message_id in rows:
+        children.setdefault(parent_id, []).append(message_id)
+    return children
+
+
+async def latest_leaf_under(session: AsyncSession, chat: Chat, message_id: str) -> str | None:
+    """The leaf reached from `message_id` by always taking the newest child; None if not in the chat."""
+    result = await session.execute(
+        text(
+            """
+            WITH RECURSIVE path(id, depth) AS (
+                SELECT id, 0 FROM message
+                WHERE id = :start AND organization_id = :organization_id AND chat_id = :chat_id
+                UNION ALL
+                SELECT (
+                    SELECT child.id FROM message child
+                    WHERE child.parent_id = path.id
+                    ORDER BY child.created_at DESC, child.id DESC
+                    LIMIT 1
+                ), path.depth + 1
+                FROM path WHERE path.id IS NOT NULL
+            )
+            SELECT id FROM path WHERE id IS NOT NULL ORDER BY depth DESC LIMIT 1
+            """
+        ),
+        {"start": message_id, "organization_id": chat.organization_id, "chat_id": chat.id},
+    )
+    leaf: str | None = result.scalar_one_or_none()
+    return leaf
 
 
 async def save_assistant_parts(

@@ -41,7 +41,11 @@ SESSION_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
-    non_retryable_error_types=[ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY],
+    non_retryable_error_types=[
+        ErrorType.CHAT_NOT_FOUND,
+        ErrorType.CHAT_BUSY,
+        ErrorType.MESSAGE_NOT_FOUND,
+    ],
 )
 SESSION_TIMEOUT = timedelta(seconds=15)
 
@@ -81,6 +85,7 @@ class ChatTurnWorkflow:
             if isinstance(err.cause, ApplicationError) and err.cause.type in (
                 ErrorType.CHAT_NOT_FOUND,
                 ErrorType.CHAT_BUSY,
+                ErrorType.MESSAGE_NOT_FOUND,
             ):
                 self._rejection = err.cause
                 workflow.upsert_search_attributes(
@@ -106,14 +111,16 @@ class ChatTurnWorkflow:
                 workflow_id=info.workflow_id,
                 run_id=info.run_id,
                 chat_created=claim.created,
+                answered_message_id=claim.answered_message_id,
             ),
             start_to_close_timeout=SESSION_TIMEOUT,
             retry_policy=SESSION_RETRY,
         )
+        user_message_id = claim.answered_message_id or turn.user_message_id
         self._accepted = TurnAccepted(
             chat_id=claim.chat_id,
             turn_id=turn.turn_id,
-            user_message_id=turn.user_message_id,
+            user_message_id=user_message_id,
             assistant_message_id=turn.assistant_message_id,
         )
 
@@ -128,7 +135,7 @@ class ChatTurnWorkflow:
             attempts=0,
         )
         if self._stop is None:
-            await self._generate(turn, claim.chat_id, outcome)
+            await self._generate(turn, claim.chat_id, user_message_id, outcome)
         else:
             outcome.status = MessageStatus.ABORTED
             outcome.finish_reason = "other"
@@ -152,7 +159,11 @@ class ChatTurnWorkflow:
         )
 
     async def _generate(
-        self, turn: TurnInput, chat_id: str, outcome: PersistAssistantMessageInput
+        self,
+        turn: TurnInput,
+        chat_id: str,
+        user_message_id: str,
+        outcome: PersistAssistantMessageInput,
     ) -> None:
         """Run generation to its end, or until a stop; record what happened in `outcome`."""
         generation = workflow.start_activity_method(
@@ -161,7 +172,7 @@ class ChatTurnWorkflow:
                 organization_id=turn.organization_id,
                 chat_id=chat_id,
                 turn_id=turn.turn_id,
-                user_message_id=turn.user_message_id,
+                user_message_id=user_message_id,
                 assistant_message_id=turn.assistant_message_id,
                 model=turn.model,
                 system=turn.system,

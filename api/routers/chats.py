@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
 from api.relay import (
@@ -17,9 +18,13 @@ from api.relay import (
     ui_message_stream_response,
 )
 from api.schemas import (
+    BranchRequest,
     ChatId,
     ChatOut,
+    EditRequest,
     ExternalChannelOut,
+    NewTurn,
+    RegenerateRequest,
     SendMessageRequest,
     StopOut,
     StopRequest,
@@ -33,6 +38,7 @@ from core.contracts import (
     ExternalChannel,
     TurnAccepted,
     TurnInput,
+    TurnKind,
     TurnStatus,
     turn_workflow_id,
 )
@@ -42,6 +48,7 @@ from providers.base import UnknownModelError
 from storage import chats
 from storage.api_keys import Principal
 from storage.ids import new_id
+from storage.models import Chat
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
@@ -92,7 +99,12 @@ async def send_to_new_chat(
     idempotency_key: IdempotencyKey = None,
     stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
-    if body.external_channel_id is not None:
+    if body.trigger == "regenerate-message":
+        # Regenerating needs the chat it happens in: the AI SDK always sends its id.
+        if body.id is None:
+            raise BadRequestError("`trigger: regenerate-message` needs the chat `id`")
+        mode, chat_id = ChatMode.CONTINUE, body.id
+    elif body.external_channel_id is not None:
         mode, chat_id = ChatMode.CHANNEL, None
     elif body.id is not None:
         mode, chat_id = ChatMode.CREATE_OR_CONTINUE, body.id
@@ -101,7 +113,7 @@ async def send_to_new_chat(
     return await _send(
         state,
         principal,
-        body,
+        body.as_new_turn(),
         mode,
         chat_id,
         wants_stream=_wants_stream(request, stream),
@@ -126,12 +138,93 @@ async def send_to_chat(
     return await _send(
         state,
         principal,
-        body,
+        body.as_new_turn(),
         ChatMode.CONTINUE,
         chat_id,
         wants_stream=_wants_stream(request, stream),
         idempotency_key=idempotency_key,
     )
+
+
+@router.post(
+    "/{chat_id}/messages/{message_id}/regenerate",
+    summary="Answer again: a new assistant message beside the given one (or answering the given user message)",
+    responses=SSE_RESPONSE,
+)
+async def regenerate_message(
+    chat_id: ChatId,
+    message_id: Annotated[str, Path(max_length=64)],
+    request: Request,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    body: RegenerateRequest | None = None,
+    idempotency_key: IdempotencyKey = None,
+    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
+) -> Response:
+    new_turn = (body or RegenerateRequest()).as_new_turn(message_id)
+    return await _send(
+        state,
+        principal,
+        new_turn,
+        ChatMode.CONTINUE,
+        chat_id,
+        wants_stream=_wants_stream(request, stream),
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/{chat_id}/messages/{message_id}/edit",
+    summary="Edit a user message: a new sibling user message (the old one stays), and its answer",
+    responses=SSE_RESPONSE,
+)
+async def edit_message(
+    chat_id: ChatId,
+    message_id: Annotated[str, Path(max_length=64)],
+    body: EditRequest,
+    request: Request,
+    principal: CurrentPrincipal,
+    state: StateDep,
+    idempotency_key: IdempotencyKey = None,
+    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
+) -> Response:
+    return await _send(
+        state,
+        principal,
+        body.as_new_turn(message_id),
+        ChatMode.CONTINUE,
+        chat_id,
+        wants_stream=_wants_stream(request, stream),
+        idempotency_key=idempotency_key,
+    )
+
+
+@router.post(
+    "/{chat_id}/branch",
+    summary="Show another branch: the one through the given message, down to its latest leaf",
+    responses={
+        401: {"description": "Missing or invalid API key", **PROBLEM},
+        404: {"description": "No such chat or message", **PROBLEM},
+        409: {"description": "The chat has an active turn", **PROBLEM},
+    },
+)
+async def switch_branch(
+    chat_id: ChatId, body: BranchRequest, principal: CurrentPrincipal, session: SessionDep
+) -> ChatOut:
+    chat = await chats.get_live_chat(session, visibility_of(principal), chat_id, for_update=True)
+    if chat is None:
+        raise NotFoundError("chat not found")
+    if chat.active_turn_id is not None:
+        raise ConflictError(
+            "the chat has an active turn; stop it or wait for it to finish",
+            extra={"turnId": chat.active_turn_id, "chatId": chat.id},
+        )
+    leaf = await chats.latest_leaf_under(session, chat, body.message_id)
+    if leaf is None:
+        raise NotFoundError("no such message in this chat")
+    chat.active_leaf_id = leaf
+    await session.commit()
+    return await _chat_out(session, principal, chat)
 
 
 @router.get(
@@ -146,10 +239,17 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
     if chat is None:
         raise NotFoundError("chat not found")
+    return await _chat_out(session, principal, chat)
+
+
+async def _chat_out(session: AsyncSession, principal: Principal, chat: Chat) -> ChatOut:
     branch = (
         await chats.load_branch(session, principal.organization_id, chat.active_leaf_id)
         if chat.active_leaf_id
         else []
+    )
+    siblings = await chats.children_by_parent(
+        session, chat, {message.parent_id for message in branch}
     )
     return ChatOut(
         id=chat.id,
@@ -165,7 +265,15 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
         activeTurnId=chat.active_turn_id,
         createdAt=chats.iso(chat.created_at),
         updatedAt=chats.iso(chat.updated_at),
-        messages=[UIMessageOut.model_validate(chats.as_ui_message(message)) for message in branch],
+        messages=[
+            UIMessageOut.model_validate(
+                {
+                    **chats.as_ui_message(message),
+                    "siblingIds": siblings.get(message.parent_id, [message.id]),
+                }
+            )
+            for message in branch
+        ],
     )
 
 
@@ -244,23 +352,21 @@ async def stop_chat_turn(
 async def _send(
     state: AppState,
     principal: Principal,
-    body: SendMessageRequest,
+    request: NewTurn,
     mode: ChatMode,
     chat_id: str | None,
     *,
     wants_stream: bool,
     idempotency_key: str | None,
 ) -> Response:
-    if body.trigger == "regenerate-message":
-        raise BadRequestError("regenerating a message is not available on this endpoint yet")
-    text = body.new_user_text()
-    if not text.strip():
+    text = request.text()
+    if request.kind is not TurnKind.REGENERATE and not text.strip():
         raise BadRequestError("the new user message has no text")
     if len(text) > state.settings.max_message_chars:
         raise BadRequestError(
             f"the message is longer than {state.settings.max_message_chars} characters"
         )
-    model = body.model or state.settings.default_model
+    model = request.model or state.settings.default_model
     try:
         provider, _ = state.providers.resolve(model)
     except UnknownModelError as exc:
@@ -268,27 +374,26 @@ async def _send(
             str(exc), extra={"availableModels": state.providers.available_models()}
         ) from exc
 
+    channel = request.external_channel
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
-        turn_id=_turn_id_for(principal, body, mode, chat_id, idempotency_key),
+        turn_id=_turn_id_for(principal, request, mode, chat_id, idempotency_key),
         chat_mode=mode,
         chat_id=chat_id,
         user_message_id=new_id(),
         assistant_message_id=new_id(),
-        user_parts=body.new_user_parts(),
+        user_parts=request.user_parts,
         model=model,
         provider=provider.name,
-        system=body.system,
-        provider_options=body.provider_options,
-        external_channel=(
-            ExternalChannel(source=body.external_channel_id.source, id=body.external_channel_id.id)
-            if body.external_channel_id
-            else None
-        ),
+        system=request.system,
+        provider_options=request.provider_options,
+        external_channel=ExternalChannel(source=channel.source, id=channel.id) if channel else None,
         # Earlier messages seed only a chat's first turn; a live chat's history is the server's.
-        history_seed=body.history_seed() if mode is not ChatMode.CONTINUE else [],
-        client_message_id=body.client_message_id(),
+        history_seed=request.history_seed if mode is not ChatMode.CONTINUE else [],
+        client_message_id=request.client_message_id,
+        kind=request.kind,
+        target_message_id=request.target_message_id,
     )
     accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn.turn_id)
     if wants_stream:
@@ -311,7 +416,7 @@ async def _send(
 
 def _turn_id_for(
     principal: Principal,
-    body: SendMessageRequest,
+    request: NewTurn,
     mode: ChatMode,
     chat_id: str | None,
     idempotency_key: str | None,
@@ -323,10 +428,12 @@ def _turn_id_for(
     """
     if idempotency_key is not None:
         scope = f"key:{idempotency_key}"
-    elif body.client_message_id() and mode is not ChatMode.CREATE:
-        channel = body.external_channel_id
+    elif (
+        request.client_message_id and request.kind is TurnKind.SEND and mode is not ChatMode.CREATE
+    ):
+        channel = request.external_channel
         where = f"{channel.source}/{channel.id}" if channel else chat_id
-        scope = f"message:{where}:{body.client_message_id()}"
+        scope = f"message:{where}:{request.client_message_id}"
     else:
         return new_id()
     return str(
