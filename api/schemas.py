@@ -58,6 +58,13 @@ class MessageIn(BaseModel):
         )
 
 
+IfBusy = Literal["reject", "interrupt"]
+IF_BUSY_DESCRIPTION = (
+    "While another turn of the chat runs: `reject` answers 409 with its `turnId`; `interrupt` stops it "
+    "(its partial answer is kept) and then runs this one."
+)
+
+
 @dataclass
 class NewTurn:
     """What a request asks a turn to do, whichever endpoint it came through."""
@@ -71,6 +78,7 @@ class NewTurn:
     external_channel: ExternalChannelIn | None = None
     history_seed: list[SeedMessage] = field(default_factory=list)
     client_message_id: str | None = None
+    if_busy: IfBusy = "reject"
 
     def text(self) -> str:
         return "".join(
@@ -88,6 +96,7 @@ class TurnOptionsIn(BaseModel):
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, alias="providerOptions"
     )
+    if_busy: IfBusy = Field(default="reject", alias="ifBusy", description=IF_BUSY_DESCRIPTION)
 
 
 class RegenerateRequest(TurnOptionsIn):
@@ -95,7 +104,13 @@ class RegenerateRequest(TurnOptionsIn):
 
     def as_new_turn(self, message_id: str) -> NewTurn:
         return NewTurn(
-            TurnKind.REGENERATE, [], self.model, self.system, self.provider_options, message_id
+            TurnKind.REGENERATE,
+            [],
+            self.model,
+            self.system,
+            self.provider_options,
+            message_id,
+            if_busy=self.if_busy,
         )
 
 
@@ -107,7 +122,13 @@ class EditRequest(TurnOptionsIn):
     def as_new_turn(self, message_id: str) -> NewTurn:
         parts = [{"type": "text", "text": self.content}]
         return NewTurn(
-            TurnKind.EDIT, parts, self.model, self.system, self.provider_options, message_id
+            TurnKind.EDIT,
+            parts,
+            self.model,
+            self.system,
+            self.provider_options,
+            message_id,
+            if_busy=self.if_busy,
         )
 
 
@@ -137,6 +158,7 @@ class SendMessageRequest(BaseModel):
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, alias="providerOptions"
     )
+    if_busy: IfBusy = Field(default="reject", alias="ifBusy", description=IF_BUSY_DESCRIPTION)
     # DefaultChatTransport fields.
     id: ChatId | None = Field(default=None, description="The chat id (AI SDK clients choose it).")
     trigger: Literal["submit-message", "regenerate-message"] | None = None
@@ -170,6 +192,7 @@ class SendMessageRequest(BaseModel):
                 self.system,
                 self.provider_options,
                 self.message_id,
+                if_busy=self.if_busy,
             )
         return NewTurn(
             TurnKind.SEND,
@@ -180,6 +203,7 @@ class SendMessageRequest(BaseModel):
             external_channel=self.external_channel_id,
             history_seed=self.history_seed(),
             client_message_id=self.client_message_id(),
+            if_busy=self.if_busy,
         )
 
     def client_message_id(self) -> str | None:

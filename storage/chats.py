@@ -68,6 +68,18 @@ async def get_live_chat(
     return chat
 
 
+async def get_live_chat_by_channel(
+    session: AsyncSession, visibility: Visibility, source: str, external_id: str
+) -> Chat | None:
+    result = await session.execute(
+        _live_chat_query(visibility).where(
+            Chat.external_source == source, Chat.external_id == external_id
+        )
+    )
+    chat: Chat | None = result.scalar_one_or_none()
+    return chat
+
+
 async def claim_session(session: AsyncSession, turn: TurnInput) -> ClaimSessionResult:
     """Find or create the turn's chat and take its session lease, in one transaction the caller commits."""
     visibility = Visibility(turn.organization_id, turn.user_id)

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,14 @@ class StreamReader:
             await self._task
 
 
+def started_wall(worker: ServiceProcess) -> float | None:
+    """When the worker logged `worker.started` (its log lines start with an ISO UTC timestamp)."""
+    for line in worker.log_tail(20_000).splitlines():
+        if "worker.started" in line:
+            return datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+    return None
+
+
 def entry_seconds(event: SseEvent) -> float:
     """When Redis stored the event: its cursor is `<turn id>:<ms>-<seq>`."""
     assert event.id
@@ -429,7 +438,7 @@ async def worker_crash(
     assert old_worker is not None
     old_worker.kill()
     killed_at, killed_wall = time.monotonic(), time.time()
-    crash_stack.start_worker()
+    new_worker = crash_stack.start_worker()
 
     await sender.finish(timeout=60)
     with contextlib.suppress(TimeoutError):
@@ -455,6 +464,8 @@ async def worker_crash(
         }
     if sender.done:
         figures["kill_to_finish_received_s"] = round(sender.first("finish").at - killed_at, 2)
+    started = started_wall(new_worker)
+    figures["kill_to_new_worker_started_s"] = round(started - killed_wall, 2) if started else None
     figures["sender_drops"] = drops_since(sender, killed_at)
     figures["connected_client"] = f"done={connected.done} drops={drops_since(connected, killed_at)}"
     report("worker SIGKILL", **figures)

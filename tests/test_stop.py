@@ -186,3 +186,36 @@ async def test_ai_client_assembles_the_stopped_message_as_stored(
     stored = await wait_for_settled_answer(client, tenant.headers, chat_id)
     assert stored["status"] == "aborted"
     assert {key: stored[key] for key in ("id", "role", "parts", "metadata")} == result["message"]
+
+
+async def test_busy_chat_rejects_by_default_and_interrupt_takes_over(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    async with client.stream(
+        "POST", "/v1/chats", json={"message": "x", **LONG}, headers=tenant.headers
+    ) as response:
+        chat_id = response.headers["x-chat-id"]
+        stream = iter_sse(response)
+        head = await read_until_deltas(stream, 3)
+        busy = await client.post(
+            f"/v1/chats/{chat_id}", json={"message": "me too"}, headers=tenant.headers
+        )
+        assert busy.status_code == 409
+        assert busy.headers["content-type"] == "application/problem+json"
+        assert busy.json()["turnId"] == head[0].chunk["messageMetadata"]["turnId"]
+
+        body = {
+            "message": "now me",
+            "ifBusy": "interrupt",
+            "providerOptions": {"local": {"delayMs": 0}},
+        }
+        taking_over, events = await send_and_collect(
+            client, tenant.headers, body, f"/v1/chats/{chat_id}"
+        )
+        assert taking_over.status_code == 200, taking_over.text
+        rest = [event async for event in stream]
+    assert [chunk["type"] for chunk in chunks_of(rest)][-2:] == ["abort", "finish"]
+    assert text_of(chunks_of(events)) == "now me"
+    messages = (await get_chat(client, tenant.headers, chat_id))["messages"]
+    assert [m["status"] for m in messages] == ["complete", "aborted", "complete", "complete"]
+    assert stored_text(messages[-1]) == "now me"

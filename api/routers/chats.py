@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Any
 
@@ -52,6 +53,9 @@ from storage.models import Chat
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
+
+# How long an `ifBusy: interrupt` send waits for the stopped turn to end before it gives up (409).
+INTERRUPT_WAIT_SECONDS = 30
 
 # Turn ids of repeated sends are derived from (organization, user, key) under this namespace.
 IDEMPOTENT_TURN_NAMESPACE = uuid.UUID("5b0f7c1e-6a51-4f0e-9a3e-0d2c8f4a7b10")
@@ -374,6 +378,8 @@ async def _send(
             str(exc), extra={"availableModels": state.providers.available_models()}
         ) from exc
 
+    if request.if_busy == "interrupt":
+        await _interrupt_active_turn(state, principal, mode, chat_id, request)
     channel = request.external_channel
     turn = TurnInput(
         organization_id=principal.organization_id,
@@ -412,6 +418,34 @@ async def _send(
     return await _finished_turn_json(
         state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id
     )
+
+
+async def _interrupt_active_turn(
+    state: AppState, principal: Principal, mode: ChatMode, chat_id: str | None, request: NewTurn
+) -> None:
+    """Stop the chat's running turn and wait until it has ended, so the new one can claim the chat.
+
+    Another send may still win the race for the chat in between; that one then answers 409 as usual.
+    """
+    async with state.sessions() as session:
+        if mode is ChatMode.CHANNEL and request.external_channel is not None:
+            channel = request.external_channel
+            chat = await chats.get_live_chat_by_channel(
+                session, visibility_of(principal), channel.source, channel.id
+            )
+        elif chat_id is not None:
+            chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+        else:
+            chat = None
+    if chat is None or chat.active_turn_id is None:
+        return
+    active = chat.active_turn_id
+    if await stop_turn(state, principal.organization_id, active):
+        handle = state.temporal.get_workflow_handle_for(
+            ChatTurnWorkflow.run, turn_workflow_id(active)
+        )
+        async with asyncio.timeout(INTERRUPT_WAIT_SECONDS):
+            await handle.result()
 
 
 def _turn_id_for(
