@@ -572,103 +572,7 @@ async def test_api_killed_mid_stream_client_resumes_on_a_new_api(
     assert len(messages) == 1
 
 
-# --- 3. Redis restarted without persistence -------------------------------------------------------
-
-
-async def _resume_with_cursor(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], cursor: str
-) -> tuple[StreamReader, float]:
-    started = time.monotonic()
-    reader = StreamReader(client, "GET", url, {**headers, "Last-Event-ID": cursor})
-    try:
-        await reader.finish(timeout=20)
-    except TimeoutError:
-        await reader.cancel()
-        raise AssertionError(
-            f"a resume whose cursor is gone hung for 20 s: {reader.types}"
-        ) from None
-    return reader, time.monotonic() - started
-
-
-def _describe(reader: StreamReader) -> str:
-    types = reader.types
-    errors = [chunk.get("errorText") for chunk in reader.chunks if chunk["type"] == "error"]
-    return (
-        f"status={reader.status} chunks={len(types)} first={types[:3]} last={types[-2:]} "
-        f"done={reader.done} error_chunks={errors} drops={[what for _, what in reader.drops]} "
-        f"body={reader.body[:200]!r}"
-    )
-
-
-def _stored_message_or_clear_error(reader: StreamReader, stored: str) -> bool:
-    if reader.status is not None and reader.status >= 400:
-        return True
-    chunks = reader.chunks
-    if any(chunk["type"] == "error" for chunk in chunks):
-        return True
-    return (
-        reader.done and chunks[-1]["type"] == "finish" and text_after_last_reset(chunks) == stored
-    )
-
-
-async def test_redis_restarted_without_persistence_mid_turn(
-    crash_stack: CrashStack,
-    crash_tenant: Tenant,
-    crash_sessions: async_sessionmaker[AsyncSession],
-    http: httpx.AsyncClient,
-) -> None:
-    redis = crash_stack.redis
-    reader = start_turn(http, crash_stack, crash_tenant)
-    await reader.wait_for(lambda: reader.deltas() >= 15)
-    cursor = reader.last_id
-    turn_id = turn_id_of(reader.chunks)
-    stream_url = f"{crash_stack.api_url}/v1/chats/{reader.chat_id}/stream"
-
-    stopped_at = time.monotonic()
-    try:
-        await asyncio.to_thread(redis.stop)
-    finally:
-        redis.start()  # from this (the main) thread: the server dies with the thread that spawned it
-        await asyncio.to_thread(redis.wait_ready, 30)
-    back_at = time.monotonic()
-
-    # At once, while the turn's stream is gone from the new Redis.
-    early, early_s = await _resume_with_cursor(http, stream_url, crash_tenant.headers, cursor)
-    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, reader.chat_id)
-    settled_at = time.monotonic()
-    with contextlib.suppress(TimeoutError):
-        await reader.finish(timeout=15)
-    if reader.ended_at is None:
-        await reader.cancel()
-    # After the turn ended.
-    late, late_s = await _resume_with_cursor(http, stream_url, crash_tenant.headers, cursor)
-    messages, turn = await assistant_rows(crash_sessions, turn_id)
-    live_types = reader.types
-    report(
-        "redis restart",
-        redis_stop_to_ready_s=round(back_at - stopped_at, 2),
-        redis_back_to_settled_s=round(settled_at - back_at, 2),
-        stored_status=answer["status"],
-        stored_words=len(stored_text(answer).split()),
-        error=answer["metadata"].get("error"),
-        attempts=turn.attempts,
-        live_client=(
-            f"{len(live_types)} chunks, resets={live_types.count('reset-step')}, "
-            f"done={reader.done}, last={live_types[-2:]}, drops={drops_since(reader, stopped_at)}"
-        ),
-        early_resume=f"took {early_s:.2f}s {_describe(early)}",
-        late_resume=f"took {late_s:.2f}s {_describe(late)}",
-    )
-
-    assert answer["status"] == "complete", answer
-    assert len(stored_text(answer).split()) == WORDS
-    assert len(messages) == 1
-    stored = stored_text(answer)
-    assert _stored_message_or_clear_error(early, stored), _describe(early)
-    assert _stored_message_or_clear_error(late, stored), _describe(late)
-
-
-# --- 4. Postgres down for a while -----------------------------------------------------------------
+# --- 3. Postgres down for a while -----------------------------------------------------------------
 
 
 @dataclass
@@ -775,3 +679,101 @@ async def test_postgres_down_longer_than_the_generation_retries_mid_turn(
 ) -> None:
     outage = await postgres_outage(crash_stack, crash_tenant, crash_sessions, http, outage_s=14)
     assert_completed_after_outage(outage)
+
+
+# --- 4. Redis restarted without persistence -------------------------------------------------------
+# Last in the module: after a restart the worker's and api's Redis pools still hold connections to
+# the old server, and the first use of such a connection later fails (see the module's report).
+
+
+async def _resume_with_cursor(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], cursor: str
+) -> tuple[StreamReader, float]:
+    started = time.monotonic()
+    reader = StreamReader(client, "GET", url, {**headers, "Last-Event-ID": cursor})
+    try:
+        await reader.finish(timeout=20)
+    except TimeoutError:
+        await reader.cancel()
+        raise AssertionError(
+            f"a resume whose cursor is gone hung for 20 s: {reader.types}"
+        ) from None
+    return reader, time.monotonic() - started
+
+
+def _describe(reader: StreamReader) -> str:
+    types = reader.types
+    errors = [chunk.get("errorText") for chunk in reader.chunks if chunk["type"] == "error"]
+    return (
+        f"status={reader.status} chunks={len(types)} first={types[:3]} last={types[-2:]} "
+        f"done={reader.done} error_chunks={errors} drops={[what for _, what in reader.drops]} "
+        f"body={reader.body[:200]!r}"
+    )
+
+
+def _stored_message_or_clear_error(reader: StreamReader, stored: str) -> bool:
+    if reader.status is not None and reader.status >= 400:
+        return True
+    chunks = reader.chunks
+    if any(chunk["type"] == "error" for chunk in chunks):
+        return True
+    return (
+        reader.done and chunks[-1]["type"] == "finish" and text_after_last_reset(chunks) == stored
+    )
+
+
+async def test_redis_restarted_without_persistence_mid_turn(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    redis = crash_stack.redis
+    reader = start_turn(http, crash_stack, crash_tenant)
+    await reader.wait_for(lambda: reader.deltas() >= 15)
+    cursor = reader.last_id
+    turn_id = turn_id_of(reader.chunks)
+    stream_url = f"{crash_stack.api_url}/v1/chats/{reader.chat_id}/stream"
+
+    stopped_at = time.monotonic()
+    try:
+        await asyncio.to_thread(redis.stop)
+    finally:
+        redis.start()  # from this (the main) thread: the server dies with the thread that spawned it
+        await asyncio.to_thread(redis.wait_ready, 30)
+    back_at = time.monotonic()
+
+    # At once, while the turn's stream is gone from the new Redis.
+    early, early_s = await _resume_with_cursor(http, stream_url, crash_tenant.headers, cursor)
+    answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, reader.chat_id)
+    settled_at = time.monotonic()
+    with contextlib.suppress(TimeoutError):
+        await reader.finish(timeout=15)
+    if reader.ended_at is None:
+        await reader.cancel()
+    # After the turn ended.
+    late, late_s = await _resume_with_cursor(http, stream_url, crash_tenant.headers, cursor)
+    messages, turn = await assistant_rows(crash_sessions, turn_id)
+    live_types = reader.types
+    report(
+        "redis restart",
+        redis_stop_to_ready_s=round(back_at - stopped_at, 2),
+        redis_back_to_settled_s=round(settled_at - back_at, 2),
+        stored_status=answer["status"],
+        stored_words=len(stored_text(answer).split()),
+        error=answer["metadata"].get("error"),
+        attempts=turn.attempts,
+        live_client=(
+            f"{len(live_types)} chunks, resets={live_types.count('reset-step')}, "
+            f"done={reader.done}, last={live_types[-2:]}, drops={drops_since(reader, stopped_at)}"
+        ),
+        early_resume=f"took {early_s:.2f}s {_describe(early)}",
+        late_resume=f"took {late_s:.2f}s {_describe(late)}",
+    )
+
+    assert answer["status"] == "complete", answer
+    assert len(stored_text(answer).split()) == WORDS
+    assert len(messages) == 1
+    stored = stored_text(answer)
+    assert _stored_message_or_clear_error(early, stored), _describe(early)
+    assert _stored_message_or_clear_error(late, stored), _describe(late)
