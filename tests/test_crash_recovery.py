@@ -682,8 +682,9 @@ async def test_postgres_down_longer_than_the_generation_retries_mid_turn(
 
 
 # --- 4. Redis restarted without persistence -------------------------------------------------------
-# Last in the module: after a restart the worker's and api's Redis pools still hold connections to
-# the old server, and the first use of such a connection later fails (see the module's report).
+# Last in the module: after the restart the worker's Redis pool still holds connections to the old
+# server, and the first use of one (a health-check PING after 10 s idle) raises ConnectionError and
+# fails a generation attempt of whatever turn runs next, which would muddle the other scenarios.
 
 
 async def _resume_with_cursor(
