@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult
@@ -25,6 +27,7 @@ from providers.base import (
 )
 from providers.registry import ProviderRegistry
 from storage import chats
+from storage.db import is_database_unavailable
 from storage.models import Message
 from storage.streams import TurnStreams
 
@@ -32,6 +35,13 @@ from storage.streams import TurnStreams
 # before its first token is not mistaken for a dead worker (the SDK throttles the actual RPCs). The
 # same loop polls the stop flag, which bounds a stop's latency while the provider sends nothing.
 STOP_POLL_SECONDS = 0.25
+# While Postgres is unreachable, generation waits for it in place, heartbeating, rather than failing
+# the attempt: provider retries are few and meant for the provider, and an answer already streamed
+# must not be thrown away because it could not be saved yet. The pauses stay well under the
+# heartbeat timeout; the activity's start-to-close timeout bounds the whole wait.
+DATABASE_WAIT = wait_exponential(multiplier=0.2, max=2)
+
+T = TypeVar("T")
 
 
 class ChunkPublisher:
@@ -109,7 +119,7 @@ class GenerationActivities:
                 str(exc), type=ErrorType.PROVIDER_REJECTED, non_retryable=True
             ) from exc
 
-        async with self._sessions.begin() as session:
+        async def load_context(session: AsyncSession) -> tuple[str | None, list[Message]]:
             await chats.record_attempt(session, request.organization_id, request.turn_id, attempt)
             chat = await chats.get_live_chat(
                 session, chats.Visibility(request.organization_id), request.chat_id
@@ -117,7 +127,10 @@ class GenerationActivities:
             branch = await chats.load_branch(
                 session, request.organization_id, request.user_message_id
             )
-        prompt = build_prompt(request.system, chat.instructions if chat else None, branch)
+            return (chat.instructions if chat else None), branch
+
+        instructions, branch = await self._in_transaction(load_context)
+        prompt = build_prompt(request.system, instructions, branch)
 
         # Written again in case Redis lost the stream since the turn opened it (a no-op otherwise),
         # so a reader starting from the beginning always finds `start`.
@@ -172,10 +185,7 @@ class GenerationActivities:
 
         publisher.send(builder.finish_step())
         await publisher.flush()
-        async with self._sessions.begin() as session:
-            await chats.save_assistant_parts(
-                session, request.organization_id, request.assistant_message_id, builder.parts
-            )
+        await self._save_parts(request, builder)
         return GenerateReplyResult(
             finish_reason="other" if stopped else builder.finish_reason,
             input_tokens=builder.input_tokens,
@@ -184,6 +194,27 @@ class GenerationActivities:
             attempt=attempt,
             stopped=stopped,
         )
+
+    async def _save_parts(self, request: GenerateReplyInput, builder: UiMessageBuilder) -> None:
+        async def save(session: AsyncSession) -> None:
+            await chats.save_assistant_parts(
+                session, request.organization_id, request.assistant_message_id, builder.parts
+            )
+
+        await self._in_transaction(save)
+
+    async def _in_transaction(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `operation` in a transaction, waiting out a Postgres outage (see DATABASE_WAIT)."""
+        async for try_ in AsyncRetrying(
+            retry=retry_if_exception(is_database_unavailable),
+            wait=DATABASE_WAIT,
+            before_sleep=_heartbeat_while_waiting,
+            reraise=True,
+        ):
+            with try_:
+                async with self._sessions.begin() as session:
+                    return await operation(session)
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
     async def _watch_for_stop(self, request: GenerateReplyInput, publisher: ChunkPublisher) -> None:
         """Heartbeat, and return as soon as a stop is requested: seen by a write, or polled while the provider is silent."""
@@ -202,10 +233,15 @@ class GenerationActivities:
     ) -> None:
         publisher.send(builder.finish_step())
         await publisher.flush()
-        async with self._sessions.begin() as session:
-            await chats.save_assistant_parts(
-                session, request.organization_id, request.assistant_message_id, builder.parts
-            )
+        await self._save_parts(request, builder)
+
+
+def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
+    activity.heartbeat()
+    activity.logger.warning(
+        "generation waits for the database",
+        extra={"tries": retry_state.attempt_number, "error": repr(retry_state.outcome)},
+    )
 
 
 class _FirstTokenClock:

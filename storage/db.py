@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncpg
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,3 +24,23 @@ def create_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def is_database_unavailable(error: BaseException) -> bool:
+    """True when `error` means Postgres cannot be reached right now, not that the statement is wrong.
+
+    Such failures are worth waiting out; anything else (a constraint, a bug) is not.
+    """
+    if isinstance(error, OperationalError | InterfaceError):
+        return True
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    # Refused or reset connections surface unwrapped from the asyncpg driver, as does a server
+    # that is still starting up or shutting down.
+    return isinstance(
+        error,
+        OSError
+        | asyncpg.exceptions.CannotConnectNowError
+        | asyncpg.exceptions.AdminShutdownError
+        | asyncpg.exceptions.ConnectionDoesNotExistError,
+    )

@@ -661,22 +661,14 @@ async def test_postgres_down_for_a_while_mid_turn(
     assert_completed_after_outage(outage)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "activities/generation.py does its Postgres I/O (record_attempt, load_branch, "
-        "save_assistant_parts) inside generate_reply, whose GENERATION_RETRY allows 4 attempts "
-        "(1 + 2 + 4 s of backoff): a Postgres outage longer than that fails the turn and drops "
-        "the generated answer, although docs/decisions.md says a database down for a while "
-        "delays a turn, never loses it"
-    ),
-)
 async def test_postgres_down_longer_than_the_generation_retries_mid_turn(
     crash_stack: CrashStack,
     crash_tenant: Tenant,
     crash_sessions: async_sessionmaker[AsyncSession],
     http: httpx.AsyncClient,
 ) -> None:
+    """Longer than all generation attempts' backoff (1 + 2 + 4 s): generation waits for the database
+    in place instead of spending provider attempts, so the streamed answer is kept."""
     outage = await postgres_outage(crash_stack, crash_tenant, crash_sessions, http, outage_s=14)
     assert_completed_after_outage(outage)
 
