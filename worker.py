@@ -49,6 +49,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 session_activities.claim_session,
                 session_activities.store_user_message,
                 session_activities.persist_assistant_message,
+                session_activities.drop_queued_turn,
                 generation_activities.generate_reply,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,

@@ -10,10 +10,12 @@ from temporalio.exceptions import ApplicationError
 
 from core.contracts import (
     ClaimSessionResult,
+    DropQueuedTurnInput,
     MessageStatus,
     PersistAssistantMessageInput,
     StoreUserMessageInput,
     TurnInput,
+    TurnStatus,
 )
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks
@@ -31,8 +33,12 @@ class ChatSessionActivities:
     @activity.defn
     async def claim_session(self, turn: TurnInput) -> ClaimSessionResult:
         try:
+            info = activity.info()
+            # Turn activities only ever run inside their turn's workflow.
+            assert info.workflow_id is not None and info.workflow_run_id is not None
+            run = chats.TurnRun(info.workflow_id, info.workflow_run_id)
             async with self._sessions.begin() as session:
-                return await chats.claim_session(session, turn)
+                return await chats.claim_session(session, turn, run)
         except chats.ChatNotFound as exc:
             raise ApplicationError(
                 "chat not found", type=ErrorType.CHAT_NOT_FOUND, non_retryable=True
@@ -65,18 +71,38 @@ class ChatSessionActivities:
         )
 
     @activity.defn
-    async def persist_assistant_message(self, outcome: PersistAssistantMessageInput) -> None:
-        """Store the final state first, then publish the terminal chunk: a client that sees the end can read it back."""
+    async def persist_assistant_message(self, outcome: PersistAssistantMessageInput) -> str | None:
+        """Store the final state first, then publish the terminal chunk: a client that sees the end can read it back.
+
+        Returns the chat's queued turn that may run now, for the workflow to wake.
+        """
         closing = finish_metadata(outcome)
         async with self._sessions.begin() as session:
             message = await chats.get_message(
                 session, outcome.organization_id, outcome.assistant_message_id
             )
             metadata = {**(message.message_metadata if message else {}), **closing}
-            await chats.finish_turn(session, outcome, metadata)
+            next_turn_id = await chats.finish_turn(session, outcome, metadata)
         await self._streams.append_terminal(
             outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, closing)
         )
+        return next_turn_id
+
+    @activity.defn
+    async def drop_queued_turn(self, request: DropQueuedTurnInput) -> str | None:
+        """End a queued turn that will never run and end its stream; returns the queued turn that may
+        run now, if the chat is free (this one may have been first in line)."""
+        async with self._sessions.begin() as session:
+            await chats.drop_queued_turn(
+                session, request.organization_id, request.turn_id, request.status, request.reason
+            )
+            next_turn_id = await chats.next_queued_turn(
+                session, request.organization_id, request.chat_id
+            )
+        await self._streams.append_terminal(
+            request.organization_id, request.turn_id, dropped_turn_chunks(request)
+        )
+        return next_turn_id
 
 
 def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
@@ -94,6 +120,13 @@ def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
     if outcome.error is not None:
         metadata["error"] = outcome.error
     return metadata
+
+
+def dropped_turn_chunks(request: DropQueuedTurnInput) -> list[dict[str, Any]]:
+    """How the stream of a queued turn that never ran ends: it has no message, so only the ending."""
+    if request.status is TurnStatus.ABORTED:
+        return [{"type": "abort"}, {"type": "finish", "finishReason": "other"}]
+    return [{"type": "error", "errorText": request.reason}]
 
 
 def terminal_chunks(

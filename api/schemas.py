@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.contracts import SeedMessage, TurnKind
+from core.contracts import IfBusy, SeedMessage, TurnKind
 
 CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ChatId = Annotated[
@@ -58,10 +58,10 @@ class MessageIn(BaseModel):
         )
 
 
-IfBusy = Literal["reject", "interrupt"]
 IF_BUSY_DESCRIPTION = (
-    "While another turn of the chat runs: `reject` answers 409 with its `turnId`; `interrupt` stops it "
-    "(its partial answer is kept) and then runs this one."
+    "While another turn of the chat runs (or turns wait in its queue): `reject` answers 409 with its "
+    "`turnId`; `queue` waits durably behind it and every turn queued before, then runs in that "
+    "order; `interrupt` stops the running turn (its partial answer is kept) and then runs first."
 )
 
 
@@ -78,7 +78,7 @@ class NewTurn:
     external_channel: ExternalChannelIn | None = None
     history_seed: list[SeedMessage] = field(default_factory=list)
     client_message_id: str | None = None
-    if_busy: IfBusy = "reject"
+    if_busy: IfBusy = IfBusy.REJECT
 
     def text(self) -> str:
         return "".join(
@@ -96,7 +96,7 @@ class TurnOptionsIn(BaseModel):
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, alias="providerOptions"
     )
-    if_busy: IfBusy = Field(default="reject", alias="ifBusy", description=IF_BUSY_DESCRIPTION)
+    if_busy: IfBusy = Field(default=IfBusy.REJECT, alias="ifBusy", description=IF_BUSY_DESCRIPTION)
 
 
 class RegenerateRequest(TurnOptionsIn):
@@ -158,7 +158,7 @@ class SendMessageRequest(BaseModel):
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, alias="providerOptions"
     )
-    if_busy: IfBusy = Field(default="reject", alias="ifBusy", description=IF_BUSY_DESCRIPTION)
+    if_busy: IfBusy = Field(default=IfBusy.REJECT, alias="ifBusy", description=IF_BUSY_DESCRIPTION)
     # DefaultChatTransport fields.
     id: ChatId | None = Field(default=None, description="The chat id (AI SDK clients choose it).")
     trigger: Literal["submit-message", "regenerate-message"] | None = None
@@ -249,6 +249,9 @@ class ChatOut(BaseModel):
     instructions: str | None
     externalChannel: ExternalChannelOut | None  # noqa: N815
     activeTurnId: str | None  # noqa: N815
+    queuedTurnIds: list[str] = Field(  # noqa: N815
+        description="Turns waiting for the active one to end (`ifBusy: queue`), first in line first."
+    )
     createdAt: str  # noqa: N815
     updatedAt: str  # noqa: N815
     messages: list[UIMessageOut]
@@ -260,7 +263,10 @@ class TurnOut(BaseModel):
     chatId: str  # noqa: N815
     turnId: str  # noqa: N815
     status: str
-    message: UIMessageOut
+    message: UIMessageOut | None = Field(
+        description="The answer; null for a queued turn that ended before it ran (stopped, or its "
+        "chat or message went away)."
+    )
     usage: UsageOut
 
 
@@ -271,7 +277,8 @@ class StopRequest(BaseModel):
         default=None,
         alias="turnId",
         max_length=64,
-        description="Stop only if this turn is the active one.",
+        description="The turn to stop: the active one (stopped only if it still is), or a queued "
+        "one (it will not run).",
     )
 
 

@@ -37,7 +37,16 @@ class TurnKind(StrEnum):
     EDIT = "edit"  # a new user message beside an earlier one (same parent), and its answer
 
 
+class IfBusy(StrEnum):
+    """What a turn does when its chat already has a running turn."""
+
+    REJECT = "reject"  # refuse it (409 with the running turn's id)
+    QUEUE = "queue"  # wait durably behind the running turn and any turns queued before it
+    INTERRUPT = "interrupt"  # stop the running turn, then run first
+
+
 class TurnStatus(StrEnum):
+    QUEUED = "queued"
     RUNNING = "running"
     # Only a workflow result and search attribute: the chat was not found or busy, nothing was stored.
     REJECTED = "rejected"
@@ -88,6 +97,7 @@ class TurnInput:
     # REGENERATE: the message to answer again (an assistant message, or the user message it answers).
     # EDIT: the user message the new one replaces as a sibling.
     target_message_id: str | None = None
+    if_busy: IfBusy = IfBusy.REJECT
 
 
 @dataclass
@@ -103,6 +113,10 @@ class TurnAccepted:
     turn_id: str
     user_message_id: str
     assistant_message_id: str
+    # Set while the turn waits behind others: 1 runs next.
+    queue_position: int | None = None
+    # The running turn an `interrupt` turn stopped.
+    interrupted_turn_id: str | None = None
 
 
 @dataclass
@@ -113,6 +127,26 @@ class ClaimSessionResult:
     parent_message_id: str | None
     # REGENERATE: the stored user message the turn answers (no new user message is stored).
     answered_message_id: str | None = None
+    # Set when the chat is busy and the turn waits in its queue instead (1 runs next); the turn has
+    # not claimed the chat then.
+    queue_position: int | None = None
+    # An `interrupt` turn that queued first: the running turn it must stop.
+    interrupted_turn_id: str | None = None
+
+    @property
+    def queued(self) -> bool:
+        return self.queue_position is not None
+
+
+@dataclass
+class DropQueuedTurnInput:
+    """A queued turn that will never run: stopped while it waited, or its chat or message went away."""
+
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    status: TurnStatus  # ABORTED or REJECTED
+    reason: str
 
 
 @dataclass
@@ -166,6 +200,13 @@ class PersistAssistantMessageInput:
     ttft_ms: int | None = None
     duration_ms: int | None = None
     error: str | None = None
+
+
+@dataclass
+class ChatReleased:
+    """Signal to the head of a chat's queue: the turn before it has let go of the chat."""
+
+    released_by_turn_id: str
 
 
 @dataclass

@@ -14,6 +14,7 @@ from sqlalchemy.orm import aliased
 from core.contracts import (
     ChatMode,
     ClaimSessionResult,
+    IfBusy,
     MessageStatus,
     PersistAssistantMessageInput,
     StoreUserMessageInput,
@@ -80,8 +81,21 @@ async def get_live_chat_by_channel(
     return chat
 
 
-async def claim_session(session: AsyncSession, turn: TurnInput) -> ClaimSessionResult:
-    """Find or create the turn's chat and take its session lease, in one transaction the caller commits."""
+@dataclass(frozen=True)
+class TurnRun:
+    """The workflow run a turn belongs to, recorded on its turn row."""
+
+    workflow_id: str
+    run_id: str
+
+
+async def claim_session(session: AsyncSession, turn: TurnInput, run: TurnRun) -> ClaimSessionResult:
+    """Find or create the turn's chat and take its session lease, in one transaction the caller commits.
+
+    A chat is busy while another turn holds the lease, or while turns wait in its queue (a turn that
+    arrives then must not overtake them). A busy chat refuses the turn (ChatBusy) or queues it, as the
+    turn's `if_busy` says; a queued turn claims the chat once it is free and the turn is first in line.
+    """
     visibility = Visibility(turn.organization_id, turn.user_id)
     created = False
     if turn.chat_mode in (ChatMode.CREATE, ChatMode.CREATE_OR_CONTINUE):
@@ -128,23 +142,167 @@ async def claim_session(session: AsyncSession, turn: TurnInput) -> ClaimSessionR
         assert turn.chat_id is not None
         chat_query = _live_chat_query(visibility).where(Chat.id == turn.chat_id)
 
+    # The row lock serializes every claim of this chat: lease, queue order and tree placement.
     chat: Chat | None = (await session.execute(chat_query.with_for_update())).scalar_one_or_none()
     if chat is None:
         raise ChatNotFound(turn.chat_id or "")
-    if chat.active_turn_id not in (None, turn.turn_id):
-        holder_status = (
-            await session.execute(select(Turn.status).where(Turn.id == chat.active_turn_id))
-        ).scalar_one_or_none()
-        # A lease whose turn has ended (or never got stored) is stale, not busy.
-        if holder_status == TurnStatus.RUNNING:
-            raise ChatBusy(chat.id, chat.active_turn_id or "")
+    holder = await _running_lease_holder(session, chat, turn.turn_id)
+    queue = await queued_turn_ids(session, chat)
+    if holder is not None or (queue and queue[0] != turn.turn_id):
+        if turn.turn_id in queue:
+            return _queued(chat, created, queue.index(turn.turn_id) + 1)
+        if turn.if_busy is IfBusy.REJECT:
+            raise ChatBusy(chat.id, holder or queue[0])
+        # Refuse now what could never run (a message to regenerate or edit that is not there).
+        await _place_in_tree(session, chat, turn)
+        # An interrupt runs next: ahead of the queue, once the holder it stops lets go. Without a
+        # holder the chat is being handed to the queue's first turn, which it then waits behind.
+        interrupts = turn.if_busy is IfBusy.INTERRUPT and holder is not None
+        await _enqueue(session, chat, turn, run, front=interrupts)
+        return _queued(
+            chat,
+            created,
+            1 if interrupts else len(queue) + 1,
+            interrupted_turn_id=holder if interrupts else None,
+        )
     parent_id, answered_id = await _place_in_tree(session, chat, turn)
     chat.active_turn_id = turn.turn_id
+    # The turn row exists from the moment it holds the lease, so a concurrent claim always finds
+    # the holder running (the rest of the row is filled in when the user message is stored).
+    await _upsert_turn_row(
+        session,
+        turn,
+        run,
+        chat.id,
+        user_message_id=answered_id or turn.user_message_id,
+        status=TurnStatus.RUNNING,
+    )
     return ClaimSessionResult(
         chat_id=chat.id,
         created=created,
         parent_message_id=parent_id,
         answered_message_id=answered_id,
+    )
+
+
+def _queued(
+    chat: Chat, created: bool, position: int, *, interrupted_turn_id: str | None = None
+) -> ClaimSessionResult:
+    return ClaimSessionResult(
+        chat_id=chat.id,
+        created=created,
+        parent_message_id=None,
+        queue_position=position,
+        interrupted_turn_id=interrupted_turn_id,
+    )
+
+
+async def _running_lease_holder(session: AsyncSession, chat: Chat, turn_id: str) -> str | None:
+    """The other turn that holds the chat's lease and still runs; a lease whose turn ended is stale."""
+    if chat.active_turn_id in (None, turn_id):
+        return None
+    holder_status = (
+        await session.execute(select(Turn.status).where(Turn.id == chat.active_turn_id))
+    ).scalar_one_or_none()
+    return chat.active_turn_id if holder_status == TurnStatus.RUNNING else None
+
+
+async def queued_turn_ids(session: AsyncSession, chat: Chat) -> list[str]:
+    """The chat's queued turns, first in line first."""
+    result = await session.execute(
+        select(Turn.id)
+        .where(
+            Turn.organization_id == chat.organization_id,
+            Turn.chat_id == chat.id,
+            Turn.status == TurnStatus.QUEUED,
+        )
+        .order_by(Turn.queue_position)
+    )
+    return list(result.scalars())
+
+
+async def _enqueue(
+    session: AsyncSession, chat: Chat, turn: TurnInput, run: TurnRun, *, front: bool
+) -> None:
+    """Store the turn as queued at the back of the chat's queue, or at its front."""
+    bounds = (
+        await session.execute(
+            select(func.min(Turn.queue_position), func.max(Turn.queue_position)).where(
+                Turn.organization_id == chat.organization_id,
+                Turn.chat_id == chat.id,
+                Turn.status == TurnStatus.QUEUED,
+            )
+        )
+    ).one()
+    first, last = bounds
+    position = (first - 1 if first is not None else 0) if front else (last or 0) + 1
+    await _upsert_turn_row(
+        session,
+        turn,
+        run,
+        chat.id,
+        user_message_id=turn.user_message_id,
+        status=TurnStatus.QUEUED,
+        queue_position=position,
+    )
+
+
+async def _upsert_turn_row(
+    session: AsyncSession,
+    turn: TurnInput,
+    run: TurnRun,
+    chat_id: str,
+    *,
+    user_message_id: str,
+    status: TurnStatus,
+    queue_position: int | None = None,
+) -> None:
+    values = {
+        "user_message_id": user_message_id,
+        "status": status,
+        "queue_position": queue_position,
+        "workflow_id": run.workflow_id,
+        "run_id": run.run_id,
+    }
+    await session.execute(
+        insert(Turn)
+        .values(
+            id=turn.turn_id,
+            organization_id=turn.organization_id,
+            chat_id=chat_id,
+            assistant_message_id=turn.assistant_message_id,
+            model=turn.model,
+            **values,
+        )
+        .on_conflict_do_update(index_elements=[Turn.id], set_=values)
+    )
+
+
+async def next_queued_turn(session: AsyncSession, organization_id: str, chat_id: str) -> str | None:
+    """The queued turn to wake when the chat is free: the first in line, if any, and only then."""
+    chat = (
+        await session.execute(
+            select(Chat).where(Chat.organization_id == organization_id, Chat.id == chat_id)
+        )
+    ).scalar_one_or_none()
+    if chat is None or chat.active_turn_id is not None:
+        return None
+    queue = await queued_turn_ids(session, chat)
+    return queue[0] if queue else None
+
+
+async def drop_queued_turn(
+    session: AsyncSession, organization_id: str, turn_id: str, status: TurnStatus, reason: str
+) -> None:
+    """End a queued turn that will not run; a turn that is no longer queued is left as it is."""
+    await session.execute(
+        update(Turn)
+        .where(
+            Turn.id == turn_id,
+            Turn.organization_id == organization_id,
+            Turn.status == TurnStatus.QUEUED,
+        )
+        .values(status=status, error=reason, queue_position=None, completed_at=func.now())
     )
 
 
@@ -226,18 +384,13 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
             message_metadata=start_metadata(request.chat_id, turn.turn_id, turn.model),
         )
     )
-    session.add(
-        Turn(
-            id=turn.turn_id,
-            organization_id=turn.organization_id,
-            chat_id=request.chat_id,
-            user_message_id=user_message_id,
-            assistant_message_id=turn.assistant_message_id,
-            workflow_id=request.workflow_id,
-            run_id=request.run_id,
-            model=turn.model,
-            status=TurnStatus.RUNNING,
-        )
+    await _upsert_turn_row(
+        session,
+        turn,
+        TurnRun(request.workflow_id, request.run_id),
+        request.chat_id,
+        user_message_id=user_message_id,
+        status=TurnStatus.RUNNING,
     )
     # Flush the messages before pointing the chat at them: the ORM does not order these by dependency.
     await session.flush()
@@ -328,8 +481,11 @@ async def save_assistant_parts(
 
 async def finish_turn(
     session: AsyncSession, outcome: PersistAssistantMessageInput, metadata: dict[str, Any]
-) -> None:
-    """Record the assistant message's final state and the turn's figures, and release the chat's lease."""
+) -> str | None:
+    """Record the assistant message's final state and the turn's figures, and release the chat's lease.
+
+    Returns the queued turn that may run now, if any.
+    """
     turn_status = turn_status_for(outcome.status)
     await session.execute(
         update(Message)
@@ -363,6 +519,7 @@ async def finish_turn(
         )
         .values(active_turn_id=None, updated_at=func.now())
     )
+    return await next_queued_turn(session, outcome.organization_id, outcome.chat_id)
 
 
 async def record_attempt(

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -150,8 +151,10 @@ class Turn(Base):
     workflow_id: Mapped[str] = mapped_column(String(200))
     run_id: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str] = mapped_column(String(200))
-    # running, completed, aborted or failed
+    # queued, running, completed, aborted, failed, or rejected (a queued turn that could not run)
     status: Mapped[str] = mapped_column(String(16))
+    # While queued: the turn's place in its chat's queue (lowest runs first); NULL otherwise.
+    queue_position: Mapped[int | None] = mapped_column(BigInteger)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     input_tokens: Mapped[int | None] = mapped_column(Integer)
     output_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -167,4 +170,11 @@ class Turn(Base):
             ["organization_id", "chat_id"], ["chat.organization_id", "chat.id"], ondelete="CASCADE"
         ),
         Index(None, "organization_id", "chat_id", "created_at"),
+        Index(
+            "ix_turn_queued_by_chat",
+            "organization_id",
+            "chat_id",
+            "queue_position",
+            postgresql_where=text("status = 'queued'"),
+        ),
     )

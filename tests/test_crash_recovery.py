@@ -673,6 +673,60 @@ async def test_postgres_down_longer_than_the_generation_retries_mid_turn(
     assert_completed_after_outage(outage)
 
 
+# --- 5. queued turns across api and worker restarts ---------------------------------------------
+
+
+async def test_queued_turns_survive_api_and_worker_kills_and_keep_their_order(
+    crash_stack: CrashStack, crash_tenant: Tenant, http: httpx.AsyncClient
+) -> None:
+    reader = start_turn(http, crash_stack, crash_tenant, options=LONG)
+    await reader.wait_for(lambda: reader.deltas() >= 5)
+    chat_url = f"{crash_stack.api_url}/v1/chats/{reader.chat_id}"
+    texts = ["one", "two", "three"]
+    for position, text in enumerate(texts, start=1):
+        body = {"message": text, "model": "local/echo", "ifBusy": "queue"}
+        async with http.stream("POST", chat_url, json=body, headers=crash_tenant.headers) as sent:
+            assert sent.status_code == 200
+            assert sent.headers["x-queue-position"] == str(position)
+        # The client goes away at once: a queued turn never depends on its sender.
+
+    for process in (crash_stack.api, crash_stack.worker):
+        assert process is not None
+        process.kill()
+    killed_at = time.monotonic()
+    await reader.cancel()
+    crash_stack.start_worker()
+    crash_stack.start_api()
+
+    deadline = time.monotonic() + 90
+    chat: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = await http.get(
+            f"{crash_stack.api_url}/v1/chats/{reader.chat_id}", headers=crash_tenant.headers
+        )
+        chat = response.json()
+        if (
+            chat["activeTurnId"] is None
+            and not chat["queuedTurnIds"]
+            and len(chat["messages"]) == 8
+        ):
+            break
+        await asyncio.sleep(0.2)
+    report(
+        "queued turns, api and worker SIGKILL",
+        kill_to_all_answered_s=round(time.monotonic() - killed_at, 2),
+        messages=len(chat.get("messages", [])),
+    )
+    messages = chat["messages"]
+    assert chat["activeTurnId"] is None, chat
+    assert chat["queuedTurnIds"] == [], chat
+    assert messages[1]["status"] == "complete", "the interrupted turn resumed and finished"
+    assert len(stored_text(messages[1]).split()) == LONG_WORDS
+    assert [(m["role"], stored_text(m)) for m in messages[2:]] == [
+        (role, text) for text in texts for role in ("user", "assistant")
+    ]
+
+
 # --- 4. Redis restarted without persistence -------------------------------------------------------
 # Last in the module: after the restart the worker's Redis pool still holds connections to the old
 # server, and the first use of one (a health-check PING after 10 s idle) raises ConnectionError and

@@ -10,11 +10,12 @@ import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import URL, Connection, make_url
 
 from core.settings import Settings
 from storage.db import create_engine
-from storage.migrations import downgrade_database, upgrade_database
+from storage.migrations import alembic_config, downgrade_database, upgrade_database
 from storage.models import Base
 
 SCHEMA_TABLES = {"organization", "api_key", "chat", "message", "turn"}
@@ -71,7 +72,8 @@ async def test_upgrade_to_head_creates_the_schema(fresh_database_url: str) -> No
     assert index["indexdef"].startswith("CREATE UNIQUE INDEX")
     assert "(organization_id, external_source, external_id)" in index["indexdef"]
     assert "WHERE ((deleted_at IS NULL) AND (external_id IS NOT NULL))" in index["indexdef"]
-    assert version == "0001"
+    head = ScriptDirectory.from_config(alembic_config(fresh_database_url)).get_current_head()
+    assert version == head
 
 
 async def test_upgrade_to_head_matches_the_models(fresh_database_url: str) -> None:

@@ -7,11 +7,21 @@ activity streams them into Redis and Postgres, and history carries ids and small
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    FailureError,
+    TimeoutError,
+)
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
@@ -20,6 +30,10 @@ with workflow.unsafe.imports_passed_through():
     from core.contracts import (
         TURN_WORKFLOW_NAME,
         AcceptTurnRequest,
+        ChatMode,
+        ChatReleased,
+        ClaimSessionResult,
+        DropQueuedTurnInput,
         GenerateReplyInput,
         MessageStatus,
         PersistAssistantMessageInput,
@@ -62,45 +76,56 @@ GENERATION_TIMEOUT = timedelta(minutes=10)
 # Short, so a dead worker's generation is retried elsewhere within seconds.
 GENERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
 
+# A queued turn is woken by the turn before it (the `chat_released` signal); it also looks again on
+# this period, so a wake-up that never came (that turn's workflow was terminated) only delays it.
+QUEUE_RECHECK = timedelta(seconds=60)
+# Claim rejections that end the turn: the chat or message is not there, or the chat is busy.
+CLAIM_REJECTIONS = (ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY, ErrorType.MESSAGE_NOT_FOUND)
+
 
 @workflow.defn(name=TURN_WORKFLOW_NAME)
 class ChatTurnWorkflow:
     @workflow.init
     def __init__(self, turn: TurnInput) -> None:
         self._accepted: TurnAccepted | None = None
+        self._queued: TurnAccepted | None = None
         self._rejection: ApplicationError | None = None
         self._stop: StopTurnRequest | None = None
+        self._chat_released = False
 
     @workflow.run
     async def run(self, turn: TurnInput) -> TurnResult:
         info = workflow.info()
         try:
-            claim = await workflow.execute_activity_method(
-                ChatSessionActivities.claim_session,
-                turn,
-                start_to_close_timeout=SESSION_TIMEOUT,
-                retry_policy=SESSION_RETRY,
-            )
+            claim = await self._claim(turn)
         except ActivityError as err:
-            if isinstance(err.cause, ApplicationError) and err.cause.type in (
-                ErrorType.CHAT_NOT_FOUND,
-                ErrorType.CHAT_BUSY,
-                ErrorType.MESSAGE_NOT_FOUND,
-            ):
-                self._rejection = err.cause
-                workflow.upsert_search_attributes(
-                    [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
-                )
+            rejection = _claim_rejection(err)
+            if rejection is None:
+                raise
+            self._rejection = rejection
+            workflow.upsert_search_attributes(
+                [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
+            )
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            return TurnResult(
+                chat_id=turn.chat_id or "",
+                turn_id=turn.turn_id,
+                assistant_message_id=turn.assistant_message_id,
+                status=TurnStatus.REJECTED,
+                error=rejection.type,
+            )
+        workflow.upsert_search_attributes([search_attributes.CHAT_ID.value_set(claim.chat_id)])
+        if claim.queued:
+            waited = await self._wait_in_queue(turn, claim)
+            if isinstance(waited, TurnStatus):
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 return TurnResult(
-                    chat_id=turn.chat_id or "",
+                    chat_id=claim.chat_id,
                     turn_id=turn.turn_id,
                     assistant_message_id=turn.assistant_message_id,
-                    status=TurnStatus.REJECTED,
-                    error=err.cause.type,
+                    status=waited,
                 )
-            raise
-        workflow.upsert_search_attributes([search_attributes.CHAT_ID.value_set(claim.chat_id)])
+            claim = waited
 
         await workflow.execute_activity_method(
             ChatSessionActivities.store_user_message,
@@ -141,7 +166,7 @@ class ChatTurnWorkflow:
             outcome.finish_reason = "other"
         outcome.duration_ms = int((workflow.now() - started).total_seconds() * 1000)
 
-        await workflow.execute_activity_method(
+        next_turn_id = await workflow.execute_activity_method(
             ChatSessionActivities.persist_assistant_message,
             outcome,
             start_to_close_timeout=SESSION_TIMEOUT,
@@ -149,6 +174,8 @@ class ChatTurnWorkflow:
         )
         status = turn_status_for(outcome.status)
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
+        if next_turn_id is not None:
+            await self._hand_over(turn.turn_id, next_turn_id)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return TurnResult(
             chat_id=claim.chat_id,
@@ -157,6 +184,95 @@ class ChatTurnWorkflow:
             status=status,
             error=outcome.error,
         )
+
+    async def _claim(self, turn: TurnInput) -> ClaimSessionResult:
+        return await workflow.execute_activity_method(
+            ChatSessionActivities.claim_session,
+            turn,
+            start_to_close_timeout=SESSION_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+
+    async def _wait_in_queue(
+        self, turn: TurnInput, claim: ClaimSessionResult
+    ) -> ClaimSessionResult | TurnStatus:
+        """Wait until the chat is free and this turn is first in line, then hold the chat's lease.
+
+        Returns the claim, or the status the turn ended with without running (stopped while it
+        waited, or its chat or message went away).
+        """
+        self._queued = TurnAccepted(
+            chat_id=claim.chat_id,
+            turn_id=turn.turn_id,
+            user_message_id=turn.user_message_id,
+            assistant_message_id=turn.assistant_message_id,
+            queue_position=claim.queue_position,
+            interrupted_turn_id=claim.interrupted_turn_id,
+        )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(TurnStatus.QUEUED)])
+        if claim.interrupted_turn_id is not None:
+            await self._signal_turn(
+                claim.interrupted_turn_id,
+                ChatTurnWorkflow.stop_turn,
+                StopTurnRequest(reason=f"interrupted by turn {turn.turn_id}"),
+            )
+        # Later claims name the chat the first one found, even if its channel has been bound to a
+        # new chat since.
+        again = dataclasses.replace(turn, chat_mode=ChatMode.CONTINUE, chat_id=claim.chat_id)
+        while claim.queued:
+            self._chat_released = False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(
+                    lambda: self._chat_released or self._stop is not None,
+                    timeout=QUEUE_RECHECK,
+                )
+            if self._stop is not None:
+                return await self._drop(
+                    turn, claim.chat_id, TurnStatus.ABORTED, "stopped before it ran"
+                )
+            try:
+                claim = await self._claim(again)
+            except ActivityError as err:
+                rejection = _claim_rejection(err)
+                if rejection is None:
+                    raise
+                return await self._drop(turn, claim.chat_id, TurnStatus.REJECTED, rejection.message)
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(TurnStatus.RUNNING)])
+        return claim
+
+    async def _drop(
+        self, turn: TurnInput, chat_id: str, status: TurnStatus, reason: str
+    ) -> TurnStatus:
+        next_turn_id = await workflow.execute_activity_method(
+            ChatSessionActivities.drop_queued_turn,
+            DropQueuedTurnInput(
+                organization_id=turn.organization_id,
+                chat_id=chat_id,
+                turn_id=turn.turn_id,
+                status=status,
+                reason=reason,
+            ),
+            start_to_close_timeout=SESSION_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
+        if next_turn_id is not None:
+            await self._hand_over(turn.turn_id, next_turn_id)
+        return status
+
+    async def _hand_over(self, turn_id: str, next_turn_id: str) -> None:
+        """Wake the chat's next queued turn: this one no longer holds the chat."""
+        await self._signal_turn(next_turn_id, ChatTurnWorkflow.chat_released, ChatReleased(turn_id))
+
+    async def _signal_turn(self, turn_id: str, signal: Any, argument: Any) -> None:
+        handle = workflow.get_external_workflow_handle_for(
+            ChatTurnWorkflow.run, turn_workflow_id(turn_id)
+        )
+        try:
+            await handle.signal(signal, argument)
+        except FailureError:
+            # That turn's workflow has already ended: nothing to wake or stop.
+            workflow.logger.info("turn %s has ended; signal not delivered", turn_id)
 
     async def _generate(
         self,
@@ -213,12 +329,24 @@ class ChatTurnWorkflow:
         if self._stop is None:
             self._stop = request
 
+    @workflow.signal
+    def chat_released(self, released: ChatReleased) -> None:
+        """The turn before this queued one has let go of the chat: try to claim it now."""
+        self._chat_released = True
+
     @workflow.update
     async def accept_turn(self, request: AcceptTurnRequest) -> TurnAccepted:
-        """Answers once the chat is claimed and the user message is stored, or rejects the turn."""
+        """Answers once the chat is claimed and the user message is stored, or the turn is queued
+        behind a busy chat; rejects the turn otherwise."""
         await workflow.wait_condition(
-            lambda: self._accepted is not None or self._rejection is not None
+            lambda: (
+                self._accepted is not None
+                or self._queued is not None
+                or self._rejection is not None
+            )
         )
+        if self._queued is not None:
+            return self._queued
         if self._rejection is not None:
             raise ApplicationError(
                 self._rejection.message,
@@ -233,6 +361,14 @@ class ChatTurnWorkflow:
     def _validate_accept_turn(self, request: AcceptTurnRequest) -> None:
         if turn_workflow_id(request.turn_id) != workflow.info().workflow_id:
             raise ApplicationError("update names another turn", type=ErrorType.INVALID_TURN)
+
+
+def _claim_rejection(err: ActivityError) -> ApplicationError | None:
+    """The claim's refusal (no such chat or message, busy chat), or None for any other failure."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type in CLAIM_REJECTIONS:
+        return cause
+    return None
 
 
 def _describe_failure(err: ActivityError) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Annotated, Any
 
@@ -31,6 +30,7 @@ from api.schemas import (
     StopRequest,
     TurnOut,
     UIMessageOut,
+    UsageOut,
 )
 from api.state import AppState
 from api.turns import start_turn, stop_turn
@@ -53,9 +53,6 @@ from storage.models import Chat
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
-
-# How long an `ifBusy: interrupt` send waits for the stopped turn to end before it gives up (409).
-INTERRUPT_WAIT_SECONDS = 30
 
 # Turn ids of repeated sends are derived from (organization, user, key) under this namespace.
 IDEMPOTENT_TURN_NAMESPACE = uuid.UUID("5b0f7c1e-6a51-4f0e-9a3e-0d2c8f4a7b10")
@@ -80,12 +77,20 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
                 "schema": TurnOut.model_json_schema(ref_template="#/components/schemas/{model}")
             },
         },
-        "headers": {"X-Chat-Id": {"description": "The chat's id", "schema": {"type": "string"}}},
+        "headers": {
+            "X-Chat-Id": {"description": "The chat's id", "schema": {"type": "string"}},
+            "X-Turn-Id": {"description": "The turn's id", "schema": {"type": "string"}},
+            "X-Queue-Position": {
+                "description": "Only when the turn was queued (`ifBusy: queue` or `interrupt` on a "
+                "busy chat): its place in line, 1 runs next. The stream starts when it runs.",
+                "schema": {"type": "integer"},
+            },
+        },
     },
     400: {"description": "Unknown model or malformed message", **PROBLEM},
     401: {"description": "Missing or invalid API key", **PROBLEM},
     404: {"description": "No such chat for this caller", **PROBLEM},
-    409: {"description": "The chat has an active turn", **PROBLEM},
+    409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
 }
 
@@ -267,6 +272,7 @@ async def _chat_out(session: AsyncSession, principal: Principal, chat: Chat) -> 
             else None
         ),
         activeTurnId=chat.active_turn_id,
+        queuedTurnIds=await chats.queued_turn_ids(session, chat),
         createdAt=chats.iso(chat.created_at),
         updatedAt=chats.iso(chat.updated_at),
         messages=[
@@ -342,12 +348,17 @@ async def stop_chat_turn(
     state: StateDep,
     body: StopRequest | None = None,
 ) -> StopOut:
+    requested = body.turn_id if body is not None else None
     async with state.sessions() as session:
         chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
-    if chat is None:
-        raise NotFoundError("chat not found")
-    turn_id = chat.active_turn_id
-    if turn_id is None or (body is not None and body.turn_id not in (None, turn_id)):
+        if chat is None:
+            raise NotFoundError("chat not found")
+        turn_id = chat.active_turn_id
+        if requested is not None and requested != turn_id:
+            # A queued turn of this chat can be stopped before it runs.
+            queued = await chats.queued_turn_ids(session, chat)
+            turn_id = requested if requested in queued else None
+    if turn_id is None:
         return StopOut(stopped=False, turnId=None)
     stopped = await stop_turn(state, principal.organization_id, turn_id)
     return StopOut(stopped=stopped, turnId=turn_id if stopped else None)
@@ -378,8 +389,6 @@ async def _send(
             str(exc), extra={"availableModels": state.providers.available_models()}
         ) from exc
 
-    if request.if_busy == "interrupt":
-        await _interrupt_active_turn(state, principal, mode, chat_id, request)
     channel = request.external_channel
     turn = TurnInput(
         organization_id=principal.organization_id,
@@ -400,8 +409,15 @@ async def _send(
         client_message_id=request.client_message_id,
         kind=request.kind,
         target_message_id=request.target_message_id,
+        if_busy=request.if_busy,
     )
     accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn.turn_id)
+    if accepted.interrupted_turn_id is not None:
+        # The turn's workflow stops the one it interrupts durably; the Redis flag is the fast path.
+        await state.streams.request_stop(principal.organization_id, accepted.interrupted_turn_id)
+    headers = {"X-Turn-Id": accepted.turn_id}
+    if accepted.queue_position is not None:
+        headers["X-Queue-Position"] = str(accepted.queue_position)
     if wants_stream:
         return ui_message_stream_response(
             relay_turn(
@@ -414,38 +430,11 @@ async def _send(
             ),
             chat_id=accepted.chat_id,
             ping_seconds=state.settings.stream_ping_seconds,
+            extra=headers,
         )
     return await _finished_turn_json(
-        state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id
+        state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id, headers
     )
-
-
-async def _interrupt_active_turn(
-    state: AppState, principal: Principal, mode: ChatMode, chat_id: str | None, request: NewTurn
-) -> None:
-    """Stop the chat's running turn and wait until it has ended, so the new one can claim the chat.
-
-    Another send may still win the race for the chat in between; that one then answers 409 as usual.
-    """
-    async with state.sessions() as session:
-        if mode is ChatMode.CHANNEL and request.external_channel is not None:
-            channel = request.external_channel
-            chat = await chats.get_live_chat_by_channel(
-                session, visibility_of(principal), channel.source, channel.id
-            )
-        elif chat_id is not None:
-            chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
-        else:
-            chat = None
-    if chat is None or chat.active_turn_id is None:
-        return
-    active = chat.active_turn_id
-    if await stop_turn(state, principal.organization_id, active):
-        handle = state.temporal.get_workflow_handle_for(
-            ChatTurnWorkflow.run, turn_workflow_id(active)
-        )
-        async with asyncio.timeout(INTERRUPT_WAIT_SECONDS):
-            await handle.result()
 
 
 def _turn_id_for(
@@ -500,11 +489,14 @@ def _stored_answer(
     async def load(resuming: bool) -> list[dict[str, Any]] | None:
         async with state.sessions() as session:
             turn = await chats.get_turn(session, organization_id, chat_id, turn_id)
-            if turn is None or turn.status == TurnStatus.RUNNING:
+            if turn is None or turn.status in (TurnStatus.QUEUED, TurnStatus.RUNNING):
                 return None
             message = await chats.get_message(session, organization_id, turn.assistant_message_id)
         if message is None:
-            return None
+            # A queued turn that ended before it ran: it has no message, only its ending.
+            if turn.status == TurnStatus.ABORTED:
+                return [{"type": "abort"}, {"type": "finish", "finishReason": "other"}]
+            return [{"type": "error", "errorText": turn.error or "the turn ended before it ran"}]
         return stored_message_chunks(
             message.id, message.parts, message.message_metadata, message.status, resuming=resuming
         )
@@ -513,13 +505,31 @@ def _stored_answer(
 
 
 async def _finished_turn_json(
-    state: AppState, principal: Principal, turn_id: str, chat_id: str, assistant_message_id: str
+    state: AppState,
+    principal: Principal,
+    turn_id: str,
+    chat_id: str,
+    assistant_message_id: str,
+    headers: dict[str, str],
 ) -> JSONResponse:
     handle = state.temporal.get_workflow_handle_for(ChatTurnWorkflow.run, turn_workflow_id(turn_id))
     result = await handle.result()
     async with state.sessions() as session:
         message = await chats.get_message(session, principal.organization_id, assistant_message_id)
-    assert message is not None
+        turn = await chats.get_turn(session, principal.organization_id, chat_id, turn_id)
+    headers = {**headers, "X-Chat-Id": chat_id}
+    if message is None:
+        # A queued turn that ended before it ran.
+        if result.status == TurnStatus.REJECTED:
+            # Its chat was deleted, or the message it was to regenerate or edit is gone.
+            raise NotFoundError(
+                turn.error if turn and turn.error else "the queued turn could not run",
+                extra={"chatId": chat_id, "turnId": turn_id},
+            )
+        payload = TurnOut(
+            chatId=chat_id, turnId=turn_id, status=result.status, message=None, usage=UsageOut()
+        )
+        return JSONResponse(payload.model_dump(), headers=headers)
     if message.status == "failed":
         raise UpstreamError(
             message.message_metadata.get("error", "generation failed"),
@@ -533,7 +543,7 @@ async def _finished_turn_json(
         message=UIMessageOut.model_validate(chats.as_ui_message(message)),
         usage=usage,
     )
-    return JSONResponse(payload.model_dump(), headers={"X-Chat-Id": chat_id})
+    return JSONResponse(payload.model_dump(), headers=headers)
 
 
 def _wants_stream(request: Request, stream_param: bool) -> bool:
