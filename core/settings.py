@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     # Idle comment pings on open SSE responses.
     stream_ping_seconds: float = 15.0
 
+    # The model that titles a new chat after its first turn (`provider/model`); unset, or when it
+    # fails, the title is the first words of the first message.
+    title_model: str | None = None
+
+    # Deleted chats (messages and turns included) are purged this long after deletion, by a job
+    # that runs on this period.
+    deleted_chat_retention_seconds: int = Field(default=30 * 86400, ge=0)
+    purge_interval_seconds: int = Field(default=3600, ge=60)
+
     max_message_chars: int = 100_000
     max_request_bytes: int = 1_000_000
 
