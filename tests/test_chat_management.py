@@ -4,7 +4,6 @@ truncate, message and turn pages."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import uuid
 from typing import Any
@@ -243,16 +242,16 @@ async def test_delete_stops_the_turn_frees_the_channel_and_purge_removes_everyth
     )
     assert kept == 0
     assert await rows_of(sessions, chat_id) == (1, 2, 1)
-    purge = subprocess.run(
-        [sys.executable, "-m", "cli", "chats", "purge", "--org", organization_name],
+    purge = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "cli", "chats", "purge", "--org", organization_name),
         env=process_environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    assert purge.returncode == 0, purge.stderr
-    assert "purged 1 deleted chats" in purge.stdout
+    stdout, stderr = await asyncio.wait_for(purge.communicate(), 60)
+    assert purge.returncode == 0, stderr.decode()
+    assert "purged 1 deleted chats" in stdout.decode()
     assert await rows_of(sessions, chat_id) == (0, 0, 0)
     assert (await get_chat(client, tenant.headers, fresh["chatId"]))["messages"]
 
