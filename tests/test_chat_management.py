@@ -16,7 +16,7 @@ from temporalio.client import Client
 from core.contracts import PurgeDeletedChatsInput
 from core.settings import Settings
 from storage.models import Chat, Message, Organization, Turn
-from tests.conftest import Tenant
+from tests.conftest import Tenant, process_environment
 from tests.support.chat_api import get_chat, stored_text, wait_for_settled_answer
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.sse import iter_sse
@@ -184,7 +184,6 @@ async def test_delete_stops_the_turn_frees_the_channel_and_purge_removes_everyth
     tenant: Tenant,
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
-    process_environment: dict[str, str],
 ) -> None:
     channel = {"source": "slack", "id": f"C{uuid.uuid4().hex[:8]}"}
     async with client.stream(
@@ -245,7 +244,7 @@ async def test_delete_stops_the_turn_frees_the_channel_and_purge_removes_everyth
     purge = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "cli", "chats", "purge", "--org", organization_name),
-        env=process_environment,
+        env=process_environment(settings),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
