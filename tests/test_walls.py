@@ -3,6 +3,7 @@ organization's or another user's chat, and changes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -44,6 +45,11 @@ async def test_another_tenants_or_users_chat_is_404_on_every_endpoint(
     cursor = events[1].id
     assert cursor
     before = await get_chat(client, owner.headers, chat_id)
+    for _ in range(100):  # the turn titles its new chat after the stream has ended
+        if before["title"] is not None:
+            break
+        await asyncio.sleep(0.05)
+        before = await get_chat(client, owner.headers, chat_id)
     user_message, answer = before["messages"]
     # The organization's admin key sees its users' chats.
     assert (await get_chat(client, admin.headers, chat_id))["id"] == chat_id
