@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import install_problem_handlers
-from api.routers import chats, health
+from api.routers import chats, health, keys
 from api.state import AppState
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
@@ -105,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health.router)
     app.include_router(chats.router)
+    app.include_router(keys.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
