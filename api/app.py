@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.problems import install_problem_handlers
-from api.routers import chat_management, chats, health
+from api.routers import chat_management, chats, health, keys
 from api.state import AppState
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
     app.include_router(chat_management.router)
     app.include_router(chats.router)
+    app.include_router(keys.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

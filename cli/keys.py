@@ -42,11 +42,15 @@ def keys() -> None:
 @click.option(
     "--admin/--no-admin",
     default=None,
-    help="Organization admin key (default: admin unless --user).",
+    help="Organization admin key (default: admin unless --user; never with --user).",
 )
 def create(organization: str, user_id: str | None, name: str | None, admin: bool | None) -> None:
     """Create an API key and print its secret (shown only this once)."""
     is_admin = admin if admin is not None else user_id is None
+    try:
+        api_keys.check_key_scope(user_id=user_id, is_admin=is_admin)
+    except api_keys.KeyScopeError as exc:
+        raise click.UsageError(str(exc)) from exc
 
     async def work(session: AsyncSession) -> api_keys.CreatedKey:
         organization_id = await api_keys.ensure_organization(session, organization)

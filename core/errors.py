@@ -39,6 +39,12 @@ class UnauthorizedError(DurachatError):
     problem_type = "/problems/unauthorized"
 
 
+class ForbiddenError(DurachatError):
+    status_code = 403
+    title = "Forbidden"
+    problem_type = "/problems/forbidden"
+
+
 class NotFoundError(DurachatError):
     status_code = 404
     title = "Not Found"
