@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.chat_views import chat_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS
 from api.relay import (
     FROM_START,
     StoredAnswer,
@@ -90,6 +91,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such chat for this caller", **PROBLEM},
     409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
+    **LIMIT_RESPONSES,
 }
 
 
@@ -97,6 +99,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     "",
     summary="Send a message to a new chat (or to the chat named by `id` / `externalChannelId`)",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def send_to_new_chat(
     body: SendMessageRequest,
@@ -128,7 +131,12 @@ async def send_to_new_chat(
     )
 
 
-@router.post("/{chat_id}", summary="Send a message to an existing chat", responses=SSE_RESPONSE)
+@router.post(
+    "/{chat_id}",
+    summary="Send a message to an existing chat",
+    responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
+)
 async def send_to_chat(
     chat_id: ChatId,
     body: SendMessageRequest,
@@ -157,6 +165,7 @@ async def send_to_chat(
     "/{chat_id}/messages/{message_id}/regenerate",
     summary="Answer again: a new assistant message beside the given one (or answering the given user message)",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def regenerate_message(
     chat_id: ChatId,
@@ -184,6 +193,7 @@ async def regenerate_message(
     "/{chat_id}/messages/{message_id}/edit",
     summary="Edit a user message: a new sibling user message (the old one stays), and its answer",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def edit_message(
     chat_id: ChatId,
@@ -262,7 +272,9 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
         400: {"description": "Malformed Last-Event-ID", **PROBLEM},
         401: {"description": "Missing or invalid API key", **PROBLEM},
         404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
+        **LIMIT_RESPONSES,
     },
+    dependencies=[STREAM_OPEN_LIMITS],
 )
 async def resume_stream(
     chat_id: ChatId,
