@@ -18,7 +18,7 @@ from core.contracts import (
     TurnStatus,
 )
 from core.errors import ErrorType
-from core.ui_chunks import opening_chunks
+from core.ui_chunks import opening_chunks, unrun_turn_chunks
 from storage import chats
 from storage.streams import TurnStreams
 
@@ -101,7 +101,9 @@ class ChatSessionActivities:
                 session, request.organization_id, request.chat_id
             )
         await self._streams.append_terminal(
-            request.organization_id, request.turn_id, dropped_turn_chunks(request)
+            request.organization_id,
+            request.turn_id,
+            unrun_turn_chunks(request.status is TurnStatus.ABORTED, request.reason),
         )
         return next_turn_id
 
@@ -121,13 +123,6 @@ def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
     if outcome.error is not None:
         metadata["error"] = outcome.error
     return metadata
-
-
-def dropped_turn_chunks(request: DropQueuedTurnInput) -> list[dict[str, Any]]:
-    """How the stream of a queued turn that never ran ends: it has no message, so only the ending."""
-    if request.status is TurnStatus.ABORTED:
-        return [{"type": "abort"}, {"type": "finish", "finishReason": "other"}]
-    return [{"type": "error", "errorText": request.reason}]
 
 
 def terminal_chunks(

@@ -5,17 +5,14 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.schemas import ChatOut, ChatSummaryOut, UIMessageOut
+from core.errors import ConflictError
 from storage import chats
 from storage.models import Chat, Message
 
 
 async def chat_out(session: AsyncSession, chat: Chat) -> ChatOut:
     """The chat with the messages of its active branch and the turns waiting in its queue."""
-    branch = (
-        await chats.load_branch(session, chat.organization_id, chat.active_leaf_id)
-        if chat.active_leaf_id
-        else []
-    )
+    branch = await chats.load_active_branch(session, chat)
     return ChatOut(
         **ChatSummaryOut.fields_of(chat),
         queuedTurnIds=await chats.queued_turn_ids(session, chat),
@@ -39,3 +36,13 @@ async def ui_messages_out(
         )
         for message in messages
     ]
+
+
+async def refuse_if_busy(session: AsyncSession, chat: Chat) -> None:
+    """409 while a turn holds the chat or waits in its queue."""
+    queued = await chats.queued_turn_ids(session, chat)
+    if chat.active_turn_id is not None or queued:
+        raise ConflictError(
+            "the chat has an active turn; stop it or wait for it to finish",
+            extra={"turnId": chat.active_turn_id or queued[0], "chatId": chat.id},
+        )

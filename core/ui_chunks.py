@@ -67,3 +67,10 @@ def stored_message_chunks(
         "messageMetadata": metadata,
     }
     return [*chunks, {"type": "abort"}, finish] if status == "aborted" else [*chunks, finish]
+
+
+def unrun_turn_chunks(aborted: bool, reason: str) -> list[dict[str, Any]]:
+    """How the stream of a queued turn that never ran ends: it has no message, only its ending."""
+    if aborted:
+        return [{"type": "abort"}, {"type": "finish", "finishReason": "other"}]
+    return [{"type": "error", "errorText": reason}]

@@ -422,6 +422,13 @@ async def load_branch(session: AsyncSession, organization_id: str, leaf_id: str)
     return list(result.scalars())
 
 
+async def load_active_branch(session: AsyncSession, chat: Chat) -> list[Message]:
+    """The messages the chat shows: its active branch, oldest first."""
+    if chat.active_leaf_id is None:
+        return []
+    return await load_branch(session, chat.organization_id, chat.active_leaf_id)
+
+
 async def children_by_parent(
     session: AsyncSession, chat: Chat, parent_ids: set[str | None]
 ) -> dict[str | None, list[str]]:
@@ -652,11 +659,7 @@ async def truncate_active_branch(session: AsyncSession, chat: Chat, keep: int) -
     Everything hanging under a deleted message goes too (other branches from that point on); the
     oldest kept message becomes a root. `keep=0` empties the chat.
     """
-    branch = (
-        await load_branch(session, chat.organization_id, chat.active_leaf_id)
-        if chat.active_leaf_id
-        else []
-    )
+    branch = await load_active_branch(session, chat)
     before = await _message_count(session, chat)
     if keep == 0:
         await session.execute(

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.chat_views import chat_out, ui_messages_out
+from api.chat_views import chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
 from api.schemas import (
     ChatId,
@@ -28,7 +28,7 @@ from api.schemas import (
     UsageOut,
 )
 from api.turns import stop_turn
-from core.errors import BadRequestError, ConflictError, NotFoundError
+from core.errors import BadRequestError, NotFoundError
 from providers.base import UnknownModelError
 from storage import chats
 from storage.models import Chat, Turn
@@ -161,7 +161,7 @@ async def truncate_chat(
     chat_id: ChatId, body: TruncateIn, principal: CurrentPrincipal, session: SessionDep
 ) -> TruncateOut:
     chat = await _live_chat(session, principal, chat_id, for_update=True)
-    await _refuse_if_busy(session, chat)
+    await refuse_if_busy(session, chat)
     truncation = await chats.truncate_active_branch(session, chat, body.keep)
     await session.commit()
     return TruncateOut(kept=truncation.kept, deleted=truncation.deleted)
@@ -183,11 +183,7 @@ async def list_messages(
     ] = None,
 ) -> MessagePageOut:
     chat = await _live_chat(session, principal, chat_id)
-    branch = (
-        await chats.load_branch(session, chat.organization_id, chat.active_leaf_id)
-        if chat.active_leaf_id
-        else []
-    )
+    branch = await chats.load_active_branch(session, chat)
     end = len(branch)
     if before is not None:
         ids = [message.id for message in branch]
@@ -232,15 +228,6 @@ async def _live_chat(
     if chat is None:
         raise NotFoundError("chat not found")
     return chat
-
-
-async def _refuse_if_busy(session: AsyncSession, chat: Chat) -> None:
-    queued = await chats.queued_turn_ids(session, chat)
-    if chat.active_turn_id is not None or queued:
-        raise ConflictError(
-            "the chat has an active turn; stop it or wait for it to finish",
-            extra={"turnId": chat.active_turn_id or queued[0], "chatId": chat.id},
-        )
 
 
 def _turn_out(turn: Turn) -> TurnRecordOut:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from api.chat_views import chat_out
+from api.chat_views import chat_out, refuse_if_busy
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
 from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS
 from api.relay import (
@@ -44,7 +44,7 @@ from core.contracts import (
     turn_workflow_id,
 )
 from core.errors import BadRequestError, ConflictError, NotFoundError, UpstreamError
-from core.ui_chunks import stored_message_chunks
+from core.ui_chunks import stored_message_chunks, unrun_turn_chunks
 from providers.base import UnknownModelError
 from storage import chats
 from storage.api_keys import Principal
@@ -231,11 +231,7 @@ async def switch_branch(
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id, for_update=True)
     if chat is None:
         raise NotFoundError("chat not found")
-    if chat.active_turn_id is not None:
-        raise ConflictError(
-            "the chat has an active turn; stop it or wait for it to finish",
-            extra={"turnId": chat.active_turn_id, "chatId": chat.id},
-        )
+    await refuse_if_busy(session, chat)
     leaf = await chats.latest_leaf_under(session, chat, body.message_id)
     if leaf is None:
         raise NotFoundError("no such message in this chat")
@@ -487,11 +483,10 @@ def _stored_answer(
             if turn is None or turn.status in (TurnStatus.QUEUED, TurnStatus.RUNNING):
                 return None
             message = await chats.get_message(session, organization_id, turn.assistant_message_id)
-        if message is None:
-            # A queued turn that ended before it ran: it has no message, only its ending.
-            if turn.status == TurnStatus.ABORTED:
-                return [{"type": "abort"}, {"type": "finish", "finishReason": "other"}]
-            return [{"type": "error", "errorText": turn.error or "the turn ended before it ran"}]
+        if message is None:  # a queued turn that ended before it ran
+            return unrun_turn_chunks(
+                turn.status == TurnStatus.ABORTED, turn.error or "the turn ended before it ran"
+            )
         return stored_message_chunks(
             message.id, message.parts, message.message_metadata, message.status, resuming=resuming
         )
