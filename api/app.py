@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import install_openapi
 from api.problems import install_problem_handlers
 from api.routers import chats, health
 from api.state import AppState
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(chats.router)
     if settings.cors_origins:

@@ -71,12 +71,8 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The AI SDK UI message stream (v1) of the turn, as Server-Sent Events; "
         "or, with `?stream=false` or `Accept: application/json`, the finished turn as JSON.",
-        "content": {
-            "text/event-stream": {"schema": {"type": "string"}},
-            "application/json": {
-                "schema": TurnOut.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
-        },
+        "model": TurnOut,
+        "content": {"text/event-stream": {}},
         "headers": {
             "X-Chat-Id": {"description": "The chat's id", "schema": {"type": "string"}},
             "X-Turn-Id": {"description": "The turn's id", "schema": {"type": "string"}},
@@ -92,6 +88,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such chat for this caller", **PROBLEM},
     409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
+    502: {"description": "The provider failed the turn (`?stream=false` only)", **PROBLEM},
 }
 
 
@@ -294,7 +291,7 @@ async def _chat_out(session: AsyncSession, principal: Principal, chat: Chat) -> 
     responses={
         200: {
             "description": "The UI message stream, replayed from `start` or after the cursor",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {}},
         },
         204: {"description": "No turn is active"},
         400: {"description": "Malformed Last-Event-ID", **PROBLEM},
