@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,6 +23,7 @@ from api.schemas import (
     ChatOut,
     EditRequest,
     ExternalChannelOut,
+    MessageId,
     NewTurn,
     RegenerateRequest,
     SendMessageRequest,
@@ -159,7 +160,7 @@ async def send_to_chat(
 )
 async def regenerate_message(
     chat_id: ChatId,
-    message_id: Annotated[str, Path(max_length=64)],
+    message_id: MessageId,
     request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
@@ -186,7 +187,7 @@ async def regenerate_message(
 )
 async def edit_message(
     chat_id: ChatId,
-    message_id: Annotated[str, Path(max_length=64)],
+    message_id: MessageId,
     body: EditRequest,
     request: Request,
     principal: CurrentPrincipal,
