@@ -7,10 +7,23 @@ import signal
 from datetime import timedelta
 
 import structlog
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+)
 from temporalio.worker import Worker
 
 from activities.chat_session import ChatSessionActivities
 from activities.generation import GenerationActivities
+from activities.maintenance import MaintenanceActivities
+from core.contracts import PurgeDeletedChatsInput
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
@@ -19,6 +32,7 @@ from storage.db import create_engine, create_session_factory
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 from workflows.chat_turn import ChatTurnWorkflow
+from workflows.maintenance import PURGE_SCHEDULE_ID, PurgeDeletedChatsWorkflow
 
 log = structlog.get_logger(__name__)
 
@@ -39,21 +53,26 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         )
         sessions = create_session_factory(engine)
         session_activities = ChatSessionActivities(sessions, streams)
-        generation_activities = GenerationActivities(sessions, streams, providers)
+        generation_activities = GenerationActivities(
+            sessions, streams, providers, title_model=settings.title_model
+        )
         client = await connect_temporal(settings)
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
-            workflows=[ChatTurnWorkflow],
+            workflows=[ChatTurnWorkflow, PurgeDeletedChatsWorkflow],
             activities=[
                 session_activities.claim_session,
                 session_activities.store_user_message,
                 session_activities.persist_assistant_message,
                 session_activities.drop_queued_turn,
                 generation_activities.generate_reply,
+                generation_activities.title_chat,
+                MaintenanceActivities(sessions).purge_deleted_chats,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         )
+        await keep_purge_schedule(client, settings)
         async with worker:
             log.info("worker.started", task_queue=settings.temporal_task_queue)
             await stop.wait()
@@ -62,6 +81,33 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         await providers.aclose()
         await redis.aclose()
         await engine.dispose()
+
+
+async def keep_purge_schedule(client: Client, settings: Settings) -> None:
+    """Create the schedule that purges deleted chats, or bring it in line with the settings.
+
+    Every worker does this at start; the schedule id makes it one schedule per namespace.
+    """
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            PurgeDeletedChatsWorkflow.run,
+            PurgeDeletedChatsInput(retention_seconds=settings.deleted_chat_retention_seconds),
+            id=f"{PURGE_SCHEDULE_ID}-run",
+            task_queue=settings.temporal_task_queue,
+        ),
+        spec=ScheduleSpec(
+            intervals=[
+                ScheduleIntervalSpec(every=timedelta(seconds=settings.purge_interval_seconds))
+            ]
+        ),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(PURGE_SCHEDULE_ID, schedule)
+    except ScheduleAlreadyRunningError:
+        await client.get_schedule_handle(PURGE_SCHEDULE_ID).update(
+            lambda _: ScheduleUpdate(schedule=schedule)
+        )
 
 
 def main() -> None:

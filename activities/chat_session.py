@@ -35,7 +35,8 @@ class ChatSessionActivities:
         try:
             info = activity.info()
             # Turn activities only ever run inside their turn's workflow.
-            assert info.workflow_id is not None and info.workflow_run_id is not None
+            assert info.workflow_id is not None
+            assert info.workflow_run_id is not None
             run = chats.TurnRun(info.workflow_id, info.workflow_run_id)
             async with self._sessions.begin() as session:
                 return await chats.claim_session(session, turn, run)

@@ -15,7 +15,7 @@ from temporalio.exceptions import ApplicationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from activities.ui_message import Chunk, UiMessageBuilder
-from core.contracts import GenerateReplyInput, GenerateReplyResult
+from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks
 from providers.base import (
@@ -23,12 +23,13 @@ from providers.base import (
     ModelProvider,
     PromptMessage,
     ProviderError,
+    TextDelta,
     UnknownModelError,
 )
 from providers.registry import ProviderRegistry
 from storage import chats
 from storage.db import is_database_unavailable
-from storage.models import Message
+from storage.models import Chat, Message
 from storage.streams import TurnStreams
 
 # Heartbeats go out on this period whatever the provider does, so a provider that thinks for a while
@@ -102,10 +103,12 @@ class GenerationActivities:
         session_factory: async_sessionmaker[AsyncSession],
         streams: TurnStreams,
         providers: ProviderRegistry,
+        title_model: str | None = None,
     ) -> None:
         self._sessions = session_factory
         self._streams = streams
         self._providers = providers
+        self._title_model = title_model
 
     @activity.defn
     async def generate_reply(self, request: GenerateReplyInput) -> GenerateReplyResult:
@@ -119,7 +122,7 @@ class GenerationActivities:
                 str(exc), type=ErrorType.PROVIDER_REJECTED, non_retryable=True
             ) from exc
 
-        async def load_context(session: AsyncSession) -> tuple[str | None, list[Message]]:
+        async def load_context(session: AsyncSession) -> tuple[Chat | None, list[Message]]:
             await chats.record_attempt(session, request.organization_id, request.turn_id, attempt)
             chat = await chats.get_live_chat(
                 session, chats.Visibility(request.organization_id), request.chat_id
@@ -127,10 +130,12 @@ class GenerationActivities:
             branch = await chats.load_branch(
                 session, request.organization_id, request.user_message_id
             )
-            return (chat.instructions if chat else None), branch
+            return chat, branch
 
-        instructions, branch = await self._in_transaction(load_context)
-        prompt = build_prompt(request.system, instructions, branch)
+        chat, branch = await self._in_transaction(load_context)
+        prompt = build_prompt(
+            request.system, chat.instructions if chat else None, chat.mood if chat else None, branch
+        )
 
         # Written again in case Redis lost the stream since the turn opened it (a no-op otherwise),
         # so a reader starting from the beginning always finds `start`.
@@ -194,6 +199,52 @@ class GenerationActivities:
             attempt=attempt,
             stopped=stopped,
         )
+
+    @activity.defn
+    async def title_chat(self, request: TitleChatInput) -> str | None:
+        """Title a new chat from its first message, unless it has a title (a user's always wins).
+
+        Returns the title set, or None when the chat already had one.
+        """
+
+        async def first_text(session: AsyncSession) -> str:
+            return await chats.first_user_text(session, request.organization_id, request.chat_id)
+
+        text = await self._in_transaction(first_text)
+        title = await self._title_from_model(text) or title_from_text(text)
+        if not title:
+            return None
+
+        async def store(session: AsyncSession) -> bool:
+            return await chats.set_title_if_unset(
+                session, request.organization_id, request.chat_id, title
+            )
+
+        return title if await self._in_transaction(store) else None
+
+    async def _title_from_model(self, text: str) -> str | None:
+        """A title from the configured title model; None if there is none or it fails."""
+        if self._title_model is None or not text.strip():
+            return None
+        try:
+            provider, model = self._providers.resolve(self._title_model)
+            request = GenerationRequest(
+                model=model,
+                messages=[
+                    PromptMessage(role="system", content=TITLE_INSTRUCTIONS),
+                    PromptMessage(role="user", content=text[:4000]),
+                ],
+                options={"max_tokens": 20},
+            )
+            pieces: list[str] = []
+            async with aclosing(provider.stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        pieces.append(event.text)
+        except (ProviderError, UnknownModelError) as exc:
+            activity.logger.warning("title model failed; using the first words", exc_info=exc)
+            return None
+        return title_from_text("".join(pieces).strip().strip("\"'"))
 
     async def _save_parts(self, request: GenerateReplyInput, builder: UiMessageBuilder) -> None:
         async def save(session: AsyncSession) -> None:
@@ -284,12 +335,40 @@ def _as_application_error(exc: ProviderError) -> ApplicationError:
     )
 
 
+TITLE_INSTRUCTIONS = (
+    "Write a title of at most six words for a conversation that starts with the user's message. "
+    "Answer with the title only, without quotes or a final period."
+)
+TITLE_MAX_WORDS = 8
+TITLE_MAX_CHARS = 80
+
+
+def title_from_text(text: str) -> str:
+    """The first words of `text`, as a one-line title of bounded length."""
+    words = text.split()
+    title = " ".join(words[:TITLE_MAX_WORDS])
+    if len(title) > TITLE_MAX_CHARS:
+        title = title[: TITLE_MAX_CHARS - 1].rstrip() + "…"
+    elif len(words) > TITLE_MAX_WORDS:
+        title += "…"
+    return title
+
+
+# The system prompt line a chat's mood adds; `normal` (or none) adds nothing.
+MOOD_LINES = {
+    "serious": "Answer in a serious, precise and professional tone. No jokes, no small talk.",
+    "friendly": "Answer in a warm, friendly and conversational tone.",
+}
+
+
 def build_prompt(
-    system: str | None, instructions: str | None, branch: list[Message]
+    system: str | None, instructions: str | None, mood: str | None, branch: list[Message]
 ) -> list[PromptMessage]:
-    """The provider prompt: system text, then the conversation's text parts up to the user message."""
+    """The provider prompt: system text (the chat's instructions and mood, then the request's own
+    system text), then the conversation's text parts up to the user message."""
     prompt: list[PromptMessage] = []
-    system_text = "\n\n".join(text for text in (instructions, system) if text)
+    mood_line = MOOD_LINES.get(mood or "")
+    system_text = "\n\n".join(text for text in (instructions, mood_line, system) if text)
     if system_text:
         prompt.append(PromptMessage(role="system", content=system_text))
     for message in branch:

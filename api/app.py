@@ -12,15 +12,17 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
-from api.routers import chats, health
+from api.routers import chat_management, chats, health, keys
 from api.state import AppState
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
 from storage.db import create_engine, create_session_factory
+from storage.limits import RateLimiter, StreamLeases
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 
@@ -89,6 +91,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
                 temporal=await connect_temporal(settings),
                 providers=providers,
+                rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
+                stream_leases=StreamLeases(redis, lease_seconds=settings.stream_lease_seconds),
             )
             log.info("api.started", host=settings.api_host, port=settings.api_port)
             yield
@@ -106,14 +110,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     install_openapi(app)
     app.include_router(health.router)
+    # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
+    app.include_router(chat_management.router)
     app.include_router(chats.router)
+    app.include_router(keys.router)
+    # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
+    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["X-Chat-Id", "X-Request-Id"],
+            expose_headers=["X-Chat-Id", "X-Request-Id", "Retry-After"],
         )
     app.add_middleware(RequestIdMiddleware)
     return app

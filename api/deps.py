@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.state import AppState
-from core.errors import UnauthorizedError
+from core.errors import ForbiddenError, UnauthorizedError
 from storage import api_keys
 from storage.api_keys import Principal
 from storage.chats import Visibility
@@ -50,6 +50,15 @@ async def get_principal(
 
 
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+async def get_admin_principal(principal: CurrentPrincipal) -> Principal:
+    if not principal.is_admin:
+        raise ForbiddenError("this needs an organization admin key")
+    return principal
+
+
+AdminPrincipal = Annotated[Principal, Depends(get_admin_principal)]
 
 
 def visibility_of(principal: Principal) -> Visibility:

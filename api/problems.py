@@ -38,14 +38,16 @@ def problem_response(
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(DurachatError)
     async def _durachat_error(request: Request, exc: DurachatError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = dict(exc.headers)
+        if exc.status_code == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return problem_response(
             exc.status_code,
             exc.title,
             exc.detail,
             problem_type=exc.problem_type,
             extra=exc.extra,
-            headers=headers,
+            headers=headers or None,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from core.contracts import IfBusy, SeedMessage, TurnKind
+from storage.chats import iso
+from storage.models import Chat
 
 CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ChatId = Annotated[
@@ -313,20 +315,117 @@ class ExternalChannelOut(BaseModel):
     id: str
 
 
-class ChatOut(BaseModel):
+Mood = Literal["serious", "friendly", "normal"]
+
+
+class ChatSummaryOut(BaseModel):
+    """A chat without its messages, as lists show it."""
+
     id: str
     title: str | None
     pinned: bool
-    model: str | None
-    instructions: str | None
+    model: str | None = Field(description="The default model of sends that name none.")
+    instructions: str | None = Field(description="The chat's own system prompt.")
+    mood: Mood
+    folder: str | None
     externalChannel: ExternalChannelOut | None  # noqa: N815
     activeTurnId: str | None  # noqa: N815
+    createdAt: str  # noqa: N815
+    updatedAt: str  # noqa: N815
+
+    @classmethod
+    def fields_of(cls, chat: Chat) -> dict[str, Any]:
+        return {
+            "id": chat.id,
+            "title": chat.title,
+            "pinned": chat.pinned,
+            "model": chat.model,
+            "instructions": chat.instructions,
+            "mood": chat.mood or "normal",
+            "folder": chat.folder,
+            "externalChannel": (
+                ExternalChannelOut(source=chat.external_source, id=chat.external_id)
+                if chat.external_source and chat.external_id
+                else None
+            ),
+            "activeTurnId": chat.active_turn_id,
+            "createdAt": iso(chat.created_at),
+            "updatedAt": iso(chat.updated_at),
+        }
+
+
+class ChatPageOut(BaseModel):
+    items: list[ChatSummaryOut]
+    total: int = Field(description="How many chats match, over all pages.")
+    limit: int
+    offset: int
+
+
+class ChatUpdateIn(BaseModel):
+    """The chat settings to change; a field left out stays as it is, `null` clears it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+        | None
+    ) = None
+    pinned: bool = False
+    instructions: str | None = Field(default=None, max_length=20_000)
+    model: str | None = Field(default=None, max_length=200, description="`provider/model`")
+    mood: Mood | None = None
+    folder: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+        | None
+    ) = None
+
+
+class TruncateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep: int = Field(ge=0, le=1_000_000, description="How many of the newest messages to keep.")
+
+
+class TruncateOut(BaseModel):
+    kept: int
+    deleted: int
+
+
+class MessagePageOut(BaseModel):
+    messages: list[UIMessageOut] = Field(description="Oldest to newest.")
+    hasMore: bool = Field(description="Older messages exist; ask with `before` = the first id.")  # noqa: N815
+
+
+class TurnRecordOut(BaseModel):
+    id: str
+    status: str
+    model: str
+    attempts: int
+    userMessageId: str  # noqa: N815
+    assistantMessageId: str  # noqa: N815
+    usage: UsageOut
+    ttftMs: int | None  # noqa: N815
+    durationMs: int | None  # noqa: N815
+    finishReason: str | None  # noqa: N815
+    error: str | None
+    workflowId: str  # noqa: N815
+    runId: str | None  # noqa: N815
+    createdAt: str  # noqa: N815
+    completedAt: str | None  # noqa: N815
+
+
+class TurnPageOut(BaseModel):
+    items: list[TurnRecordOut] = Field(description="Newest first.")
+    total: int
+    limit: int
+    offset: int
+
+
+class ChatOut(ChatSummaryOut):
     queuedTurnIds: list[str] = Field(  # noqa: N815
         description="Turns waiting for the active one to end (`ifBusy: queue`), first in line first."
     )
-    createdAt: str  # noqa: N815
-    updatedAt: str  # noqa: N815
-    messages: list[UIMessageOut]
+    messages: list[UIMessageOut] = Field(description="The active branch, oldest first.")
 
 
 class TurnOut(BaseModel):

@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from core.settings import Settings
 from providers.registry import ProviderRegistry
+from storage.limits import RateLimiter, StreamLeases
 from storage.streams import TurnStreams
 
 
@@ -22,3 +23,5 @@ class AppState:
     streams: TurnStreams
     temporal: Client
     providers: ProviderRegistry
+    rate_limiter: RateLimiter
+    stream_leases: StreamLeases

@@ -183,6 +183,12 @@ class BenchRig:
             "DURACHAT_API_HOST": self.settings.api_host,
             "DURACHAT_API_PORT": str(self.ports.api),
             "DURACHAT_TEMPORAL_TASK_QUEUE": self.settings.temporal_task_queue,
+            # Every benchmark turn comes from one key, as fast as the rig can send: the per-key and
+            # per-organization limits would otherwise be what gets measured.
+            "DURACHAT_SEND_RATE_LIMIT": "",
+            "DURACHAT_STREAM_OPEN_RATE_LIMIT": "",
+            "DURACHAT_MAX_OPEN_STREAMS_PER_KEY": "0",
+            "DURACHAT_MAX_ACTIVE_TURNS_PER_ORGANIZATION": "0",
         }
         # Line-buffered: the supervisor writes whole lines, and a reader of the file during a run
         # (tail -f) should see them as they come.

@@ -16,7 +16,7 @@ from storage.db import create_engine, create_session_factory
 T = TypeVar("T")
 
 
-def _in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+def in_transaction(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     async def run() -> T:
         engine = create_engine(get_settings().resolved_database_url, pool_size=1)
         try:
@@ -42,11 +42,15 @@ def keys() -> None:
 @click.option(
     "--admin/--no-admin",
     default=None,
-    help="Organization admin key (default: admin unless --user).",
+    help="Organization admin key (default: admin unless --user; never with --user).",
 )
 def create(organization: str, user_id: str | None, name: str | None, admin: bool | None) -> None:
     """Create an API key and print its secret (shown only this once)."""
     is_admin = admin if admin is not None else user_id is None
+    try:
+        api_keys.check_key_scope(user_id=user_id, is_admin=is_admin)
+    except api_keys.KeyScopeError as exc:
+        raise click.UsageError(str(exc)) from exc
 
     async def work(session: AsyncSession) -> api_keys.CreatedKey:
         organization_id = await api_keys.ensure_organization(session, organization)
@@ -54,7 +58,7 @@ def create(organization: str, user_id: str | None, name: str | None, admin: bool
             session, organization_id, user_id=user_id, is_admin=is_admin, name=name
         )
 
-    created = _in_transaction(work)
+    created = in_transaction(work)
     click.echo(f"key id:  {created.id}")
     click.echo(f"secret:  {created.secret}")
     click.echo("Store the secret now: it is not shown again.", err=True)
@@ -71,7 +75,7 @@ def list_(organization: str) -> None:
             None if organization_id is None else await api_keys.list_keys(session, organization_id)
         )
 
-    summaries = _in_transaction(work)
+    summaries = in_transaction(work)
     if summaries is None:
         raise click.ClickException(f"no organization named {organization!r}")
     for key in summaries:
@@ -92,6 +96,6 @@ def revoke(key_id: str) -> None:
     async def work(session: AsyncSession) -> bool:
         return await api_keys.revoke_key(session, key_id)
 
-    if not _in_transaction(work):
+    if not in_transaction(work):
         raise click.ClickException(f"no active key with id {key_id}")
     click.echo(f"revoked {key_id}")

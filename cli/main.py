@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cli.chats import chats_group
 from cli.keys import keys
 from core.logging import configure_logging
 from core.settings import get_settings
@@ -58,6 +59,7 @@ def migrate(revision: str) -> None:
 
 
 cli.add_command(keys)
+cli.add_command(chats_group)
 
 
 def main() -> None:

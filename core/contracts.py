@@ -203,6 +203,20 @@ class PersistAssistantMessageInput:
 
 
 @dataclass
+class PurgeDeletedChatsInput:
+    """Purge chats deleted at least `retention_seconds` ago (of one organization, or of all)."""
+
+    retention_seconds: int
+    organization_id: str | None = None
+
+
+@dataclass
+class TitleChatInput:
+    organization_id: str
+    chat_id: str
+
+
+@dataclass
 class ChatReleased:
     """Signal to the head of a chat's queue: the turn before it has let go of the chat."""
 

@@ -21,10 +21,17 @@ class DurachatError(Exception):
     title: str = "Internal Server Error"
     problem_type: str = "about:blank"
 
-    def __init__(self, detail: str, *, extra: dict[str, object] | None = None) -> None:
+    def __init__(
+        self,
+        detail: str,
+        *,
+        extra: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra or {}
+        self.headers = headers or {}
 
 
 class BadRequestError(DurachatError):
@@ -39,6 +46,12 @@ class UnauthorizedError(DurachatError):
     problem_type = "/problems/unauthorized"
 
 
+class ForbiddenError(DurachatError):
+    status_code = 403
+    title = "Forbidden"
+    problem_type = "/problems/forbidden"
+
+
 class NotFoundError(DurachatError):
     status_code = 404
     title = "Not Found"
@@ -49,6 +62,27 @@ class ConflictError(DurachatError):
     status_code = 409
     title = "Conflict"
     problem_type = "/problems/conflict"
+
+
+class ContentTooLargeError(DurachatError):
+    status_code = 413
+    title = "Content Too Large"
+    problem_type = "/problems/content-too-large"
+
+
+class TooManyRequestsError(DurachatError):
+    """A rate limit or a concurrency cap refused the request; `Retry-After` says when to try again."""
+
+    status_code = 429
+    title = "Too Many Requests"
+    problem_type = "/problems/too-many-requests"
+
+    def __init__(self, detail: str, *, limit: str, retry_after_seconds: int) -> None:
+        super().__init__(
+            detail,
+            extra={"limit": limit, "retryAfter": retry_after_seconds},
+            headers={"Retry-After": str(retry_after_seconds)},
+        )
 
 
 class ServiceUnavailableError(DurachatError):

@@ -7,6 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
+from limits import parse_many
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -68,8 +69,30 @@ class Settings(BaseSettings):
     # Idle comment pings on open SSE responses.
     stream_ping_seconds: float = 15.0
 
-    max_message_chars: int = 100_000
-    max_request_bytes: int = 1_000_000
+    # The model that titles a new chat after its first turn (`provider/model`); unset, or when it
+    # fails, the title is the first words of the first message.
+    title_model: str | None = None
+
+    # Deleted chats (messages and turns included) are purged this long after deletion, by a job
+    # that runs on this period.
+    deleted_chat_retention_seconds: int = Field(default=30 * 86400, ge=0)
+    purge_interval_seconds: int = Field(default=3600, ge=60)
+
+    # Limits (README "Configuration"; docs/decisions.md "Limits"). Bodies over max_request_bytes are
+    # refused before anything reads them.
+    max_message_chars: int = Field(default=100_000, ge=1)
+    max_request_bytes: int = Field(default=1_000_000, ge=0)
+    # Rate limits per API key, shared by every api replica through Redis, in the notation of the
+    # `limits` package: "60/minute", or several as "10/second;300/hour". Empty turns one off.
+    send_rate_limit: str = "60/minute"
+    stream_open_rate_limit: str = "120/minute"
+    # Concurrency caps; 0 turns one off. Open streams are counted per API key, running turns per
+    # organization.
+    max_open_streams_per_key: int = Field(default=20, ge=0)
+    max_active_turns_per_organization: int = Field(default=50, ge=0)
+    # An open stream holds its slot through a Redis lease renewed every third of this; a slot whose
+    # api process died frees itself after at most this long.
+    stream_lease_seconds: int = Field(default=30, ge=3)
 
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:
@@ -87,6 +110,19 @@ class Settings(BaseSettings):
             if self.dev_api_key is not None:
                 raise ValueError("DURACHAT_DEV_API_KEY must not be set in production")
         return self
+
+    @field_validator("send_rate_limit", "stream_open_rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{value!r} is not a rate limit such as '60/minute' or '10/second;300/hour'"
+                ) from exc
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -27,15 +28,21 @@ class Principal:
     is_admin: bool
 
 
-@dataclass(frozen=True)
-class CreatedKey:
-    id: str
-    organization_id: str
-    secret: str
+class KeyScopeError(ValueError):
+    """A key asked to be both bound to one user and an organization admin."""
+
+
+def check_key_scope(*, user_id: str | None, is_admin: bool) -> None:
+    """The rule on a key's scope, kept here for the api, the CLI and storage alike."""
+    if user_id is not None and is_admin:
+        # A user's key acts for that user only; admin rights would let it manage everyone's keys.
+        raise KeyScopeError("a key bound to a user cannot be an admin key")
 
 
 @dataclass(frozen=True)
 class KeySummary:
+    """A key as it may be shown: never its secret or the secret's hash."""
+
     id: str
     name: str | None
     display_prefix: str
@@ -43,6 +50,14 @@ class KeySummary:
     is_admin: bool
     created_at: datetime
     revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CreatedKey(KeySummary):
+    """A new key and its secret, which exists only here: it is never stored and never shown again."""
+
+    organization_id: str
+    secret: str = field(repr=False)
 
 
 def hash_secret(secret: str) -> str:
@@ -81,21 +96,36 @@ async def create_key(
     secret: str | None = None,
 ) -> CreatedKey:
     """Store a new key; the secret is returned here once and never stored."""
+    check_key_scope(user_id=user_id, is_admin=is_admin)
     secret = secret or generate_secret()
     key_id = new_id()
-    session.add(
-        ApiKey(
-            id=key_id,
-            organization_id=organization_id,
-            user_id=user_id,
-            is_admin=is_admin,
-            name=name,
-            display_prefix=secret[:10],
-            secret_sha256=hash_secret(secret),
+    display_prefix = secret[:10]
+    created_at = (
+        await session.execute(
+            insert(ApiKey)
+            .values(
+                id=key_id,
+                organization_id=organization_id,
+                user_id=user_id,
+                is_admin=is_admin,
+                name=name,
+                display_prefix=display_prefix,
+                secret_sha256=hash_secret(secret),
+            )
+            .returning(ApiKey.created_at)
         )
+    ).scalar_one()
+    return CreatedKey(
+        id=key_id,
+        name=name,
+        display_prefix=display_prefix,
+        user_id=user_id,
+        is_admin=is_admin,
+        created_at=created_at,
+        revoked_at=None,
+        organization_id=organization_id,
+        secret=secret,
     )
-    await session.flush()
-    return CreatedKey(id=key_id, organization_id=organization_id, secret=secret)
 
 
 async def ensure_key_with_secret(
@@ -114,29 +144,61 @@ async def ensure_key_with_secret(
     if existing.organization_id != organization_id:
         raise ValueError("that secret already belongs to another organization's key")
     existing.revoked_at = None
+    existing.is_admin = True
+    existing.user_id = None
     return existing.id
 
 
-async def list_keys(session: AsyncSession, organization_id: str) -> list[KeySummary]:
-    rows = (
+def _keys_of(organization_id: str, *, include_revoked: bool) -> Any:
+    query = select(ApiKey).where(ApiKey.organization_id == organization_id)
+    return query if include_revoked else query.where(ApiKey.revoked_at.is_(None))
+
+
+def _summary(row: ApiKey) -> KeySummary:
+    return KeySummary(
+        id=row.id,
+        name=row.name,
+        display_prefix=row.display_prefix,
+        user_id=row.user_id,
+        is_admin=row.is_admin,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+async def list_keys(
+    session: AsyncSession,
+    organization_id: str,
+    *,
+    include_revoked: bool = True,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[KeySummary]:
+    """An organization's keys, oldest first, so new keys land on the last page and offsets hold."""
+    query = (
+        _keys_of(organization_id, include_revoked=include_revoked)
+        .order_by(ApiKey.created_at, ApiKey.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [_summary(row) for row in (await session.execute(query)).scalars()]
+
+
+async def count_keys(
+    session: AsyncSession, organization_id: str, *, include_revoked: bool = True
+) -> int:
+    query = _keys_of(organization_id, include_revoked=include_revoked).subquery()
+    return (await session.execute(select(func.count()).select_from(query))).scalar_one()
+
+
+async def get_key(session: AsyncSession, organization_id: str, key_id: str) -> KeySummary | None:
+    """One of the organization's keys, revoked or not; None for another organization's key."""
+    row = (
         await session.execute(
-            select(ApiKey)
-            .where(ApiKey.organization_id == organization_id)
-            .order_by(ApiKey.created_at)
+            select(ApiKey).where(ApiKey.id == key_id, ApiKey.organization_id == organization_id)
         )
-    ).scalars()
-    return [
-        KeySummary(
-            id=row.id,
-            name=row.name,
-            display_prefix=row.display_prefix,
-            user_id=row.user_id,
-            is_admin=row.is_admin,
-            created_at=row.created_at,
-            revoked_at=row.revoked_at,
-        )
-        for row in rows
-    ]
+    ).scalar_one_or_none()
+    return None if row is None else _summary(row)
 
 
 async def revoke_key(

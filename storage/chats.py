@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -576,3 +577,164 @@ def as_ui_message(message: Message) -> dict[str, Any]:
 
 def iso(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
+
+
+# --- chat management: listing, settings, deletion, truncation -------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatPage:
+    chats: list[Chat]
+    total: int
+
+
+async def list_live_chats(
+    session: AsyncSession,
+    visibility: Visibility,
+    *,
+    limit: int,
+    offset: int,
+    source: str | None = None,
+    title_contains: str | None = None,
+) -> ChatPage:
+    """A page of the caller's live chats: pinned first, then the most recently updated."""
+    query = _live_chat_query(visibility)
+    if source is not None:
+        query = query.where(Chat.external_source == source)
+    if title_contains:
+        escaped = title_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Chat.title.ilike(f"%{escaped}%", escape="\\"))
+    total = (await session.execute(select(func.count()).select_from(query.subquery()))).scalar_one()
+    rows = await session.execute(
+        query.order_by(Chat.pinned.desc(), Chat.updated_at.desc(), Chat.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return ChatPage(list(rows.scalars()), total)
+
+
+async def soft_delete_chat(session: AsyncSession, chat: Chat) -> list[str]:
+    """Mark the chat deleted (its channel is free again at once); the turns to stop: the running
+    one and the queued ones."""
+    to_stop = [chat.active_turn_id] if chat.active_turn_id else []
+    to_stop += await queued_turn_ids(session, chat)
+    chat.deleted_at = func.now()
+    chat.updated_at = func.now()
+    return to_stop
+
+
+async def purge_deleted_chats(
+    session: AsyncSession,
+    deleted_before: datetime | None,
+    *,
+    organization_id: str | None = None,
+) -> int:
+    """Delete chats soft-deleted before `deleted_before` (None: all), their messages and turns included."""
+    query = sa_delete(Chat).where(Chat.deleted_at.is_not(None))
+    if deleted_before is not None:
+        query = query.where(Chat.deleted_at < deleted_before)
+    if organization_id is not None:
+        query = query.where(Chat.organization_id == organization_id)
+    # Messages and turns go with their chat (ON DELETE CASCADE).
+    result = await session.execute(query.returning(Chat.id))
+    return len(result.all())
+
+
+@dataclass(frozen=True)
+class Truncation:
+    kept: int
+    deleted: int
+
+
+async def truncate_active_branch(session: AsyncSession, chat: Chat, keep: int) -> Truncation:
+    """Keep the `keep` newest messages of the active branch and delete the older ones.
+
+    Everything hanging under a deleted message goes too (other branches from that point on); the
+    oldest kept message becomes a root. `keep=0` empties the chat.
+    """
+    branch = (
+        await load_branch(session, chat.organization_id, chat.active_leaf_id)
+        if chat.active_leaf_id
+        else []
+    )
+    before = await _message_count(session, chat)
+    if keep == 0:
+        await session.execute(
+            sa_delete(Message).where(
+                Message.organization_id == chat.organization_id, Message.chat_id == chat.id
+            )
+        )
+        chat.active_leaf_id = None
+    elif keep < len(branch):
+        first_kept = branch[len(branch) - keep]
+        # Detach first: deleting its parent would otherwise cascade down to it.
+        first_kept.parent_id = None
+        await session.flush()
+        await session.execute(
+            sa_delete(Message).where(Message.id.in_([m.id for m in branch[: len(branch) - keep]]))
+        )
+    chat.updated_at = func.now()
+    await session.flush()
+    after = await _message_count(session, chat)
+    return Truncation(kept=min(keep, len(branch)), deleted=before - after)
+
+
+async def _message_count(session: AsyncSession, chat: Chat) -> int:
+    count: int = (
+        await session.execute(
+            select(func.count())
+            .select_from(Message)
+            .where(Message.organization_id == chat.organization_id, Message.chat_id == chat.id)
+        )
+    ).scalar_one()
+    return count
+
+
+async def list_turns(
+    session: AsyncSession, chat: Chat, *, limit: int, offset: int
+) -> tuple[list[Turn], int]:
+    """The chat's turns, newest first, and how many there are."""
+    where = (Turn.organization_id == chat.organization_id, Turn.chat_id == chat.id)
+    total = (
+        await session.execute(select(func.count()).select_from(Turn).where(*where))
+    ).scalar_one()
+    rows = await session.execute(
+        select(Turn)
+        .where(*where)
+        .order_by(Turn.created_at.desc(), Turn.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows.scalars()), total
+
+
+async def set_title_if_unset(
+    session: AsyncSession, organization_id: str, chat_id: str, title: str
+) -> bool:
+    """Give the chat a title unless it has one (a user's title always wins); True if set."""
+    result = await session.execute(
+        update(Chat)
+        .where(Chat.organization_id == organization_id, Chat.id == chat_id, Chat.title.is_(None))
+        .values(title=title)
+        .returning(Chat.id)
+    )
+    return result.scalar_one_or_none() is not None
+
+
+async def first_user_text(session: AsyncSession, organization_id: str, chat_id: str) -> str:
+    """The text of the chat's oldest user message."""
+    message = (
+        await session.execute(
+            select(Message)
+            .where(
+                Message.organization_id == organization_id,
+                Message.chat_id == chat_id,
+                Message.role == "user",
+            )
+            .order_by(Message.created_at, Message.id)
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    if message is None:
+        return ""
+    return "".join(str(p.get("text", "")) for p in message.parts if p.get("type") == "text")

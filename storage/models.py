@@ -81,7 +81,11 @@ class Chat(Base):
     title: Mapped[str | None] = mapped_column(String(500))
     pinned: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     instructions: Mapped[str | None] = mapped_column(Text)
+    # The chat's default model, for sends that name none.
     model: Mapped[str | None] = mapped_column(String(200))
+    # serious, friendly or normal (NULL): a line of the system prompt.
+    mood: Mapped[str | None] = mapped_column(String(16))
+    folder: Mapped[str | None] = mapped_column(String(100))
     external_source: Mapped[str | None] = mapped_column(String(32))
     external_id: Mapped[str | None] = mapped_column(String(200))
     # The leaf of the branch the chat shows; walking parent_id from it gives the conversation.
@@ -108,6 +112,7 @@ class Chat(Base):
             text("updated_at DESC"),
             postgresql_where=text("deleted_at IS NULL"),
         ),
+        Index("ix_chat_deleted_at", "deleted_at", postgresql_where=text("deleted_at IS NOT NULL")),
     )
 
 

@@ -173,3 +173,35 @@ async def test_cli_listing_unknown_organization_fails_with_clear_message(
 
     assert result.returncode != 0
     assert "no organization named" in result.stderr
+
+
+async def test_cli_keys_are_admin_keys_unless_bound_to_a_user(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    organization = f"cli-org-{uuid.uuid4().hex[:8]}"
+    admin = await run_cli(settings, "keys", "create", "--org", organization)
+    user = await run_cli(settings, "keys", "create", "--org", organization, "--user", "ada")
+    assert (admin.returncode, user.returncode) == (0, 0), admin.stderr + user.stderr
+    _, admin_secret = parse_created_key(admin.stdout)
+    user_key_id, user_secret = parse_created_key(user.stdout)
+
+    listed = await client.get("/v1/keys", headers={"Authorization": f"Bearer {admin_secret}"})
+    assert listed.status_code == 200, listed.text
+    user_key = next(item for item in listed.json()["items"] if item["id"] == user_key_id)
+    assert (user_key["userId"], user_key["admin"]) == ("ada", False)
+    refused = await client.get("/v1/keys", headers={"Authorization": f"Bearer {user_secret}"})
+    assert refused.status_code == 403, refused.text
+
+
+async def test_cli_refuses_an_admin_key_bound_to_a_user(settings: Settings) -> None:
+    organization = f"cli-org-{uuid.uuid4().hex[:8]}"
+
+    result = await run_cli(
+        settings, "keys", "create", "--org", organization, "--user", "ada", "--admin"
+    )
+
+    assert result.returncode != 0
+    assert "a key bound to a user cannot be an admin key" in result.stderr
+    assert "secret:" not in result.stdout
+    listed = await run_cli(settings, "keys", "list", "--org", organization)
+    assert "no organization named" in listed.stderr

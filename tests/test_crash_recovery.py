@@ -31,6 +31,7 @@ from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
 from storage.models import Message, Turn
 from tests.conftest import Tenant, make_tenant, process_environment
+from tests.support.ai_client import run_ai_client
 from tests.support.chat_api import stored_text
 from tests.support.ports import free_port_block
 from tests.support.processes import ServiceProcess, wait_until_ready
@@ -398,6 +399,25 @@ def start_turn(
     )
 
 
+async def assert_ai_client_assembles(
+    chunks: list[dict[str, Any]], stored: dict[str, Any], *, from_start: bool = True
+) -> None:
+    """The real `ai` client, given every chunk a client received, assembles the stored message.
+
+    A resume served from Postgres (`from_start=False`) has no `start`: the client already holds
+    the message's id from before, so only the parts are compared.
+    """
+    result = await run_ai_client({"mode": "assemble", "chunks": chunks})
+    assert result["error"] is None, result["error"]
+    parts = stored["parts"]
+    if from_start:
+        assert result["message"]["id"] == stored["id"]
+    else:
+        # The client kept the open step from before; the resume sends what goes into it.
+        parts = [part for part in parts if part["type"] != "step-start"]
+    assert result["message"]["parts"] == parts
+
+
 def last_index(types: list[str], kind: str) -> int:
     return len(types) - 1 - types[::-1].index(kind)
 
@@ -496,6 +516,8 @@ async def test_worker_killed_mid_generation_turn_resumes_on_another_worker(
     resumed_after = entry_seconds(delta.event) - worker_crash.killed_wall
     assert resumed_after < HEARTBEAT_TIMEOUT_S + 10, f"resumed {resumed_after:.1f}s after the kill"
 
+    await assert_ai_client_assembles(sender.chunks, worker_crash.answer)
+
     assert len(worker_crash.messages) == 1, "exactly one assistant message for the turn"
     assert worker_crash.messages[0].status == "complete"
     assert worker_crash.turn.status == "completed"
@@ -567,6 +589,7 @@ async def test_api_killed_mid_stream_client_resumes_on_a_new_api(
     answer = await settled_answer(http, crash_stack.api_url, crash_tenant.headers, reader.chat_id)
     assert answer["status"] == "complete"
     assert text_of(chunks) == stored_text(answer), "no gap"
+    await assert_ai_client_assembles(chunks, answer)
     assert len(stored_text(answer).split()) == LONG_WORDS
     messages, _turn = await assistant_rows(crash_sessions, turn_id_of(chunks))
     assert len(messages) == 1
@@ -659,6 +682,7 @@ async def test_postgres_down_for_a_while_mid_turn(
 ) -> None:
     outage = await postgres_outage(crash_stack, crash_tenant, crash_sessions, http, outage_s=5)
     assert_completed_after_outage(outage)
+    await assert_ai_client_assembles(outage.reader.chunks, outage.answer)
 
 
 async def test_postgres_down_longer_than_the_generation_retries_mid_turn(
@@ -824,3 +848,5 @@ async def test_redis_restarted_without_persistence_mid_turn(
     stored = stored_text(answer)
     assert _stored_message_or_clear_error(early, stored), _describe(early)
     assert _stored_message_or_clear_error(late, stored), _describe(late)
+    if late.done and late.chunks[-1]["type"] == "finish":
+        await assert_ai_client_assembles(late.chunks, answer, from_start=False)

@@ -206,6 +206,7 @@ async def test_busy_chat_rejects_by_default_and_interrupt_takes_over(
 
         body = {
             "message": "now me",
+            "model": "local/echo",
             "ifBusy": "interrupt",
             "providerOptions": {"local": {"delayMs": 0}},
         }

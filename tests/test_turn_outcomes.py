@@ -136,4 +136,5 @@ async def test_operators_find_the_turn_by_search_attributes(
         "store_user_message",
         "generate_reply",
         "persist_assistant_message",
+        "title_chat",
     }

@@ -39,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         PersistAssistantMessageInput,
         StopTurnRequest,
         StoreUserMessageInput,
+        TitleChatInput,
         TurnAccepted,
         TurnInput,
         TurnResult,
@@ -75,6 +76,10 @@ GENERATION_RETRY = RetryPolicy(
 GENERATION_TIMEOUT = timedelta(minutes=10)
 # Short, so a dead worker's generation is retried elsewhere within seconds.
 GENERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+
+# Titling a new chat is best effort: a few tries, then the chat stays untitled.
+TITLE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
+TITLE_TIMEOUT = timedelta(seconds=30)
 
 # A queued turn is woken by the turn before it (the `chat_released` signal); it also looks again on
 # this period, so a wake-up that never came (that turn's workflow was terminated) only delays it.
@@ -176,6 +181,9 @@ class ChatTurnWorkflow:
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
         if next_turn_id is not None:
             await self._hand_over(turn.turn_id, next_turn_id)
+        # Histories recorded before chats were titled replay without this step.
+        if claim.created and workflow.patched("title-new-chats"):
+            await self._title_chat(turn.organization_id, claim.chat_id)
         await workflow.wait_condition(workflow.all_handlers_finished)
         return TurnResult(
             chat_id=claim.chat_id,
@@ -259,6 +267,18 @@ class ChatTurnWorkflow:
         if next_turn_id is not None:
             await self._hand_over(turn.turn_id, next_turn_id)
         return status
+
+    async def _title_chat(self, organization_id: str, chat_id: str) -> None:
+        """Title the chat this turn created; a chat without a title is no failure of the turn."""
+        try:
+            await workflow.execute_activity_method(
+                GenerationActivities.title_chat,
+                TitleChatInput(organization_id=organization_id, chat_id=chat_id),
+                start_to_close_timeout=TITLE_TIMEOUT,
+                retry_policy=TITLE_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.warning("chat %s was not titled: %s", chat_id, err.cause)
 
     async def _hand_over(self, turn_id: str, next_turn_id: str) -> None:
         """Wake the chat's next queued turn: this one no longer holds the chat."""

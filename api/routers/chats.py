@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from api.chat_views import chat_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS
 from api.relay import (
     FROM_START,
     StoredAnswer,
@@ -22,7 +23,6 @@ from api.schemas import (
     ChatId,
     ChatOut,
     EditRequest,
-    ExternalChannelOut,
     MessageId,
     NewTurn,
     RegenerateRequest,
@@ -50,7 +50,6 @@ from providers.base import UnknownModelError
 from storage import chats
 from storage.api_keys import Principal
 from storage.ids import new_id
-from storage.models import Chat
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
@@ -90,6 +89,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
     502: {"description": "The provider failed the turn (`?stream=false` only)", **PROBLEM},
+    **LIMIT_RESPONSES,
 }
 
 
@@ -97,6 +97,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     "",
     summary="Send a message to a new chat (or to the chat named by `id` / `externalChannelId`)",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def send_to_new_chat(
     body: SendMessageRequest,
@@ -128,7 +129,12 @@ async def send_to_new_chat(
     )
 
 
-@router.post("/{chat_id}", summary="Send a message to an existing chat", responses=SSE_RESPONSE)
+@router.post(
+    "/{chat_id}",
+    summary="Send a message to an existing chat",
+    responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
+)
 async def send_to_chat(
     chat_id: ChatId,
     body: SendMessageRequest,
@@ -157,6 +163,7 @@ async def send_to_chat(
     "/{chat_id}/messages/{message_id}/regenerate",
     summary="Answer again: a new assistant message beside the given one (or answering the given user message)",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def regenerate_message(
     chat_id: ChatId,
@@ -184,6 +191,7 @@ async def regenerate_message(
     "/{chat_id}/messages/{message_id}/edit",
     summary="Edit a user message: a new sibling user message (the old one stays), and its answer",
     responses=SSE_RESPONSE,
+    dependencies=[SEND_LIMITS],
 )
 async def edit_message(
     chat_id: ChatId,
@@ -231,7 +239,7 @@ async def switch_branch(
         raise NotFoundError("no such message in this chat")
     chat.active_leaf_id = leaf
     await session.commit()
-    return await _chat_out(session, principal, chat)
+    return await chat_out(session, chat)
 
 
 @router.get(
@@ -246,43 +254,7 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
     if chat is None:
         raise NotFoundError("chat not found")
-    return await _chat_out(session, principal, chat)
-
-
-async def _chat_out(session: AsyncSession, principal: Principal, chat: Chat) -> ChatOut:
-    branch = (
-        await chats.load_branch(session, principal.organization_id, chat.active_leaf_id)
-        if chat.active_leaf_id
-        else []
-    )
-    siblings = await chats.children_by_parent(
-        session, chat, {message.parent_id for message in branch}
-    )
-    return ChatOut(
-        id=chat.id,
-        title=chat.title,
-        pinned=chat.pinned,
-        model=chat.model,
-        instructions=chat.instructions,
-        externalChannel=(
-            ExternalChannelOut(source=chat.external_source, id=chat.external_id)
-            if chat.external_source and chat.external_id
-            else None
-        ),
-        activeTurnId=chat.active_turn_id,
-        queuedTurnIds=await chats.queued_turn_ids(session, chat),
-        createdAt=chats.iso(chat.created_at),
-        updatedAt=chats.iso(chat.updated_at),
-        messages=[
-            UIMessageOut.model_validate(
-                {
-                    **chats.as_ui_message(message),
-                    "siblingIds": siblings.get(message.parent_id, [message.id]),
-                }
-            )
-            for message in branch
-        ],
-    )
+    return await chat_out(session, chat)
 
 
 @router.get(
@@ -298,7 +270,9 @@ async def _chat_out(session: AsyncSession, principal: Principal, chat: Chat) -> 
         400: {"description": "Malformed Last-Event-ID", **PROBLEM},
         401: {"description": "Missing or invalid API key", **PROBLEM},
         404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
+        **LIMIT_RESPONSES,
     },
+    dependencies=[STREAM_OPEN_LIMITS],
 )
 async def resume_stream(
     chat_id: ChatId,
@@ -379,7 +353,11 @@ async def _send(
         raise BadRequestError(
             f"the message is longer than {state.settings.max_message_chars} characters"
         )
-    model = request.model or state.settings.default_model
+    model = (
+        request.model
+        or await _chat_default_model(state, principal, mode, chat_id, request)
+        or state.settings.default_model
+    )
     try:
         provider, _ = state.providers.resolve(model)
     except UnknownModelError as exc:
@@ -433,6 +411,23 @@ async def _send(
     return await _finished_turn_json(
         state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id, headers
     )
+
+
+async def _chat_default_model(
+    state: AppState, principal: Principal, mode: ChatMode, chat_id: str | None, request: NewTurn
+) -> str | None:
+    """The model of an existing chat, for a send that names none."""
+    async with state.sessions() as session:
+        if mode is ChatMode.CHANNEL and request.external_channel is not None:
+            channel = request.external_channel
+            chat = await chats.get_live_chat_by_channel(
+                session, visibility_of(principal), channel.source, channel.id
+            )
+        elif mode is not ChatMode.CREATE and chat_id is not None:
+            chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+        else:
+            return None
+    return chat.model if chat is not None else None
 
 
 def _turn_id_for(

@@ -8,6 +8,7 @@
 //    "messages": [UIMessage, ...], "trigger": "submit-message" | "regenerate-message",
 //    "messageId": "..."?, "body": {...}?, "abortAfterChunks": N?}
 //   {"mode": "reconnect", "api": "...", "headers": {...}, "chatId": "..."}
+//   {"mode": "assemble", "chunks": [UIMessageChunk, ...]}   (chunks a test already received)
 //
 //   -> {"message": UIMessage | null, "chunks": [UIMessageChunk, ...], "error": string | null,
 //       "httpStatus": number | null, "aborted": boolean, "noActiveStream": boolean}
@@ -23,8 +24,12 @@ async function readCommand() {
   for await (const part of process.stdin) parts.push(part);
   const command = JSON.parse(Buffer.concat(parts).toString('utf8'));
   if (command === null || typeof command !== 'object') throw new Error('the command must be a JSON object');
+  if (command.mode === 'assemble') {
+    if (!Array.isArray(command.chunks)) throw new Error('"chunks" must be an array');
+    return command;
+  }
   if (command.mode !== 'send' && command.mode !== 'reconnect') {
-    throw new Error(`unknown mode ${JSON.stringify(command.mode)}; expected "send" or "reconnect"`);
+    throw new Error(`unknown mode ${JSON.stringify(command.mode)}; expected "send", "reconnect" or "assemble"`);
   }
   if (typeof command.api !== 'string' || typeof command.chatId !== 'string') {
     throw new Error('"api" and "chatId" must be strings');
@@ -86,6 +91,17 @@ async function run(command) {
   });
   const abortController = new AbortController();
   const empty = { message: null, chunks: [], error: null, httpStatus: null, aborted: false, noActiveStream: false };
+
+  if (command.mode === 'assemble') {
+    // Chunks gathered across reconnections (or crashes) assembled as one stream, as useChat would.
+    const given = new ReadableStream({
+      start(controller) {
+        for (const chunk of command.chunks) controller.enqueue(chunk);
+        controller.close();
+      },
+    });
+    return { ...empty, ...(await assemble(given, { abortAfterChunks: null, abortController })) };
+  }
 
   let stream;
   try {
