@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import StorableParameters
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
@@ -111,9 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.include_router(health.router)
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
-    app.include_router(chat_management.router)
-    app.include_router(chats.router)
-    app.include_router(keys.router)
+    app.include_router(chat_management.router, dependencies=[StorableParameters])
+    app.include_router(chats.router, dependencies=[StorableParameters])
+    app.include_router(keys.router, dependencies=[StorableParameters])
     # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:

@@ -361,7 +361,7 @@ class ChatPageOut(BaseModel):
     offset: int
 
 
-class ChatUpdateIn(BaseModel):
+class ChatUpdateIn(RequestBody):
     """The chat settings to change; a field left out stays as it is, `null` clears it."""
 
     model_config = ConfigDict(extra="forbid")
