@@ -5,7 +5,6 @@ describe; plain tests check what the document promises about errors and auth."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -21,7 +20,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import Tenant
-from tests.support.chat_api import get_chat
 
 # Bounded so the whole run stays well under two minutes on a small machine.
 EXAMPLES_PER_OPERATION = 15
@@ -46,27 +44,8 @@ def api_schema(api_url: str) -> schemathesis.BaseSchema:
     return schemathesis.openapi.from_url(f"{api_url}/openapi.json", config=config, timeout=10)
 
 
-@dataclass(frozen=True)
-class ExistingChat:
-    id: str
-    message_ids: list[str]
-
-
-@pytest.fixture
-async def existing_chat(client: httpx.AsyncClient, tenant: Tenant) -> ExistingChat:
-    response = await client.post(
-        "/v1/chats", params={"stream": "false"}, json={"message": "hello"}, headers=tenant.headers
-    )
-    assert response.status_code == 200, response.text
-    chat = await get_chat(client, tenant.headers, response.json()["chatId"])
-    return ExistingChat(chat["id"], [message["id"] for message in chat["messages"]])
-
-
 def test_api_conforms_to_its_openapi_document(
-    api_schema: schemathesis.BaseSchema,
-    tenant: Tenant,
-    existing_chat: ExistingChat,
-    subtests: pytest.Subtests,
+    api_schema: schemathesis.BaseSchema, api_url: str, tenant: Tenant, subtests: pytest.Subtests
 ) -> None:
     # Operation by operation rather than through `schema.parametrize()`: its lazy (fixture-loaded)
     # form does not run under pytest 9.2, and the schema can only be loaded once the api runs.
@@ -75,29 +54,65 @@ def test_api_conforms_to_its_openapi_document(
         operation = result.ok()
         labels.append(operation.label)
         with subtests.test(msg=operation.label):
-            exercise(operation, tenant.headers, existing_chat)
+            # A key of its own per operation: each gets the whole per-key send rate limit.
+            headers = new_admin_key_headers(api_url, tenant)
+            with httpx.Client(base_url=api_url, headers=headers, timeout=30) as client:
+                exercise(operation, headers, existing_path_parameters(operation, client))
     assert "POST /v1/chats" in labels
 
 
+def new_admin_key_headers(api_url: str, tenant: Tenant) -> dict[str, str]:
+    response = httpx.post(
+        f"{api_url}/v1/keys", json={"admin": True}, headers=tenant.headers, timeout=10
+    )
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['secret']}"}
+
+
+def existing_path_parameters(
+    operation: schemathesis.APIOperation, client: httpx.Client
+) -> list[dict[str, str]]:
+    """Path parameters that name things that exist, made afresh for this operation (it may delete them)."""
+    if "{chat_id}" in operation.path:
+        response = client.post("/v1/chats", params={"stream": "false"}, json={"message": "hello"})
+        assert response.status_code == 200, response.text
+        chat_id = response.json()["chatId"]
+        response = client.get(f"/v1/chats/{chat_id}")
+        assert response.status_code == 200, response.text
+        return [
+            {"chat_id": chat_id, "message_id": message["id"]}
+            if "{message_id}" in operation.path
+            else {"chat_id": chat_id}
+            for message in response.json()["messages"]
+        ]
+    if "{key_id}" in operation.path:
+        response = client.post("/v1/keys", json={"name": "schemathesis"})
+        assert response.status_code == 201, response.text
+        return [{"key_id": response.json()["id"]}]
+    return []
+
+
 def exercise(
-    operation: schemathesis.APIOperation, headers: dict[str, str], chat: ExistingChat
+    operation: schemathesis.APIOperation,
+    headers: dict[str, str],
+    existing: list[dict[str, str]],
 ) -> None:
     """Valid and invalid requests (the API key always valid), each response checked against the document."""
     strategies = [
         operation.as_strategy(mode, headers=headers) for mode in schemathesis.GenerationMode
     ]
-    if "{chat_id}" in operation.path:
-        # Random ids almost never name a chat: also aim valid requests at one that exists, so reads,
-        # streams, stops, branch switches, regenerations and edits get past the 404.
-        def at_existing_chat(message_id: str) -> st.SearchStrategy[schemathesis.Case]:
-            parameters = {"chat_id": chat.id}
-            if "{message_id}" in operation.path:
-                parameters["message_id"] = message_id
-            return operation.as_strategy(
-                schemathesis.GenerationMode.POSITIVE, headers=headers, path_parameters=parameters
+    if existing:
+        # Random ids almost never name anything: also aim valid requests at things that exist, so
+        # reads, streams, updates, regenerations and deletions get past the 404.
+        strategies.append(
+            st.sampled_from(existing).flatmap(
+                lambda parameters: operation.as_strategy(
+                    schemathesis.GenerationMode.POSITIVE,
+                    headers=headers,
+                    path_parameters=parameters,
+                )
             )
-
-        strategies.append(st.sampled_from(chat.message_ids).flatmap(at_existing_chat))
+        )
     cases = st.one_of(strategies)
 
     @hypothesis.settings(
@@ -148,6 +163,25 @@ async def test_body_the_turn_could_never_store_is_a_validation_problem(
     problem = response.json()
     assert problem["type"] == "/problems/validation"
     assert problem["errors"]
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        pytest.param("GET", "/v1/chats?q=a%00b", None, id="query"),
+        pytest.param("GET", "/v1/chats/by-external?source=api&id=a%00", None, id="lookup-query"),
+        pytest.param("PATCH", "/v1/chats/no-such-chat", {"title": "a\x00"}, id="chat-update"),
+        pytest.param("POST", "/v1/keys", {"name": "a\x00"}, id="key-create"),
+    ],
+)
+async def test_nul_in_a_parameter_or_stored_field_is_a_validation_problem(
+    client: httpx.AsyncClient, tenant: Tenant, method: str, url: str, body: dict[str, Any] | None
+) -> None:
+    # Before: the value reached a SQL statement and the api answered 500.
+    response = await client.request(method, url, json=body, headers=tenant.headers)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["type"] == "/problems/validation"
 
 
 @pytest.fixture(scope="module")
