@@ -95,6 +95,7 @@ UI_MESSAGE_STREAM_EVENT_SCHEMA: dict[str, Any] = {
 _DEFAULT_DESCRIPTIONS = {
     "400": "Bad request: the body cannot be read",
     "401": "Missing, invalid or revoked API key",
+    "413": "The request body is larger than the limit",
     "422": "Invalid request: a parameter or the body does not match its schema",
 }
 
@@ -129,8 +130,10 @@ def _complete_operation(operation: dict[str, Any]) -> None:
     if operation.get("security"):
         responses.setdefault("401", {})
     if "requestBody" in operation:
-        # FastAPI answers a body it cannot decode at all (not UTF-8) with a plain 400.
+        # FastAPI answers a body it cannot decode at all (not UTF-8) with a plain 400, and the size
+        # limit middleware answers an oversized one before any route runs.
         responses.setdefault("400", {})
+        responses.setdefault("413", {})
     for status, response in responses.items():
         if status in _DEFAULT_DESCRIPTIONS and (
             not response.get("description") or response["description"] in _GENERATED_DESCRIPTIONS
@@ -141,7 +144,7 @@ def _complete_operation(operation: dict[str, Any]) -> None:
             response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": _SCHEMAS + schema}}}
         if status == "401":
             response.setdefault("headers", {})["WWW-Authenticate"] = {
-                "description": "`Bearer`",
+                "description": "`Bearer`: the scheme to send the API key with",
                 "schema": {"type": "string"},
             }
         if status == "204":
@@ -153,6 +156,7 @@ def _complete_operation(operation: dict[str, Any]) -> None:
             content[SSE_MEDIA_TYPE] = {"itemSchema": {"$ref": _SCHEMAS + "UIMessageStreamEvent"}}
             if content.get("application/json", {}).get("schema") == {}:
                 del content["application/json"]
+    operation["responses"] = dict(sorted(responses.items()))
 
 
 def _drop_unreferenced(spec: dict[str, Any], names: tuple[str, ...]) -> None:
