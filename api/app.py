@@ -12,7 +12,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import StorableParameters
 from api.limits import RequestSizeLimitMiddleware
+from api.openapi import install_openapi
 from api.problems import install_problem_handlers
 from api.routers import chat_management, chats, health, keys
 from api.state import AppState
@@ -107,11 +109,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
-    app.include_router(chat_management.router)
-    app.include_router(chats.router)
-    app.include_router(keys.router)
+    app.include_router(chat_management.router, dependencies=[StorableParameters])
+    app.include_router(chats.router, dependencies=[StorableParameters])
+    app.include_router(keys.router, dependencies=[StorableParameters])
     # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:

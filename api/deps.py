@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -63,3 +64,28 @@ AdminPrincipal = Annotated[Principal, Depends(get_admin_principal)]
 
 def visibility_of(principal: Principal) -> Visibility:
     return Visibility(principal.organization_id, principal.user_id)
+
+
+def require_storable_parameters(request: Request) -> None:
+    """Path and query values reach SQL, and Postgres text holds no NUL character: refuse one as a
+    validation error rather than fail in the database. (`RequestBody` checks a body's text.)"""
+    locations = (
+        ("path", request.path_params.items()),
+        ("query", request.query_params.multi_items()),
+    )
+    for location, values in locations:
+        for name, value in values:
+            if isinstance(value, str) and "\x00" in value:
+                raise RequestValidationError(
+                    [
+                        {
+                            "type": "string_nul",
+                            "loc": (location, name),
+                            "msg": "may not contain a NUL character",
+                            "input": value,
+                        }
+                    ]
+                )
+
+
+StorableParameters = Depends(require_storable_parameters)

@@ -6,11 +6,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from api.schemas import RequestBody
 from storage.api_keys import KeySummary, check_key_scope
 from storage.chats import iso
 
 
-class KeyCreateIn(BaseModel):
+class KeyCreateIn(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     name: (

@@ -16,6 +16,56 @@ ChatId = Annotated[
     str, Field(pattern=CHAT_ID_PATTERN, description="A chat id: 1-64 of A-Z a-z 0-9 _ -")
 ]
 
+MessageId = Annotated[
+    str,
+    Field(pattern=CHAT_ID_PATTERN, description="A message id, as a chat read returns it."),
+]
+
+
+def _unstorable_text_at(value: Any, where: str = "") -> str | None:
+    """Where `value` holds text Postgres cannot store (NUL, or a lone surrogate), if anywhere."""
+    if isinstance(value, str):
+        return None if _storable(value) else where
+    if isinstance(value, dict):
+        named = [(str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        named = [(str(index), item) for index, item in enumerate(value)]
+    else:
+        return None
+    for name, item in named:
+        if not _storable(name):
+            return where
+        found = _unstorable_text_at(item, f"{where}.{name}" if where else name)
+        if found is not None:
+            return found
+    return None
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class RequestBody(BaseModel):
+    """A request body. Its text is checked before anything else: text that cannot be stored would
+    otherwise fail the turn's storage step on every retry."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        where = _unstorable_text_at(data)
+        if where is not None:
+            raise ValueError(
+                f"`{where or 'body'}` holds a NUL character or a lone surrogate, which cannot be stored"
+            )
+        return data
+
+
 # Parts a stored message may carry. User input is text only for now; the assistant kinds are what a
 # client may echo back in the history it sends with a new chat.
 _SEED_PART_TYPES = frozenset({"text", "reasoning", "step-start"})
@@ -31,7 +81,15 @@ class ExternalChannelIn(BaseModel):
 class MessageIn(BaseModel):
     """A message as `{role, content}` or as an AI SDK UIMessage with `parts`."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["content"], "properties": {"content": {"type": "string"}}},
+                {"required": ["parts"], "properties": {"parts": {"type": "array"}}},
+            ]
+        },
+    )
 
     id: str | None = Field(default=None, max_length=200)
     role: Literal["user", "assistant", "system"]
@@ -42,6 +100,8 @@ class MessageIn(BaseModel):
     def _content_or_parts(self) -> MessageIn:
         if (self.content is None) == (self.parts is None):
             raise ValueError("a message has exactly one of `content` or `parts`")
+        # Malformed parts are the caller's error here, not a failure when the turn is built.
+        self.stored_parts()
         return self
 
     def stored_parts(self) -> list[dict[str, Any]]:
@@ -88,7 +148,7 @@ class NewTurn:
         )
 
 
-class TurnOptionsIn(BaseModel):
+class TurnOptionsIn(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(
@@ -134,7 +194,7 @@ class EditRequest(TurnOptionsIn):
         )
 
 
-class BranchRequest(BaseModel):
+class BranchRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     message_id: str = Field(
@@ -142,10 +202,22 @@ class BranchRequest(BaseModel):
     )
 
 
-class SendMessageRequest(BaseModel):
+class SendMessageRequest(RequestBody):
     """A send: the durachat shape, or the exact body the AI SDK's DefaultChatTransport posts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # What `_one_source_of_the_new_message` checks, told to the OpenAPI document as well.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["message"], "properties": {"message": {"type": "string"}}},
+                {
+                    "required": ["messages"],
+                    "properties": {"messages": {"type": "array", "minItems": 1}},
+                },
+            ]
+        },
+    )
 
     message: str | None = Field(default=None, description="The new user message as plain text.")
     messages: list[MessageIn] | None = Field(
@@ -289,7 +361,7 @@ class ChatPageOut(BaseModel):
     offset: int
 
 
-class ChatUpdateIn(BaseModel):
+class ChatUpdateIn(RequestBody):
     """The chat settings to change; a field left out stays as it is, `null` clears it."""
 
     model_config = ConfigDict(extra="forbid")
@@ -369,7 +441,7 @@ class TurnOut(BaseModel):
     usage: UsageOut
 
 
-class StopRequest(BaseModel):
+class StopRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     turn_id: str | None = Field(

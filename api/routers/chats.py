@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.chat_views import chat_out, refuse_if_busy
@@ -23,6 +23,7 @@ from api.schemas import (
     ChatId,
     ChatOut,
     EditRequest,
+    MessageId,
     NewTurn,
     RegenerateRequest,
     SendMessageRequest,
@@ -70,12 +71,8 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The AI SDK UI message stream (v1) of the turn, as Server-Sent Events; "
         "or, with `?stream=false` or `Accept: application/json`, the finished turn as JSON.",
-        "content": {
-            "text/event-stream": {"schema": {"type": "string"}},
-            "application/json": {
-                "schema": TurnOut.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
-        },
+        "model": TurnOut,
+        "content": {"text/event-stream": {}},
         "headers": {
             "X-Chat-Id": {"description": "The chat's id", "schema": {"type": "string"}},
             "X-Turn-Id": {"description": "The turn's id", "schema": {"type": "string"}},
@@ -91,6 +88,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such chat for this caller", **PROBLEM},
     409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
+    502: {"description": "The provider failed the turn (`?stream=false` only)", **PROBLEM},
     **LIMIT_RESPONSES,
 }
 
@@ -169,7 +167,7 @@ async def send_to_chat(
 )
 async def regenerate_message(
     chat_id: ChatId,
-    message_id: Annotated[str, Path(max_length=64)],
+    message_id: MessageId,
     request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
@@ -197,7 +195,7 @@ async def regenerate_message(
 )
 async def edit_message(
     chat_id: ChatId,
-    message_id: Annotated[str, Path(max_length=64)],
+    message_id: MessageId,
     body: EditRequest,
     request: Request,
     principal: CurrentPrincipal,
@@ -262,7 +260,7 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
     responses={
         200: {
             "description": "The UI message stream, replayed from `start` or after the cursor",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {}},
         },
         204: {"description": "No turn is active"},
         400: {"description": "Malformed Last-Event-ID", **PROBLEM},
