@@ -60,6 +60,7 @@ class ChunkPublisher:
         self._turn_id = turn_id
         self._attempt = attempt
         self._pending: list[Chunk] = []
+        self._batches_appended = 0
         self._writer: asyncio.Task[None] | None = None
         self.last_entry_id: str | None = None
         # Set when a write learns that a stop was requested (the Redis fast path of a stop).
@@ -90,8 +91,13 @@ class ChunkPublisher:
         while self._pending:
             batch, self._pending = self._pending, []
             appended = await self._streams.append(
-                self._organization_id, self._turn_id, self._attempt, batch
+                self._organization_id,
+                self._turn_id,
+                self._attempt,
+                self._batches_appended + 1,
+                batch,
             )
+            self._batches_appended += 1
             self.last_entry_id = appended.last_entry_id
             if appended.stop_requested:
                 self.stop_seen.set()

@@ -2,7 +2,9 @@
 
 Keys start with the organization id. Entry ids double as SSE cursors. Appends are fenced by attempt
 number so a generation attempt that was superseded (a worker presumed dead, still running) can no
-longer write into the stream its successor owns. Must never import api, workflows or activities.
+longer write into the stream its successor owns. Every write is idempotent, so the Redis client may
+send it again after a connection error without a chunk appearing twice. Must never import api,
+workflows or activities.
 """
 
 from __future__ import annotations
@@ -21,22 +23,38 @@ CHUNK_FIELD = "c"
 # The opening chunks get the smallest possible explicit ids, so writing them twice is a no-op.
 OPENING_ENTRY_IDS = ("0-1", "0-2")
 
-# KEYS: stream, fence, abort flag. ARGV: attempt, chunk json... Appends only while `attempt` is the
-# current one; returns {last id, 1 if a stop was requested}, so the writer learns of a stop at once.
+# The fence is a hash: the attempt that owns the stream, how many batches it has appended, and the
+# id of its last entry. Batches are numbered from 1 per attempt, so a batch sent again (the reply to
+# the first send was lost) is recognised and not appended twice.
+
+# KEYS: stream, fence, abort flag. ARGV: attempt, batch number, chunk json... Appends only while
+# `attempt` is the current one; returns {last id, 1 if a stop was requested}, so the writer learns
+# of a stop at once.
 _FENCED_APPEND = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-if current ~= tonumber(ARGV[1]) then return false end
-local last = false
-for i = 2, #ARGV do last = redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
+local fence = redis.call('HMGET', KEYS[2], 'attempt', 'batches', 'last')
+if tonumber(fence[1] or '0') ~= tonumber(ARGV[1]) then return false end
+local batch = tonumber(ARGV[2])
+local appended = tonumber(fence[2] or '0')
+local last = fence[3]
+if batch == appended + 1 then
+  for i = 3, #ARGV do last = redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
+  redis.call('HSET', KEYS[2], 'batches', batch, 'last', last)
+elseif batch > appended + 1 then
+  return redis.error_reply('batch ' .. batch .. ' follows batch ' .. appended)
+end
 return {last, redis.call('EXISTS', KEYS[3])}
 """
 
-# ARGV: attempt. Raises the fence to `attempt` unless a later attempt already holds it.
+# ARGV: attempt, lifetime seconds. Raises the fence to `attempt` unless a later attempt holds it;
+# claiming the current attempt again keeps its batch count.
 _CLAIM_ATTEMPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local current = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 local wanted = tonumber(ARGV[1])
 if wanted < current then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if wanted > current then
+  redis.call('HSET', KEYS[1], 'attempt', wanted, 'batches', 0, 'last', '')
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -90,7 +108,7 @@ class TurnStreams:
 
     @staticmethod
     def _fence_key(organization_id: str, turn_id: str) -> str:
-        return f"{organization_id}:turn:{turn_id}:attempt"
+        return f"{organization_id}:turn:{turn_id}:fence"
 
     @staticmethod
     def _abort_key(organization_id: str, turn_id: str) -> str:
@@ -122,15 +140,21 @@ class TurnStreams:
             raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
 
     async def append(
-        self, organization_id: str, turn_id: str, attempt: int, chunks: Sequence[dict[str, Any]]
+        self,
+        organization_id: str,
+        turn_id: str,
+        attempt: int,
+        batch: int,
+        chunks: Sequence[dict[str, Any]],
     ) -> AppendResult:
+        """Append batch number `batch` (1, 2, ... per attempt); sending a batch again is a no-op."""
         result = await self._fenced_append(
             keys=[
                 self.stream_key(organization_id, turn_id),
                 self._fence_key(organization_id, turn_id),
                 self._abort_key(organization_id, turn_id),
             ],
-            args=[attempt, *(encode_chunk(chunk) for chunk in chunks)],
+            args=[attempt, batch, *(encode_chunk(chunk) for chunk in chunks)],
         )
         if result is None:
             raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
