@@ -35,6 +35,7 @@ MOCK_MODELS = [
     "fail-500",
     "flaky-1",
     "drop",
+    "titler",
 ]
 
 
@@ -59,6 +60,7 @@ def stack_settings(
         api_port=free_port_block(),
         temporal_task_queue=f"durachat-test-{uuid.uuid4().hex[:8]}",
         providers=json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
+        title_model="mock/titler",
         stream_ping_seconds=1,
     )
 

@@ -18,7 +18,7 @@ from core.settings import Settings
 from storage.models import Chat, Message, Organization, Turn
 from tests.conftest import Tenant, process_environment
 from tests.support.chat_api import get_chat, stored_text, wait_for_settled_answer
-from tests.support.openai_server import OpenAICompatibleServer
+from tests.support.openai_server import OpenAICompatibleServer, Script
 from tests.support.sse import iter_sse
 from workflows.maintenance import PURGE_SCHEDULE_ID, PurgeDeletedChatsWorkflow
 
@@ -157,15 +157,27 @@ async def test_update_validates_each_field_and_shapes_the_prompt(
 
 
 async def test_a_new_chat_is_titled_after_its_first_turn_unless_the_user_titled_it(
-    client: httpx.AsyncClient, tenant: Tenant
+    client: httpx.AsyncClient, tenant: Tenant, provider_server: OpenAICompatibleServer
 ) -> None:
+    # The suite's title model is `mock/titler`, which answers `"About: <first four words>"`.
     words = "Plan a three day walking trip through the Scottish highlands in May"
     chat_id = (await send(client, tenant, words))["chatId"]
-    assert (await get_chat(client, tenant.headers, chat_id))["title"] == (
+    assert (await get_chat(client, tenant.headers, chat_id))["title"] == "About: Plan a three day"
+    [asked] = [r for r in provider_server.requests_for("titler") if words in str(r.messages)]
+    assert [m["role"] for m in asked.messages] == ["system", "user"]
+    assert asked.messages[1]["content"] == words
+    await send(client, tenant, "and the second message changes nothing", chat_id)
+    assert (await get_chat(client, tenant.headers, chat_id))["title"] == "About: Plan a three day"
+
+    # When the title model fails, the first words of the first message are the title.
+    provider_server.script("titler", Script(fail_status=500))
+    try:
+        untitled = (await send(client, tenant, words))["chatId"]
+    finally:
+        provider_server.forget_script("titler")
+    assert (await get_chat(client, tenant.headers, untitled))["title"] == (
         "Plan a three day walking trip through the…"
     )
-    await send(client, tenant, "and the second message changes nothing", chat_id)
-    assert (await get_chat(client, tenant.headers, chat_id))["title"].startswith("Plan a three")
 
     async with client.stream(
         "POST", "/v1/chats", json={"message": "long one", **LONG}, headers=tenant.headers

@@ -7,6 +7,8 @@ The production adapter runs against it unchanged. It runs uvicorn in a backgroun
 Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
 
     echo                  streams the last user message back, word by word
+    titler                answers like a title model: "About: " and the user message's first four
+                          words, in quotes
     reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
     reasoning-<words>     `reasoning_content` deltas first (DeepSeek/vLLM style), then the reply
     length-<words>        the reply, finished with finish_reason "length"
@@ -64,6 +66,7 @@ class Script:
     """How the server answers one model."""
 
     reply: str | None = None  # None: echo the last user message
+    titles: bool = False  # answer with a quoted title made from the last user message
     reasoning: str = ""
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     finish_reason: str = "stop"
@@ -82,6 +85,8 @@ def script_for_model(model: str) -> Script | None:
     words = argument.replace("-", " ")
     if model == "echo":
         return Script()
+    if model == "titler":
+        return Script(titles=True)
     if name == "reply" and argument:
         return Script(reply=words)
     if name == "reasoning" and argument:
@@ -153,6 +158,11 @@ class OpenAICompatibleServer:
         """Answer `model` with `script`, taking precedence over the model-name conventions."""
         with self._lock:
             self._scripts[model] = script
+
+    def forget_script(self, model: str) -> None:
+        """Drop a script registered with `script()`; the model-name conventions apply again."""
+        with self._lock:
+            self._scripts.pop(model, None)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -274,6 +284,8 @@ class OpenAICompatibleServer:
             return _error(script.fail_status, model=model, key=_bearer(record), headers=headers)
 
         reply = script.reply if script.reply is not None else _last_user_text(record.messages)
+        if script.titles:
+            reply = '"About: ' + " ".join(_last_user_text(record.messages).split()[:4]) + '"'
         pieces = _PIECE.findall(reply)
         finish_reason = script.finish_reason
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
