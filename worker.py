@@ -29,6 +29,7 @@ from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
 from storage.db import create_engine, create_session_factory
+from storage.lost_turns import LostTurns
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 from workflows.chat_turn import ChatTurnWorkflow
@@ -52,11 +53,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             retention_seconds=settings.stream_retention_seconds,
         )
         sessions = create_session_factory(engine)
-        session_activities = ChatSessionActivities(sessions, streams)
+        client = await connect_temporal(settings)
+        session_activities = ChatSessionActivities(sessions, streams, LostTurns(client, streams))
         generation_activities = GenerationActivities(
             sessions, streams, providers, title_model=settings.title_model
         )
-        client = await connect_temporal(settings)
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,

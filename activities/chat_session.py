@@ -20,15 +20,20 @@ from core.contracts import (
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks, unrun_turn_chunks
 from storage import chats
+from storage.lost_turns import LostTurns
 from storage.streams import TurnStreams
 
 
 class ChatSessionActivities:
     def __init__(
-        self, session_factory: async_sessionmaker[AsyncSession], streams: TurnStreams
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        streams: TurnStreams,
+        lost_turns: LostTurns,
     ) -> None:
         self._sessions = session_factory
         self._streams = streams
+        self._lost_turns = lost_turns
 
     @activity.defn
     async def claim_session(self, turn: TurnInput) -> ClaimSessionResult:
@@ -38,8 +43,18 @@ class ChatSessionActivities:
             assert info.workflow_id is not None
             assert info.workflow_run_id is not None
             run = chats.TurnRun(info.workflow_id, info.workflow_run_id)
-            async with self._sessions.begin() as session:
-                return await chats.claim_session(session, turn, run)
+            claim: ClaimSessionResult | chats.ChatBusy
+            try:
+                claim = await self._claim(turn, run)
+                holder = claim.holder_turn_id
+            except chats.ChatBusy as busy:
+                claim, holder = busy, busy.active_turn_id
+            # A holder whose workflow ended without finishing it would keep the chat forever.
+            if holder is not None and await self._release_if_lost(turn.organization_id, holder):
+                return await self._claim(turn, run)
+            if isinstance(claim, chats.ChatBusy):
+                raise claim
+            return claim
         except chats.ChatNotFound as exc:
             raise ApplicationError(
                 "chat not found", type=ErrorType.CHAT_NOT_FOUND, non_retryable=True
@@ -56,6 +71,14 @@ class ChatSessionActivities:
                 type=ErrorType.CHAT_BUSY,
                 non_retryable=True,
             ) from exc
+
+    async def _claim(self, turn: TurnInput, run: chats.TurnRun) -> ClaimSessionResult:
+        async with self._sessions.begin() as session:
+            return await chats.claim_session(session, turn, run)
+
+    async def _release_if_lost(self, organization_id: str, turn_id: str) -> bool:
+        async with self._sessions.begin() as session:
+            return await self._lost_turns.release_if_lost(session, organization_id, turn_id)
 
     @activity.defn
     async def store_user_message(self, request: StoreUserMessageInput) -> None:

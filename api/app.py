@@ -24,6 +24,7 @@ from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
 from storage.db import create_engine, create_session_factory
 from storage.limits import RateLimiter, StreamLeases
+from storage.lost_turns import LostTurns
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 
@@ -80,20 +81,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = create_redis(settings.resolved_redis_url)
         providers = ProviderRegistry.from_settings(settings)
         try:
+            streams = TurnStreams(
+                redis,
+                max_lifetime_seconds=settings.stream_max_lifetime_seconds,
+                retention_seconds=settings.stream_retention_seconds,
+            )
+            temporal = await connect_temporal(settings)
             app.state.durachat = AppState(
                 settings=settings,
                 engine=engine,
                 sessions=create_session_factory(engine),
                 redis=redis,
-                streams=TurnStreams(
-                    redis,
-                    max_lifetime_seconds=settings.stream_max_lifetime_seconds,
-                    retention_seconds=settings.stream_retention_seconds,
-                ),
-                temporal=await connect_temporal(settings),
+                streams=streams,
+                temporal=temporal,
                 providers=providers,
                 rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
                 stream_leases=StreamLeases(redis, lease_seconds=settings.stream_lease_seconds),
+                lost_turns=LostTurns(temporal, streams),
             )
             log.info("api.started", host=settings.api_host, port=settings.api_port)
             yield

@@ -7,6 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from api.schemas import ChatOut, ChatSummaryOut, UIMessageOut
 from core.errors import ConflictError
 from storage import chats
+from storage.lost_turns import LostTurns
 from storage.models import Chat, Message
 
 
@@ -38,8 +39,13 @@ async def ui_messages_out(
     ]
 
 
-async def refuse_if_busy(session: AsyncSession, chat: Chat) -> None:
-    """409 while a turn holds the chat or waits in its queue."""
+async def refuse_if_busy(session: AsyncSession, chat: Chat, lost_turns: LostTurns) -> None:
+    """409 while a turn holds the chat or waits in its queue (a holder whose workflow ended without
+    finishing it is released instead)."""
+    if chat.active_turn_id is not None and await lost_turns.release_if_lost(
+        session, chat.organization_id, chat.active_turn_id
+    ):
+        await session.refresh(chat)
     queued = await chats.queued_turn_ids(session, chat)
     if chat.active_turn_id is not None or queued:
         raise ConflictError(

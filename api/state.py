@@ -11,6 +11,7 @@ from temporalio.client import Client
 from core.settings import Settings
 from providers.registry import ProviderRegistry
 from storage.limits import RateLimiter, StreamLeases
+from storage.lost_turns import LostTurns
 from storage.streams import TurnStreams
 
 
@@ -25,3 +26,4 @@ class AppState:
     providers: ProviderRegistry
     rate_limiter: RateLimiter
     stream_leases: StreamLeases
+    lost_turns: LostTurns

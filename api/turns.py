@@ -82,13 +82,21 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
 
 async def stop_turn(state: AppState, organization_id: str, turn_id: str) -> bool:
     """Tell a running turn to stop: the Redis flag ends generation within a token, the signal makes
-    it durable (acted on even if no worker is up now). False when the turn had already ended."""
+    it durable (acted on even if no worker is up now). False when the turn had already ended.
+
+    A turn whose workflow ended without finishing it (terminated from outside) is released instead,
+    so its chat is free again; that also answers False.
+    """
     await state.streams.request_stop(organization_id, turn_id)
     handle = state.temporal.get_workflow_handle_for(ChatTurnWorkflow.run, turn_workflow_id(turn_id))
     try:
         await handle.signal(ChatTurnWorkflow.stop_turn, StopTurnRequest(reason="user"))
     except RPCError as err:
-        if err.status == RPCStatusCode.NOT_FOUND:  # the workflow has already completed
-            return False
-        raise
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # The workflow has closed: normally after storing the turn's outcome, but not if it was
+        # terminated.
+        async with state.sessions.begin() as session:
+            await state.lost_turns.release_if_lost(session, organization_id, turn_id)
+        return False
     return True

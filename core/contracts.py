@@ -132,6 +132,8 @@ class ClaimSessionResult:
     queue_position: int | None = None
     # An `interrupt` turn that queued first: the running turn it must stop.
     interrupted_turn_id: str | None = None
+    # A queued turn: the turn that held the chat when it queued, if one did.
+    holder_turn_id: str | None = None
 
     @property
     def queued(self) -> bool:

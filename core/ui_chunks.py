@@ -69,6 +69,24 @@ def stored_message_chunks(
     return [*chunks, {"type": "abort"}, finish] if status == "aborted" else [*chunks, finish]
 
 
+def streamed_parts(chunks: list[Chunk]) -> list[dict[str, Any]]:
+    """The parts a client holds after reading these chunks of a turn's stream, as it assembles them:
+    what the last generation attempt (after the last `reset-step`) streamed, each part done."""
+    parts: list[dict[str, Any]] = [{"type": "step-start"}]
+    by_id: dict[str, dict[str, Any]] = {}
+    for chunk in chunks:
+        kind = chunk.get("type")
+        if kind == "reset-step":
+            parts, by_id = [{"type": "step-start"}], {}
+        elif kind in ("text-start", "reasoning-start"):
+            part = {"type": kind.removesuffix("-start"), "text": "", "state": "done"}
+            parts.append(part)
+            by_id[chunk["id"]] = part
+        elif kind in ("text-delta", "reasoning-delta") and chunk.get("id") in by_id:
+            by_id[chunk["id"]]["text"] += chunk.get("delta", "")
+    return parts
+
+
 def unrun_turn_chunks(aborted: bool, reason: str) -> list[dict[str, Any]]:
     """How the stream of a queued turn that never ran ends: it has no message, only its ending."""
     if aborted:

@@ -151,7 +151,7 @@ async def claim_session(session: AsyncSession, turn: TurnInput, run: TurnRun) ->
     queue = await queued_turn_ids(session, chat)
     if holder is not None or (queue and queue[0] != turn.turn_id):
         if turn.turn_id in queue:
-            return _queued(chat, created, queue.index(turn.turn_id) + 1)
+            return _queued(chat, created, queue.index(turn.turn_id) + 1, holder=holder)
         if turn.if_busy is IfBusy.REJECT:
             raise ChatBusy(chat.id, holder or queue[0])
         # Refuse now what could never run (a message to regenerate or edit that is not there).
@@ -164,6 +164,7 @@ async def claim_session(session: AsyncSession, turn: TurnInput, run: TurnRun) ->
             chat,
             created,
             1 if interrupts else len(queue) + 1,
+            holder=holder,
             interrupted_turn_id=holder if interrupts else None,
         )
     parent_id, answered_id = await _place_in_tree(session, chat, turn)
@@ -187,7 +188,12 @@ async def claim_session(session: AsyncSession, turn: TurnInput, run: TurnRun) ->
 
 
 def _queued(
-    chat: Chat, created: bool, position: int, *, interrupted_turn_id: str | None = None
+    chat: Chat,
+    created: bool,
+    position: int,
+    *,
+    holder: str | None,
+    interrupted_turn_id: str | None = None,
 ) -> ClaimSessionResult:
     return ClaimSessionResult(
         chat_id=chat.id,
@@ -195,6 +201,7 @@ def _queued(
         parent_message_id=None,
         queue_position=position,
         interrupted_turn_id=interrupted_turn_id,
+        holder_turn_id=holder,
     )
 
 
@@ -528,6 +535,53 @@ async def finish_turn(
         .values(active_turn_id=None, updated_at=func.now())
     )
     return await next_queued_turn(session, outcome.organization_id, outcome.chat_id)
+
+
+async def end_lost_turn(
+    session: AsyncSession,
+    organization_id: str,
+    turn_id: str,
+    error: str,
+    streamed_parts: list[dict[str, Any]],
+) -> str | None:
+    """End a turn still marked running whose workflow will never finish it (terminated from outside,
+    timed out, or gone): the turn and its answer fail with `error`, and the chat's lease is released.
+    The answer keeps what its stream delivered (`streamed_parts`), or what was saved of it when the
+    stream holds no text. Does nothing to a turn that is no longer running.
+
+    Returns the chat's queued turn that may run now, if any.
+    """
+    ended = (
+        await session.execute(
+            update(Turn)
+            .where(
+                Turn.id == turn_id,
+                Turn.organization_id == organization_id,
+                Turn.status == TurnStatus.RUNNING,
+            )
+            .values(status=TurnStatus.FAILED, error=error, completed_at=func.now())
+            .returning(Turn.chat_id, Turn.assistant_message_id)
+        )
+    ).one_or_none()
+    if ended is None:
+        return None
+    chat_id, assistant_message_id = ended
+    message = await get_message(session, organization_id, assistant_message_id)
+    if message is not None and message.status == MessageStatus.STREAMING:
+        message.status = MessageStatus.FAILED
+        message.message_metadata = {**message.message_metadata, "error": error}
+        if len(streamed_parts) > 1:  # more than the step's opening
+            message.parts = streamed_parts
+    await session.execute(
+        update(Chat)
+        .where(
+            Chat.organization_id == organization_id,
+            Chat.id == chat_id,
+            Chat.active_turn_id == turn_id,
+        )
+        .values(active_turn_id=None, updated_at=func.now())
+    )
+    return await next_queued_turn(session, organization_id, chat_id)
 
 
 async def record_attempt(

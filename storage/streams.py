@@ -200,5 +200,12 @@ class TurnStreams:
         [(_key, entries)] = response
         return [StreamEntry(entry_id, fields[CHUNK_FIELD]) for entry_id, fields in entries]
 
+    async def all_chunks(self, organization_id: str, turn_id: str) -> list[dict[str, Any]]:
+        """Every chunk the turn's stream holds, oldest first (none if Redis no longer has it)."""
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrange(
+            self.stream_key(organization_id, turn_id)
+        )  # type: ignore[assignment]
+        return [json.loads(fields[CHUNK_FIELD]) for _entry_id, fields in entries]
+
     async def exists(self, organization_id: str, turn_id: str) -> bool:
         return bool(await self._redis.exists(self.stream_key(organization_id, turn_id)))

@@ -158,10 +158,14 @@ async def delete_chat(
     responses={**UNAUTHORIZED, **NOT_FOUND, **BUSY, **INVALID},
 )
 async def truncate_chat(
-    chat_id: ChatId, body: TruncateIn, principal: CurrentPrincipal, session: SessionDep
+    chat_id: ChatId,
+    body: TruncateIn,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    state: StateDep,
 ) -> TruncateOut:
     chat = await _live_chat(session, principal, chat_id, for_update=True)
-    await refuse_if_busy(session, chat)
+    await refuse_if_busy(session, chat, state.lost_turns)
     truncation = await chats.truncate_active_branch(session, chat, body.keep)
     await session.commit()
     return TruncateOut(kept=truncation.kept, deleted=truncation.deleted)

@@ -224,12 +224,16 @@ async def edit_message(
     },
 )
 async def switch_branch(
-    chat_id: ChatId, body: BranchRequest, principal: CurrentPrincipal, session: SessionDep
+    chat_id: ChatId,
+    body: BranchRequest,
+    principal: CurrentPrincipal,
+    session: SessionDep,
+    state: StateDep,
 ) -> ChatOut:
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id, for_update=True)
     if chat is None:
         raise NotFoundError("chat not found")
-    await refuse_if_busy(session, chat)
+    await refuse_if_busy(session, chat, state.lost_turns)
     leaf = await chats.latest_leaf_under(session, chat, body.message_id)
     if leaf is None:
         raise NotFoundError("no such message in this chat")
