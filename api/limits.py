@@ -17,12 +17,15 @@ from typing import Any
 import structlog
 from fastapi import Depends
 from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import CurrentPrincipal, StateDep
+from api.deps import CurrentPrincipal, StateDep, visibility_of
 from api.problems import problem_response
 from api.state import AppState
+from core.contracts import ChatMode, IfBusy, TurnInput
 from core.errors import ContentTooLargeError, TooManyRequestsError
+from storage import chats
 from storage.api_keys import Principal
 from storage.limits import StreamLeases, count_running_turns, parse_rate_limit
 
@@ -120,11 +123,20 @@ async def _limit_rate(state: AppState, principal: Principal, limit: str, setting
         )
 
 
-async def _limit_active_turns(state: AppState, principal: Principal) -> None:
+async def limit_active_turns(state: AppState, principal: Principal, turn: TurnInput) -> None:
+    """429 when the organization already runs its cap of turns and `turn` would add one.
+
+    Called by the send handler once it knows the turn: a repeated send attaches to its existing turn
+    and an interrupt takes the place of the turn it stops, so neither is refused for the cap.
+    """
     cap = state.settings.max_active_turns_per_organization
     if cap == 0:
         return
     async with state.sessions() as session:
+        if await chats.get_turn_by_id(session, principal.organization_id, turn.turn_id):
+            return
+        if turn.if_busy is IfBusy.INTERRUPT and await _has_running_turn(session, principal, turn):
+            return
         running = await count_running_turns(
             session,
             principal.organization_id,
@@ -140,6 +152,19 @@ async def _limit_active_turns(state: AppState, principal: Principal) -> None:
             limit="activeTurns",
             retry_after_seconds=CAP_RETRY_AFTER_SECONDS,
         )
+
+
+async def _has_running_turn(session: AsyncSession, principal: Principal, turn: TurnInput) -> bool:
+    """Whether the chat `turn` is sent to has a turn holding it now."""
+    visibility = visibility_of(principal)
+    channel = turn.external_channel
+    if turn.chat_mode is ChatMode.CHANNEL and channel is not None:
+        chat = await chats.get_live_chat_by_channel(session, visibility, channel.source, channel.id)
+    elif turn.chat_mode is ChatMode.CONTINUE and turn.chat_id is not None:
+        chat = await chats.get_live_chat(session, visibility, turn.chat_id)
+    else:
+        return False
+    return chat is not None and chat.active_turn_id is not None
 
 
 @asynccontextmanager
@@ -185,9 +210,9 @@ async def _keep_lease(leases: StreamLeases, key: str, lease_id: str) -> None:
 
 
 async def _send_limits(state: StateDep, principal: CurrentPrincipal) -> AsyncIterator[None]:
-    # Cheapest first: the rate limit also shields Postgres from a flood of sends.
+    # The rate limit first: it also shields Postgres from a flood of sends. The running-turn cap is
+    # checked by the handler (`limit_active_turns`), which knows the turn.
     await _limit_rate(state, principal, "sends", state.settings.send_rate_limit)
-    await _limit_active_turns(state, principal)
     # A send's response streams the turn (or waits for it, as JSON): it holds a stream slot.
     async with _stream_slot(state, principal):
         yield

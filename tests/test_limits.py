@@ -432,3 +432,45 @@ async def test_running_turns_are_capped_per_organization(
     finally:
         for chat_id in running:
             await stop(replicas.a, tenant, chat_id)
+
+
+async def test_a_repeated_send_or_an_interrupt_at_the_cap_is_not_refused(
+    replicas: Replicas, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    tenant = await make_tenant(sessions)  # its own organization and key: a cap and rate of its own
+    repeat_headers = {**tenant.headers, "Idempotency-Key": uuid.uuid4().hex}
+    body = {"message": "go", **LONG}
+    async with replicas.a.stream("POST", "/v1/chats", json=body, headers=repeat_headers) as sent:
+        assert sent.status_code == 200
+        first_chat, first_turn = sent.headers["x-chat-id"], sent.headers["x-turn-id"]
+    second_chat = await start_long_turn(replicas.b, tenant)
+    try:
+        # At the cap, the same send again attaches to its running turn instead of being refused.
+        async with replicas.b.stream(
+            "POST", "/v1/chats", json=body, headers=repeat_headers
+        ) as repeated:
+            assert repeated.status_code == 200, await repeated.aread()
+            assert repeated.headers["x-turn-id"] == first_turn
+            assert repeated.headers["x-chat-id"] == first_chat
+
+        # An interrupt takes the place of the turn it stops.
+        interrupt = await replicas.a.post(
+            f"/v1/chats/{second_chat}",
+            json={"message": "instead", "model": "local/echo", "ifBusy": "interrupt"},
+            params={"stream": "false"},
+            headers=tenant.headers,
+            timeout=60,
+        )
+        assert interrupt.status_code == 200, interrupt.text
+        assert interrupt.json()["message"]["status"] == "complete"
+
+        # A turn that would be one more is still refused.
+        await stop(replicas.a, tenant, second_chat)
+        another_long = await start_long_turn(replicas.a, tenant)
+        refused = await replicas.b.post(
+            "/v1/chats", json={"message": "one too many", **LONG}, headers=tenant.headers
+        )
+        assert_too_many(refused, "activeTurns", most_seconds=5)
+        await stop(replicas.a, tenant, another_long)
+    finally:
+        await stop(replicas.a, tenant, first_chat)

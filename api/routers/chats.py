@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.chat_views import chat_out, refuse_if_busy
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
-from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS
+from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_active_turns
 from api.relay import (
     FROM_START,
     StoredAnswer,
@@ -387,6 +387,7 @@ async def _send(
         target_message_id=request.target_message_id,
         if_busy=request.if_busy,
     )
+    await limit_active_turns(state, principal, turn)
     accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn.turn_id)
     if accepted.interrupted_turn_id is not None:
         # The turn's workflow stops the one it interrupts durably; the Redis flag is the fast path.
