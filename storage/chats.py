@@ -525,16 +525,7 @@ async def finish_turn(
             completed_at=func.coalesce(Turn.completed_at, func.now()),
         )
     )
-    await session.execute(
-        update(Chat)
-        .where(
-            Chat.organization_id == outcome.organization_id,
-            Chat.id == outcome.chat_id,
-            Chat.active_turn_id == outcome.turn_id,
-        )
-        .values(active_turn_id=None, updated_at=func.now())
-    )
-    return await next_queued_turn(session, outcome.organization_id, outcome.chat_id)
+    return await _release_lease(session, outcome.organization_id, outcome.chat_id, outcome.turn_id)
 
 
 async def end_lost_turn(
@@ -572,6 +563,13 @@ async def end_lost_turn(
         message.message_metadata = {**message.message_metadata, "error": error}
         if len(streamed_parts) > 1:  # more than the step's opening
             message.parts = streamed_parts
+    return await _release_lease(session, organization_id, chat_id, turn_id)
+
+
+async def _release_lease(
+    session: AsyncSession, organization_id: str, chat_id: str, turn_id: str
+) -> str | None:
+    """Let go of the chat if `turn_id` holds it; returns the queued turn that may run now, if any."""
     await session.execute(
         update(Chat)
         .where(
