@@ -2,7 +2,7 @@
 a stop or a chat change, and released. Must never import api, workflows or activities.
 
 A turn's workflow always stores its outcome before it ends, so a turn row still `running` whose
-workflow run has closed was ended from outside: an operator terminated or reset it, or it timed out.
+workflow has no open run was ended from outside: an operator terminated it, or it timed out.
 Nothing will ever release its chat. Releasing it fails the turn (its saved answer stays), ends its
 stream so readers stop waiting, and wakes the chat's next queued turn.
 """
@@ -36,7 +36,7 @@ class LostTurns:
     async def release_if_lost(
         self, session: AsyncSession, organization_id: str, turn_id: str
     ) -> bool:
-        """Release `turn_id` if it is marked running but its workflow run has closed.
+        """Release `turn_id` if it is marked running but its workflow has no open run.
 
         The database changes are made in `session`, for the caller to commit; the stream's end and
         the wake-up are sent at once (both are harmless if the caller then rolls back: the turn is
@@ -53,7 +53,7 @@ class LostTurns:
         ).scalar_one_or_none()
         if turn is None:
             return False
-        ending = await self._how_run_ended(turn.workflow_id, turn.run_id)
+        ending = await self._how_workflow_ended(turn.workflow_id)
         if ending is None:
             return False
         reason = f"the turn's workflow was {ending} before the turn finished"
@@ -76,9 +76,11 @@ class LostTurns:
             await self._wake(next_turn_id, turn_id)
         return True
 
-    async def _how_run_ended(self, workflow_id: str, run_id: str | None) -> str | None:
-        """None while the run is open (or its state is unknown); otherwise how it ended."""
-        handle = self._temporal.get_workflow_handle(workflow_id, run_id=run_id)
+    async def _how_workflow_ended(self, workflow_id: str) -> str | None:
+        """None while the workflow's latest run is open (or its state is unknown); otherwise how it
+        ended. The latest run, not the turn's recorded one: an operator's reset closes that run as
+        terminated and carries the turn on in a new run, which must not lose its chat."""
+        handle = self._temporal.get_workflow_handle(workflow_id)
         try:
             description = await handle.describe()
         except RPCError as err:

@@ -5,12 +5,16 @@ and wakes the chat's queue."""
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from core.settings import Settings
@@ -169,3 +173,48 @@ async def test_a_running_turn_is_not_released(client: httpx.AsyncClient, tenant:
         await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
     answer = await wait_for_settled_answer(client, tenant.headers, chat_id)
     assert answer["status"] == "aborted", "a stop, not a release, ended it"
+
+
+async def test_a_reset_turn_runs_on_in_its_new_run_and_keeps_its_chat(
+    client: httpx.AsyncClient, tenant: Tenant, temporal: Client
+) -> None:
+    async with client.stream(
+        "POST", "/v1/chats", json={"message": "a long answer", **LONG}, headers=tenant.headers
+    ) as response:
+        chat_id, turn_id = response.headers["x-chat-id"], response.headers["x-turn-id"]
+    handle = temporal.get_workflow_handle(f"turn-{turn_id}")
+    # Reset to the latest finished workflow task: the new run carries on from the generation without
+    # claiming the chat again, so the turn row keeps naming the old run.
+    history = await handle.fetch_history()
+    last_task_done = max(
+        event.event_id
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    )
+    # An operator's reset closes the run the turn row names (as terminated) and goes on in a new run.
+    description = await handle.describe()
+    await temporal.workflow_service.reset_workflow_execution(
+        ResetWorkflowExecutionRequest(
+            namespace=temporal.namespace,
+            workflow_execution=WorkflowExecution(workflow_id=handle.id, run_id=description.run_id),
+            reason="operator: replay the turn",
+            workflow_task_finish_event_id=last_task_done,
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    old_run = temporal.get_workflow_handle(handle.id, run_id=description.run_id)
+    assert (await old_run.describe()).status == WorkflowExecutionStatus.TERMINATED
+    [turn] = await turns_of(client, tenant, chat_id)
+    assert turn["runId"] == description.run_id, "the turn row still names the terminated run"
+
+    busy = await client.post(
+        f"/v1/chats/{chat_id}",
+        json={"message": "too soon", "model": "local/echo"},
+        params={"stream": "false"},
+        headers=tenant.headers,
+    )
+    assert busy.status_code == 409, busy.text
+    stop = await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
+    assert stop.json() == {"stopped": True, "turnId": turn_id}
+    answer = await wait_for_settled_answer(client, tenant.headers, chat_id)
+    assert answer["status"] == "aborted", "the new run ended the turn, not a release"
