@@ -133,29 +133,31 @@ async def limit_active_turns(state: AppState, principal: Principal, turn: TurnIn
     if cap == 0:
         return
     async with state.sessions() as session:
-        if await chats.get_turn_by_id(session, principal.organization_id, turn.turn_id):
-            return
-        if turn.if_busy is IfBusy.INTERRUPT and await _has_running_turn(session, principal, turn):
-            return
         running = await count_running_turns(
             session,
             principal.organization_id,
             presumed_lost_after=timedelta(seconds=state.settings.stream_max_lifetime_seconds),
         )
-    if running >= cap:
-        log.info(
-            "api.limit_refused", limit="activeTurns", organization_id=principal.organization_id
-        )
-        raise TooManyRequestsError(
-            f"the organization already has {running} running turns (at most {cap}); "
-            "wait for one to finish or stop one",
-            limit="activeTurns",
-            retry_after_seconds=CAP_RETRY_AFTER_SECONDS,
-        )
+        # Only at the cap is it worth asking whether the send adds a turn at all.
+        if running < cap or await _adds_no_running_turn(session, principal, turn):
+            return
+    log.info("api.limit_refused", limit="activeTurns", organization_id=principal.organization_id)
+    raise TooManyRequestsError(
+        f"the organization already has {running} running turns (at most {cap}); "
+        "wait for one to finish or stop one",
+        limit="activeTurns",
+        retry_after_seconds=CAP_RETRY_AFTER_SECONDS,
+    )
 
 
-async def _has_running_turn(session: AsyncSession, principal: Principal, turn: TurnInput) -> bool:
-    """Whether the chat `turn` is sent to has a turn holding it now."""
+async def _adds_no_running_turn(
+    session: AsyncSession, principal: Principal, turn: TurnInput
+) -> bool:
+    """A repeat of an existing turn attaches to it; an interrupt of a chat's running turn replaces it."""
+    if await chats.get_turn_by_id(session, principal.organization_id, turn.turn_id):
+        return True
+    if turn.if_busy is not IfBusy.INTERRUPT:
+        return False
     visibility = visibility_of(principal)
     channel = turn.external_channel
     if turn.chat_mode is ChatMode.CHANNEL and channel is not None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ import structlog
 
 from core.settings import Environment, Settings
 from devstack.embedded import EmbeddedTemporal
+from devstack.ports import free_port_block
 from devstack.stack import ServiceStack, StackEndpoints
 from devstack.supervisor import ProcessSupervisor
 from storage import api_keys
@@ -40,9 +39,6 @@ __all__ = ["BenchRig", "RigError"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_SECONDS = 60.0
-# Above the defaults of every service (5432x, 6379x, 7233, 8000-8233) and below the ephemeral range,
-# so neither a dev stack nor an outgoing connection is likely to hold a picked port.
-_PORT_RANGE = (20_000, 45_000)
 
 log = structlog.get_logger(__name__)
 
@@ -68,10 +64,10 @@ class RigPorts:
             EmbeddedTemporal.METRICS_PORT_OFFSET,
         )
         return cls(
-            postgres=_free_port_block(taken),
-            redis=_free_port_block(taken),
-            temporal=_free_port_block(taken, temporal_offsets),
-            api=_free_port_block(taken),
+            postgres=free_port_block(taken=taken),
+            redis=free_port_block(taken=taken),
+            temporal=free_port_block(temporal_offsets, taken=taken),
+            api=free_port_block(taken=taken),
         )
 
 
@@ -244,25 +240,3 @@ def _log_to_file(path: Path) -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port_block(taken: set[int], offsets: tuple[int, ...] = (0,)) -> int:
-    """A base port such that base + every offset is free now and not yet given to another service."""
-    low, high = _PORT_RANGE
-    for _ in range(200):
-        base = random.randint(low, high)
-        ports = {base + offset for offset in offsets}
-        if ports.isdisjoint(taken) and all(_port_is_free(port) for port in ports):
-            taken.update(ports)
-            return base
-    raise RigError("no free loopback ports found for the benchmark stack")

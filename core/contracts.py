@@ -218,6 +218,11 @@ class TitleChatInput:
     chat_id: str
 
 
+# The turn workflow's signal that wakes a queued turn; named here so code that cannot import the
+# workflow (storage.lost_turns) signals it by the same name.
+CHAT_RELEASED_SIGNAL = "chat_released"
+
+
 @dataclass
 class ChatReleased:
     """Signal to the head of a chat's queue: the turn before it has let go of the chat."""

@@ -15,17 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from core.contracts import ChatReleased, TurnStatus, turn_workflow_id
+from core.contracts import CHAT_RELEASED_SIGNAL, ChatReleased, TurnStatus, turn_workflow_id
 from core.ui_chunks import streamed_parts, unrun_turn_chunks
 from storage import chats
 from storage.models import Turn
 from storage.streams import TurnStreams
 
 log = structlog.get_logger(__name__)
-
-# The workflow signal that wakes a queued turn (`ChatTurnWorkflow.chat_released`), by name, since
-# this layer does not import workflows.
-CHAT_RELEASED_SIGNAL = "chat_released"
 
 
 class LostTurns:

@@ -14,12 +14,12 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.settings import Settings
+from devstack.ports import free_port_block
 from devstack.stack import ServiceStack
 from storage import api_keys
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
 from tests.support.openai_server import OpenAICompatibleServer
-from tests.support.ports import free_port_block
 from tests.support.processes import ServiceProcess, wait_until_ready
 
 # Models the test provider `mock` serves (see tests/support/openai_server.py for what each does).

@@ -24,7 +24,7 @@ import psutil
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from tests.support.ports import free_port_block
+from devstack.ports import free_port_block
 from tests.support.processes import REPO_ROOT
 
 T = TypeVar("T")

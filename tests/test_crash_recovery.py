@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.settings import Settings
 from devstack.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedService
+from devstack.ports import free_port_block
 from devstack.stack import ServiceStack
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
@@ -33,7 +34,6 @@ from storage.models import Message, Turn
 from tests.conftest import Tenant, make_tenant, process_environment
 from tests.support.ai_client import run_ai_client
 from tests.support.chat_api import stored_text
-from tests.support.ports import free_port_block
 from tests.support.processes import ServiceProcess, wait_until_ready
 from tests.support.sse import SseEvent, iter_sse, text_of
 

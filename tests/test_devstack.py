@@ -33,6 +33,7 @@ from devstack.embedded import (
     EmbeddedTemporal,
     ServiceStartError,
 )
+from devstack.ports import port_is_free
 from devstack.stack import ServiceStack
 from devstack.supervisor import ProcessSupervisor
 
@@ -50,16 +51,6 @@ def free_ports(count: int) -> list[int]:
 
 def free_port() -> int:
     return free_ports(1)[0]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def free_temporal_port(taken: Sequence[int]) -> int:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage import api_keys
 from tests.conftest import Tenant, make_tenant
+from tests.support.chat_api import assert_problem
 
 FAST = {"local": {"delayMs": 0}}
 KEY_FIELDS = {"id", "name", "userId", "admin", "displayPrefix", "createdAt", "revokedAt"}
@@ -20,16 +21,6 @@ UNKNOWN_CHAT = "/v1/chats/no-such-chat"
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    problem: dict[str, Any] = response.json()
-    assert problem["status"] == status
-    assert problem["title"]
-    assert problem["detail"]
-    return problem
 
 
 async def create_key(client: httpx.AsyncClient, by: Tenant, /, **body: Any) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.settings import Settings
+from devstack.ports import free_port_block
 from storage import api_keys
 from storage.limits import StreamLeases
 from storage.models import Chat
 from tests.conftest import RunningServices, Tenant, make_tenant, process_environment
-from tests.support.chat_api import send_and_collect, wait_for_settled_answer
-from tests.support.ports import free_port_block
+from tests.support.chat_api import assert_problem, send_and_collect, wait_for_settled_answer
 from tests.support.processes import ServiceProcess, wait_until_ready
 from tests.support.sse import SseEvent, iter_sse
 
@@ -100,16 +100,6 @@ async def second_key(sessions: async_sessionmaker[AsyncSession], tenant: Tenant)
     async with sessions.begin() as session:
         created = await api_keys.create_key(session, tenant.organization_id, is_admin=True)
     return Tenant(tenant.organization_id, created.id, created.secret)
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    problem: dict[str, Any] = response.json()
-    assert problem["status"] == status
-    assert problem["title"]
-    assert problem["detail"]
-    return problem
 
 
 def assert_too_many(response: httpx.Response, limit: str, *, most_seconds: int = 60) -> None:

@@ -15,8 +15,8 @@ import httpx
 
 from core.settings import Settings
 from devstack.embedded import EmbeddedRedis
+from devstack.ports import free_port_block
 from tests.conftest import process_environment
-from tests.support.ports import free_port_block
 from tests.support.processes import ServiceProcess, wait_until_ready
 
 

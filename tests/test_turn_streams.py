@@ -14,9 +14,9 @@ from redis.exceptions import ResponseError
 
 from core.settings import Settings
 from devstack.embedded import EmbeddedRedis
+from devstack.ports import free_port_block
 from storage.redis import create_redis
 from storage.streams import StaleAttemptError, TurnStreams
-from tests.support.ports import free_port_block
 
 
 @pytest.fixture

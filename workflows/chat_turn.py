@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.chat_session import ChatSessionActivities
     from activities.generation import GenerationActivities
     from core.contracts import (
+        CHAT_RELEASED_SIGNAL,
         TURN_WORKFLOW_NAME,
         AcceptTurnRequest,
         ChatMode,
@@ -349,7 +350,7 @@ class ChatTurnWorkflow:
         if self._stop is None:
             self._stop = request
 
-    @workflow.signal
+    @workflow.signal(name=CHAT_RELEASED_SIGNAL)
     def chat_released(self, released: ChatReleased) -> None:
         """The turn before this queued one has let go of the chat: try to claim it now."""
         self._chat_released = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from api.chat_views import chat_out, refuse_if_busy
@@ -66,6 +66,20 @@ IdempotencyKey = Annotated[
     ),
 ]
 
+
+def _wants_stream(
+    request: Request,
+    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
+) -> bool:
+    """Whether a send answers with the stream: unless `?stream=false`, or it accepts only JSON."""
+    if not stream:
+        return False
+    accept = request.headers.get("accept", "")
+    return not ("application/json" in accept and "text/event-stream" not in accept)
+
+
+WantsStream = Annotated[bool, Depends(_wants_stream)]
+
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
@@ -101,11 +115,10 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
 )
 async def send_to_new_chat(
     body: SendMessageRequest,
-    request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    wants_stream: WantsStream,
     idempotency_key: IdempotencyKey = None,
-    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     if body.trigger == "regenerate-message":
         # Regenerating needs the chat it happens in: the AI SDK always sends its id.
@@ -124,7 +137,7 @@ async def send_to_new_chat(
         body.as_new_turn(),
         mode,
         chat_id,
-        wants_stream=_wants_stream(request, stream),
+        wants_stream=wants_stream,
         idempotency_key=idempotency_key,
     )
 
@@ -138,11 +151,10 @@ async def send_to_new_chat(
 async def send_to_chat(
     chat_id: ChatId,
     body: SendMessageRequest,
-    request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    wants_stream: WantsStream,
     idempotency_key: IdempotencyKey = None,
-    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     if body.id is not None and body.id != chat_id:
         raise BadRequestError("body `id` differs from the chat id in the path")
@@ -154,7 +166,7 @@ async def send_to_chat(
         body.as_new_turn(),
         ChatMode.CONTINUE,
         chat_id,
-        wants_stream=_wants_stream(request, stream),
+        wants_stream=wants_stream,
         idempotency_key=idempotency_key,
     )
 
@@ -168,12 +180,11 @@ async def send_to_chat(
 async def regenerate_message(
     chat_id: ChatId,
     message_id: MessageId,
-    request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    wants_stream: WantsStream,
     body: RegenerateRequest | None = None,
     idempotency_key: IdempotencyKey = None,
-    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     new_turn = (body or RegenerateRequest()).as_new_turn(message_id)
     return await _send(
@@ -182,7 +193,7 @@ async def regenerate_message(
         new_turn,
         ChatMode.CONTINUE,
         chat_id,
-        wants_stream=_wants_stream(request, stream),
+        wants_stream=wants_stream,
         idempotency_key=idempotency_key,
     )
 
@@ -197,11 +208,10 @@ async def edit_message(
     chat_id: ChatId,
     message_id: MessageId,
     body: EditRequest,
-    request: Request,
     principal: CurrentPrincipal,
     state: StateDep,
+    wants_stream: WantsStream,
     idempotency_key: IdempotencyKey = None,
-    stream: Annotated[bool, Query(description="false: wait and answer JSON")] = True,
 ) -> Response:
     return await _send(
         state,
@@ -209,7 +219,7 @@ async def edit_message(
         body.as_new_turn(message_id),
         ChatMode.CONTINUE,
         chat_id,
-        wants_stream=_wants_stream(request, stream),
+        wants_stream=wants_stream,
         idempotency_key=idempotency_key,
     )
 
@@ -537,10 +547,3 @@ async def _finished_turn_json(
         usage=usage,
     )
     return JSONResponse(payload.model_dump(), headers=headers)
-
-
-def _wants_stream(request: Request, stream_param: bool) -> bool:
-    if not stream_param:
-        return False
-    accept = request.headers.get("accept", "")
-    return not ("application/json" in accept and "text/event-stream" not in accept)

@@ -1,4 +1,4 @@
-"""Small helpers for driving the chat api in tests: send, read, and wait for a turn to settle."""
+"""Small helpers for driving the chat api in tests: send, read, wait for a turn to settle, check a problem answer."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ async def wait_for_settled_answer(
 
 def stored_text(message: dict[str, Any], kind: str = "text") -> str:
     return "".join(part["text"] for part in message["parts"] if part["type"] == kind)
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem: dict[str, Any] = response.json()
+    assert problem["status"] == status
+    assert problem["title"]
+    assert problem["detail"]
+    return problem
