@@ -18,7 +18,7 @@ from core.contracts import (
     TurnStatus,
 )
 from core.errors import ErrorType
-from core.ui_chunks import opening_chunks, unrun_turn_chunks
+from core.ui_chunks import opening_chunks, unrun_turn_chunks, usage_metadata
 from storage import chats
 from storage.lost_turns import LostTurns
 from storage.streams import TurnStreams
@@ -100,15 +100,16 @@ class ChatSessionActivities:
 
         Returns the chat's queued turn that may run now, for the workflow to wake.
         """
-        closing = finish_metadata(outcome)
         async with self._sessions.begin() as session:
             message = await chats.get_message(
                 session, outcome.organization_id, outcome.assistant_message_id
             )
-            metadata = {**(message.message_metadata if message else {}), **closing}
+            # What generation stored with the message (the usage of a cancelled attempt) stays
+            # unless the outcome says otherwise.
+            metadata = {**(message.message_metadata if message else {}), **finish_metadata(outcome)}
             next_turn_id = await chats.finish_turn(session, outcome, metadata)
         await self._streams.append_terminal(
-            outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, closing)
+            outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, metadata)
         )
         return next_turn_id
 
@@ -134,11 +135,9 @@ class ChatSessionActivities:
 def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
     metadata: dict[str, Any] = {"finishReason": outcome.finish_reason or "other"}
     if outcome.input_tokens is not None and outcome.output_tokens is not None:
-        metadata["usage"] = {
-            "inputTokens": outcome.input_tokens,
-            "outputTokens": outcome.output_tokens,
-            "totalTokens": outcome.input_tokens + outcome.output_tokens,
-        }
+        metadata["usage"] = usage_metadata(
+            outcome.input_tokens, outcome.output_tokens, estimated=outcome.usage_estimated
+        )
     if outcome.ttft_ms is not None:
         metadata["ttftMs"] = outcome.ttft_ms
     if outcome.duration_ms is not None:

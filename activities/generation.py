@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -17,7 +19,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput
 from core.errors import ErrorType
-from core.ui_chunks import opening_chunks
+from core.ui_chunks import opening_chunks, usage_metadata
 from providers.base import (
     GenerationRequest,
     ModelProvider,
@@ -41,6 +43,9 @@ STOP_POLL_SECONDS = 0.25
 # must not be thrown away because it could not be saved yet. The pauses stay well under the
 # heartbeat timeout; the activity's start-to-close timeout bounds the whole wait.
 DATABASE_WAIT = wait_exponential(multiplier=0.2, max=2)
+# Token counts of an answer the provider reported no usage for (a stop before its final chunk):
+# about four characters a token, the usual rule of thumb for BPE tokenizers on English text.
+CHARS_PER_TOKEN_ESTIMATE = 4
 
 T = TypeVar("T")
 
@@ -186,7 +191,9 @@ class GenerationActivities:
             # what was generated, then report the cancellation.
             streaming.cancel()
             await asyncio.gather(streaming, return_exceptions=True)
-            await self._keep_partial_answer(request, builder, publisher)
+            await self._keep_partial_answer(
+                request, builder, publisher, TurnUsage.of(builder, prompt)
+            )
             raise
         except ProviderError as exc:
             await publisher.aclose()
@@ -197,13 +204,15 @@ class GenerationActivities:
         publisher.send(builder.finish_step())
         await publisher.flush()
         await self._save_parts(request, builder)
+        usage = TurnUsage.of(builder, prompt)
         return GenerateReplyResult(
             finish_reason="other" if stopped else builder.finish_reason,
-            input_tokens=builder.input_tokens,
-            output_tokens=builder.output_tokens,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
             ttft_ms=timing.ttft_ms,
             attempt=attempt,
             stopped=stopped,
+            usage_estimated=usage.estimated,
         )
 
     @activity.defn
@@ -252,10 +261,19 @@ class GenerationActivities:
             return None
         return title_from_text("".join(pieces).strip().strip("\"'"))
 
-    async def _save_parts(self, request: GenerateReplyInput, builder: UiMessageBuilder) -> None:
+    async def _save_parts(
+        self,
+        request: GenerateReplyInput,
+        builder: UiMessageBuilder,
+        usage: TurnUsage | None = None,
+    ) -> None:
         async def save(session: AsyncSession) -> None:
             await chats.save_assistant_parts(
-                session, request.organization_id, request.assistant_message_id, builder.parts
+                session,
+                request.organization_id,
+                request.assistant_message_id,
+                builder.parts,
+                usage=usage.as_metadata() if usage else None,
             )
 
         await self._in_transaction(save)
@@ -286,11 +304,17 @@ class GenerationActivities:
                 return
 
     async def _keep_partial_answer(
-        self, request: GenerateReplyInput, builder: UiMessageBuilder, publisher: ChunkPublisher
+        self,
+        request: GenerateReplyInput,
+        builder: UiMessageBuilder,
+        publisher: ChunkPublisher,
+        usage: TurnUsage,
     ) -> None:
+        """Store what a cancelled attempt streamed, with its usage: the workflow gets no result
+        from a cancelled activity, so the usage travels with the stored message instead."""
         publisher.send(builder.finish_step())
         await publisher.flush()
-        await self._save_parts(request, builder)
+        await self._save_parts(request, builder, usage)
 
 
 def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
@@ -299,6 +323,33 @@ def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
         "generation waits for the database",
         extra={"tries": retry_state.attempt_number, "error": repr(retry_state.outcome)},
     )
+
+
+@dataclass(frozen=True)
+class TurnUsage:
+    """An answer's token counts: the provider's, or estimated when it reported none."""
+
+    input_tokens: int
+    output_tokens: int
+    estimated: bool
+
+    @classmethod
+    def of(cls, builder: UiMessageBuilder, prompt: list[PromptMessage]) -> TurnUsage:
+        if builder.usage_reported:
+            return cls(builder.input_tokens, builder.output_tokens, estimated=False)
+        prompt_chars = sum(len(message.content) for message in prompt)
+        return cls(
+            _estimated_tokens(prompt_chars),
+            _estimated_tokens(builder.streamed_chars()),
+            estimated=True,
+        )
+
+    def as_metadata(self) -> dict[str, Any]:
+        return usage_metadata(self.input_tokens, self.output_tokens, estimated=self.estimated)
+
+
+def _estimated_tokens(chars: int) -> int:
+    return math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE)
 
 
 class _FirstTokenClock:

@@ -27,6 +27,8 @@ class UiMessageBuilder:
         self.finish_reason = "stop"
         self.input_tokens = 0
         self.output_tokens = 0
+        # Providers report usage once, at the end of a stream; a stopped stream may end without it.
+        self.usage_reported = False
         self.produced_output = False
 
     @property
@@ -41,11 +43,16 @@ class UiMessageBuilder:
         if isinstance(event, Usage):
             self.input_tokens = event.input_tokens
             self.output_tokens = event.output_tokens
+            self.usage_reported = True
             return []
         if isinstance(event, Finish):
             self.finish_reason = event.reason
             return []
         raise TypeError(f"unknown provider event {event!r}")
+
+    def streamed_chars(self) -> int:
+        """How much text and reasoning the answer holds so far, in characters."""
+        return sum(len(part.get("text", "")) for part in self._parts)
 
     def finish_step(self) -> list[Chunk]:
         return [*self._close_open_part(), {"type": "finish-step"}]

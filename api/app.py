@@ -12,7 +12,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import StorableParameters
+from api.deps import KnownQueryParameters, StorableParameters
+from api.docs_page import install_docs_page
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
@@ -29,6 +30,16 @@ from storage.redis import create_redis
 from storage.streams import TurnStreams
 
 log = structlog.get_logger(__name__)
+
+# Every response header the README documents, readable by browser apps on another origin.
+EXPOSED_RESPONSE_HEADERS = (
+    "X-Chat-Id",
+    "X-Turn-Id",
+    "X-Queue-Position",
+    "X-Request-Id",
+    "Retry-After",
+    "x-vercel-ai-ui-message-stream",
+)
 
 
 class RequestIdMiddleware:
@@ -111,14 +122,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Durable multi-tenant AI chat: every turn a Temporal workflow, streamed as the AI SDK UI message stream.",
         lifespan=lifespan,
+        # Served by install_docs_page from packaged assets; ReDoc would load its own from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_problem_handlers(app)
     install_openapi(app)
+    install_docs_page(app)
     app.include_router(health.router)
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
-    app.include_router(chat_management.router, dependencies=[StorableParameters])
-    app.include_router(chats.router, dependencies=[StorableParameters])
-    app.include_router(keys.router, dependencies=[StorableParameters])
+    parameter_checks = [KnownQueryParameters, StorableParameters]
+    app.include_router(chat_management.router, dependencies=parameter_checks)
+    app.include_router(chats.router, dependencies=parameter_checks)
+    app.include_router(keys.router, dependencies=parameter_checks)
     # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.cors_origins:
@@ -127,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
-            expose_headers=["X-Chat-Id", "X-Request-Id", "Retry-After"],
+            expose_headers=list(EXPOSED_RESPONSE_HEADERS),
         )
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -8,16 +8,40 @@ from api.schemas import ChatOut, ChatSummaryOut, UIMessageOut
 from core.errors import ConflictError
 from storage import chats
 from storage.lost_turns import LostTurns
-from storage.models import Chat, Message
+from storage.models import Chat, Message, Turn
 
 
 async def chat_out(session: AsyncSession, chat: Chat) -> ChatOut:
-    """The chat with the messages of its active branch and the turns waiting in its queue."""
+    """The chat with the messages of its active branch and the turns waiting in its queue.
+
+    The user messages of queued turns follow the branch, marked `queued`: they are stored in the
+    tree only when their turn runs, but a client that reloads must still see what it sent.
+    """
     branch = await chats.load_active_branch(session, chat)
+    queued = await chats.queued_turns(session, chat)
     return ChatOut(
         **ChatSummaryOut.fields_of(chat),
-        queuedTurnIds=await chats.queued_turn_ids(session, chat),
-        messages=await ui_messages_out(session, chat, branch),
+        queuedTurnIds=[turn.id for turn in queued],
+        messages=[
+            *await ui_messages_out(session, chat, branch),
+            *(
+                _queued_user_message(turn, position)
+                for position, turn in enumerate(queued, start=1)
+                if turn.queued_user_parts
+            ),
+        ],
+    )
+
+
+def _queued_user_message(turn: Turn, position: int) -> UIMessageOut:
+    return UIMessageOut(
+        id=turn.user_message_id,
+        role="user",
+        siblingIds=[turn.user_message_id],
+        parts=turn.queued_user_parts or [],
+        metadata={"turnId": turn.id, "queuePosition": position},
+        status="queued",
+        createdAt=chats.iso(turn.created_at),
     )
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -89,3 +92,41 @@ def require_storable_parameters(request: Request) -> None:
 
 
 StorableParameters = Depends(require_storable_parameters)
+
+
+def refuse_unknown_query_parameters(request: Request) -> None:
+    """A query parameter the operation does not declare is a 422, as an unknown body field is:
+    a misspelt filter must not be silently ignored."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    declared = _declared_query_parameters(route)
+    unknown = [name for name in request.query_params if name not in declared]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": "Extra inputs are not permitted",
+                    "input": request.query_params[name],
+                }
+                for name in unknown
+            ]
+        )
+
+
+@functools.cache
+def _declared_query_parameters(route: APIRoute) -> frozenset[str]:
+    """The query parameters of the route and of every dependency it has (routes live as long as
+    the app, so this is worked out once per route)."""
+    names: set[str] = set()
+    pending: list[Dependant] = [route.dependant]
+    while pending:
+        dependant = pending.pop()
+        names.update(field.alias for field in dependant.query_params)
+        pending.extend(dependant.dependencies)
+    return frozenset(names)
+
+
+KnownQueryParameters = Depends(refuse_unknown_query_parameters)

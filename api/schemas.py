@@ -295,6 +295,11 @@ class UsageOut(BaseModel):
     inputTokens: int | None = None  # noqa: N815 - wire names follow the AI SDK
     outputTokens: int | None = None  # noqa: N815
     totalTokens: int | None = None  # noqa: N815
+    estimated: bool = Field(
+        default=False,
+        description="The provider reported no usage (the turn was stopped before its last "
+        "chunk): the counts are estimated from the prompt and the text streamed.",
+    )
 
 
 class UIMessageOut(BaseModel):
@@ -306,7 +311,10 @@ class UIMessageOut(BaseModel):
     )
     parts: list[dict[str, Any]]
     metadata: dict[str, Any]
-    status: Literal["streaming", "complete", "aborted", "failed"]
+    status: Literal["queued", "streaming", "complete", "aborted", "failed"] = Field(
+        description="`queued`: the user message of a turn waiting in the chat's queue (it joins "
+        "the message tree when its turn runs)."
+    )
     createdAt: str  # noqa: N815
 
 

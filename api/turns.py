@@ -23,7 +23,7 @@ from core.contracts import (
     TurnStatus,
     turn_workflow_id,
 )
-from core.errors import ConflictError, ErrorType, NotFoundError
+from core.errors import ConflictError, ErrorType, IdempotencyKeyReusedError, NotFoundError
 from workflows import search_attributes
 from workflows.chat_turn import ChatTurnWorkflow
 
@@ -55,7 +55,7 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
     try:
         return await state.temporal.execute_update_with_start_workflow(
             ChatTurnWorkflow.accept_turn,
-            AcceptTurnRequest(turn_id=turn.turn_id),
+            AcceptTurnRequest(turn_id=turn.turn_id, request_fingerprint=turn.request_fingerprint),
             start_workflow_operation=start,
         )
     except WorkflowAlreadyStartedError:
@@ -71,6 +71,11 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
                 raise NotFoundError("chat not found") from err
             if cause.type == ErrorType.MESSAGE_NOT_FOUND:
                 raise NotFoundError("no such message in this chat to regenerate or edit") from err
+            if cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED:
+                earlier_chat_id, earlier_turn_id = ([*list(cause.details), None, None])[:2]
+                raise IdempotencyKeyReusedError(
+                    cause.message, extra={"chatId": earlier_chat_id, "turnId": earlier_turn_id}
+                ) from err
             if cause.type == ErrorType.CHAT_BUSY:
                 active_turn_id, chat_id = ([*list(cause.details), None, None])[:2]
                 raise ConflictError(

@@ -98,6 +98,9 @@ class TurnInput:
     # EDIT: the user message the new one replaces as a sibling.
     target_message_id: str | None = None
     if_busy: IfBusy = IfBusy.REJECT
+    # Set for a send with an `Idempotency-Key`: a digest of the request (path and body), so a later
+    # request with the same key is recognised as the same request or refused as a different one.
+    request_fingerprint: str | None = None
 
 
 @dataclass
@@ -105,6 +108,8 @@ class AcceptTurnRequest:
     """The api's update asking a just-started turn workflow to answer once the turn is accepted."""
 
     turn_id: str
+    # The fingerprint of the request asking; a repeat of an idempotent send must match the first.
+    request_fingerprint: str | None = None
 
 
 @dataclass
@@ -185,6 +190,8 @@ class GenerateReplyResult:
     attempt: int
     # True when a stop ended generation early; the partial answer is stored.
     stopped: bool = False
+    # True when the provider reported no usage and the token counts are estimates.
+    usage_estimated: bool = False
 
 
 @dataclass
@@ -202,6 +209,7 @@ class PersistAssistantMessageInput:
     ttft_ms: int | None = None
     duration_ms: int | None = None
     error: str | None = None
+    usage_estimated: bool = False
 
 
 @dataclass

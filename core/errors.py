@@ -12,6 +12,10 @@ class ErrorType:
     PROVIDER_REJECTED = "ProviderRejected"
     PROVIDER_UNAVAILABLE = "ProviderUnavailable"
     INVALID_TURN = "InvalidTurn"
+    # An `Idempotency-Key` sent again with another request than the one it first came with.
+    IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"
+    # The workflow failure of a turn that ended `failed` (its outcome is stored and its stream ended).
+    TURN_FAILED = "TurnFailed"
 
 
 class DurachatError(Exception):
@@ -56,6 +60,18 @@ class NotFoundError(DurachatError):
     status_code = 404
     title = "Not Found"
     problem_type = "/problems/not-found"
+
+
+class UnprocessableContentError(DurachatError):
+    status_code = 422
+    title = "Unprocessable Content"
+    problem_type = "/problems/unprocessable"
+
+
+class IdempotencyKeyReusedError(UnprocessableContentError):
+    """The same `Idempotency-Key` with a different chat, path or body than its first request."""
+
+    problem_type = "/problems/idempotency-key-reused"
 
 
 class ConflictError(DurachatError):

@@ -13,6 +13,18 @@ def start_metadata(chat_id: str, turn_id: str, model: str) -> dict[str, Any]:
     return {"chatId": chat_id, "turnId": turn_id, "model": model}
 
 
+def usage_metadata(input_tokens: int, output_tokens: int, *, estimated: bool) -> dict[str, Any]:
+    """A turn's `usage` in message metadata; `estimated` only when the provider reported none."""
+    usage: dict[str, Any] = {
+        "inputTokens": input_tokens,
+        "outputTokens": output_tokens,
+        "totalTokens": input_tokens + output_tokens,
+    }
+    if estimated:
+        usage["estimated"] = True
+    return usage
+
+
 def opening_chunks(
     assistant_message_id: str, chat_id: str, turn_id: str, model: str
 ) -> tuple[Chunk, Chunk]:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import cast, func, literal, or_, select, text, update
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import func, literal, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -215,10 +215,9 @@ async def _running_lease_holder(session: AsyncSession, chat: Chat, turn_id: str)
     return chat.active_turn_id if holder_status == TurnStatus.RUNNING else None
 
 
-async def queued_turn_ids(session: AsyncSession, chat: Chat) -> list[str]:
-    """The chat's queued turns, first in line first."""
-    result = await session.execute(
-        select(Turn.id)
+def _queued_turns_query(chat: Chat, selected: Any) -> Any:
+    return (
+        select(selected)
         .where(
             Turn.organization_id == chat.organization_id,
             Turn.chat_id == chat.id,
@@ -226,7 +225,16 @@ async def queued_turn_ids(session: AsyncSession, chat: Chat) -> list[str]:
         )
         .order_by(Turn.queue_position)
     )
-    return list(result.scalars())
+
+
+async def queued_turn_ids(session: AsyncSession, chat: Chat) -> list[str]:
+    """The chat's queued turns' ids, first in line first."""
+    return list((await session.execute(_queued_turns_query(chat, Turn.id))).scalars())
+
+
+async def queued_turns(session: AsyncSession, chat: Chat) -> list[Turn]:
+    """The chat's queued turns, first in line first."""
+    return list((await session.execute(_queued_turns_query(chat, Turn))).scalars())
 
 
 async def _enqueue(
@@ -271,6 +279,11 @@ async def _upsert_turn_row(
         "queue_position": queue_position,
         "workflow_id": run.workflow_id,
         "run_id": run.run_id,
+        "request_fingerprint": turn.request_fingerprint,
+        # Until it runs, a queued turn's user message lives only here (and in its workflow input).
+        "queued_user_parts": (
+            turn.user_parts if status is TurnStatus.QUEUED and turn.user_parts else None
+        ),
     }
     await session.execute(
         insert(Turn)
@@ -320,10 +333,15 @@ async def _place_in_tree(
     """(parent of the turn's new message, stored user message it answers) for the turn's kind."""
     if turn.kind is TurnKind.SEND:
         return chat.active_leaf_id, None
+    target_id = turn.target_message_id
+    if target_id is None and turn.kind is TurnKind.REGENERATE:
+        # The AI SDK's `regenerate()` names no message: answer the latest exchange again (the
+        # newest answer, or the newest user message when its turn left none).
+        target_id = chat.active_leaf_id
     target = (
         await session.execute(
             select(Message).where(
-                Message.id == turn.target_message_id,
+                Message.id == target_id,
                 Message.organization_id == chat.organization_id,
                 Message.chat_id == chat.id,
             )
@@ -336,7 +354,7 @@ async def _place_in_tree(
             return target.id, target.id
     elif target is not None and target.role == "user":
         return target.parent_id, None
-    raise MessageNotFound(turn.target_message_id or "")
+    raise MessageNotFound(target_id or "")
 
 
 async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput) -> bool:
@@ -485,12 +503,23 @@ async def latest_leaf_under(session: AsyncSession, chat: Chat, message_id: str) 
 
 
 async def save_assistant_parts(
-    session: AsyncSession, organization_id: str, message_id: str, parts: list[dict[str, Any]]
+    session: AsyncSession,
+    organization_id: str,
+    message_id: str,
+    parts: list[dict[str, Any]],
+    *,
+    usage: dict[str, Any] | None = None,
 ) -> None:
+    """Store the answer's parts, and its `usage` in the metadata when given."""
+    values: dict[str, Any] = {"parts": parts, "updated_at": func.now()}
+    if usage is not None:
+        values["message_metadata"] = Message.message_metadata.op("||")(
+            func.jsonb_build_object("usage", cast(usage, JSONB))
+        )
     await session.execute(
         update(Message)
         .where(Message.id == message_id, Message.organization_id == organization_id)
-        .values(parts=parts, updated_at=func.now())
+        .values(**values)
     )
 
 
@@ -502,6 +531,9 @@ async def finish_turn(
     Returns the queued turn that may run now, if any.
     """
     turn_status = turn_status_for(outcome.status)
+    # The message's usage is the one record of it: the outcome's, or what generation stored with a
+    # cancelled attempt's answer.
+    usage = metadata.get("usage") or {}
     await session.execute(
         update(Message)
         .where(
@@ -516,8 +548,9 @@ async def finish_turn(
         .values(
             status=turn_status,
             attempts=func.greatest(Turn.attempts, outcome.attempts),
-            input_tokens=outcome.input_tokens,
-            output_tokens=outcome.output_tokens,
+            input_tokens=usage.get("inputTokens"),
+            output_tokens=usage.get("outputTokens"),
+            usage_estimated=bool(usage.get("estimated", False)),
             ttft_ms=outcome.ttft_ms,
             duration_ms=outcome.duration_ms,
             finish_reason=outcome.finish_reason,
@@ -654,12 +687,15 @@ async def list_live_chats(
     limit: int,
     offset: int,
     source: str | None = None,
+    folder: str | None = None,
     title_contains: str | None = None,
 ) -> ChatPage:
     """A page of the caller's live chats: pinned first, then the most recently updated."""
     query = _live_chat_query(visibility)
     if source is not None:
         query = query.where(Chat.external_source == source)
+    if folder is not None:
+        query = query.where(Chat.folder == folder)
     if title_contains:
         escaped = title_contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Chat.title.ilike(f"%{escaped}%", escape="\\"))

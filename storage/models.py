@@ -167,6 +167,14 @@ class Turn(Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    # True when the provider reported no usage before the turn ended (a stop): the token counts
+    # are estimated from the prompt and the text streamed.
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # A SHA-256 of the request that started the turn under an `Idempotency-Key`: a later request
+    # with the same key must be the same request.
+    request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # While queued: the user message the turn will store when it runs, so chat reads can show it.
+    queued_user_parts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

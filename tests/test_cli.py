@@ -270,6 +270,9 @@ def test_dev_serves_a_chat_stops_cleanly_and_keeps_it_across_restart(
     banner = first.output
     assert api_url in banner
     assert f"http://127.0.0.1:{ports.temporal_ui}" in banner
+    # The CLI's default address may be some other server: the banner names this one.
+    assert f"Temporal     127.0.0.1:{ports.temporal} " in banner
+    assert f"temporal workflow list --address 127.0.0.1:{ports.temporal}" in banner
     assert DEV_KEY in banner
 
     chat_id = send_message(api_url, "hi")

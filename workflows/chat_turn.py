@@ -93,6 +93,7 @@ CLAIM_REJECTIONS = (ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY, ErrorType.MES
 class ChatTurnWorkflow:
     @workflow.init
     def __init__(self, turn: TurnInput) -> None:
+        self._turn = turn
         self._accepted: TurnAccepted | None = None
         self._queued: TurnAccepted | None = None
         self._rejection: ApplicationError | None = None
@@ -186,6 +187,16 @@ class ChatTurnWorkflow:
         if claim.created and workflow.patched("title-new-chats"):
             await self._title_chat(turn.organization_id, claim.chat_id)
         await workflow.wait_condition(workflow.all_handlers_finished)
+        # A failed turn closes its workflow as failed, so operators find it by execution status;
+        # its outcome is stored and its stream ended by now. Histories recorded before this
+        # completed such turns, and replay that way.
+        if status is TurnStatus.FAILED and workflow.patched("fail-failed-turns"):
+            raise ApplicationError(
+                outcome.error or "generation failed",
+                claim.chat_id,
+                type=ErrorType.TURN_FAILED,
+                non_retryable=True,
+            )
         return TurnResult(
             chat_id=claim.chat_id,
             turn_id=turn.turn_id,
@@ -342,6 +353,7 @@ class ChatTurnWorkflow:
         outcome.finish_reason = reply.finish_reason
         outcome.input_tokens = reply.input_tokens
         outcome.output_tokens = reply.output_tokens
+        outcome.usage_estimated = reply.usage_estimated
         outcome.ttft_ms = reply.ttft_ms
 
     @workflow.signal
@@ -382,6 +394,16 @@ class ChatTurnWorkflow:
     def _validate_accept_turn(self, request: AcceptTurnRequest) -> None:
         if turn_workflow_id(request.turn_id) != workflow.info().workflow_id:
             raise ApplicationError("update names another turn", type=ErrorType.INVALID_TURN)
+        if request.request_fingerprint != self._turn.request_fingerprint:
+            # The turn id came from an `Idempotency-Key` that first came with another request.
+            accepted = self._accepted or self._queued
+            raise ApplicationError(
+                "this Idempotency-Key was used with a different request",
+                accepted.chat_id if accepted else self._turn.chat_id,
+                self._turn.turn_id,
+                type=ErrorType.IDEMPOTENCY_KEY_REUSED,
+                non_retryable=True,
+            )
 
 
 def _claim_rejection(err: ActivityError) -> ApplicationError | None:

@@ -60,6 +60,10 @@ async def list_chats(
         Literal["discord", "slack", "dashboard", "api"] | None,
         Query(description="Only chats bound to a channel of this source"),
     ] = None,
+    folder: Annotated[
+        str | None,
+        Query(min_length=1, max_length=100, description="Only chats in this folder (exact name)"),
+    ] = None,
     q: Annotated[
         str | None, Query(min_length=1, max_length=200, description="Title contains (any case)")
     ] = None,
@@ -70,6 +74,7 @@ async def list_chats(
         limit=limit,
         offset=offset,
         source=source,
+        folder=folder,
         title_contains=q,
     )
     return ChatPageOut(
@@ -248,7 +253,10 @@ def _turn_out(turn: Turn) -> TurnRecordOut:
         userMessageId=turn.user_message_id,
         assistantMessageId=turn.assistant_message_id,
         usage=UsageOut(
-            inputTokens=turn.input_tokens, outputTokens=turn.output_tokens, totalTokens=total
+            inputTokens=turn.input_tokens,
+            outputTokens=turn.output_tokens,
+            totalTokens=total,
+            estimated=turn.usage_estimated,
         ),
         ttftMs=turn.ttft_ms,
         durationMs=turn.duration_ms,

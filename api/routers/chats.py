@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
+import contextlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from temporalio.client import WorkflowFailureError
 
-from api.chat_views import chat_out, refuse_if_busy
+from api.chat_views import chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.idempotency import IdempotencyDep, IdempotentRequest, repeatable_turn_id
 from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_active_turns
 from api.relay import (
     FROM_START,
@@ -44,7 +46,13 @@ from core.contracts import (
     TurnStatus,
     turn_workflow_id,
 )
-from core.errors import BadRequestError, ConflictError, NotFoundError, UpstreamError
+from core.errors import (
+    BadRequestError,
+    ConflictError,
+    IdempotencyKeyReusedError,
+    NotFoundError,
+    UpstreamError,
+)
 from core.ui_chunks import stored_message_chunks, unrun_turn_chunks
 from providers.base import UnknownModelError
 from storage import chats
@@ -53,18 +61,6 @@ from storage.ids import new_id
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
-
-# Turn ids of repeated sends are derived from (organization, user, key) under this namespace.
-IDEMPOTENT_TURN_NAMESPACE = uuid.UUID("5b0f7c1e-6a51-4f0e-9a3e-0d2c8f4a7b10")
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        min_length=1,
-        max_length=200,
-        description="A repeated send with the same key attaches to the first one's turn and stream.",
-    ),
-]
 
 
 def _wants_stream(
@@ -118,7 +114,7 @@ async def send_to_new_chat(
     principal: CurrentPrincipal,
     state: StateDep,
     wants_stream: WantsStream,
-    idempotency_key: IdempotencyKey = None,
+    idempotent: IdempotencyDep,
 ) -> Response:
     if body.trigger == "regenerate-message":
         # Regenerating needs the chat it happens in: the AI SDK always sends its id.
@@ -138,7 +134,7 @@ async def send_to_new_chat(
         mode,
         chat_id,
         wants_stream=wants_stream,
-        idempotency_key=idempotency_key,
+        idempotent=idempotent,
     )
 
 
@@ -154,7 +150,7 @@ async def send_to_chat(
     principal: CurrentPrincipal,
     state: StateDep,
     wants_stream: WantsStream,
-    idempotency_key: IdempotencyKey = None,
+    idempotent: IdempotencyDep,
 ) -> Response:
     if body.id is not None and body.id != chat_id:
         raise BadRequestError("body `id` differs from the chat id in the path")
@@ -167,7 +163,7 @@ async def send_to_chat(
         ChatMode.CONTINUE,
         chat_id,
         wants_stream=wants_stream,
-        idempotency_key=idempotency_key,
+        idempotent=idempotent,
     )
 
 
@@ -183,8 +179,8 @@ async def regenerate_message(
     principal: CurrentPrincipal,
     state: StateDep,
     wants_stream: WantsStream,
+    idempotent: IdempotencyDep,
     body: RegenerateRequest | None = None,
-    idempotency_key: IdempotencyKey = None,
 ) -> Response:
     new_turn = (body or RegenerateRequest()).as_new_turn(message_id)
     return await _send(
@@ -194,7 +190,7 @@ async def regenerate_message(
         ChatMode.CONTINUE,
         chat_id,
         wants_stream=wants_stream,
-        idempotency_key=idempotency_key,
+        idempotent=idempotent,
     )
 
 
@@ -211,7 +207,7 @@ async def edit_message(
     principal: CurrentPrincipal,
     state: StateDep,
     wants_stream: WantsStream,
-    idempotency_key: IdempotencyKey = None,
+    idempotent: IdempotencyDep,
 ) -> Response:
     return await _send(
         state,
@@ -220,7 +216,7 @@ async def edit_message(
         ChatMode.CONTINUE,
         chat_id,
         wants_stream=wants_stream,
-        idempotency_key=idempotency_key,
+        idempotent=idempotent,
     )
 
 
@@ -276,7 +272,10 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
             "description": "The UI message stream, replayed from `start` or after the cursor",
             "content": {"text/event-stream": {}},
         },
-        204: {"description": "No turn is active"},
+        204: {
+            "description": "No turn is active, or (without `Last-Event-ID`) no chat of the caller "
+            "has that id yet"
+        },
         400: {"description": "Malformed Last-Event-ID", **PROBLEM},
         401: {"description": "Missing or invalid API key", **PROBLEM},
         404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
@@ -293,6 +292,10 @@ async def resume_stream(
     async with state.sessions() as session:
         chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
         if chat is None:
+            if not last_event_id:
+                # `useChat({resume: true})` asks on the first load of every chat, before the chat
+                # exists: nothing to resume. Another tenant's chat answers the same, so nothing leaks.
+                return Response(status_code=204)
             raise NotFoundError("chat not found")
         if last_event_id:
             turn_id, after = parse_cursor(last_event_id)
@@ -354,7 +357,7 @@ async def _send(
     chat_id: str | None,
     *,
     wants_stream: bool,
-    idempotency_key: str | None,
+    idempotent: IdempotentRequest | None,
 ) -> Response:
     text = request.text()
     if request.kind is not TurnKind.REGENERATE and not text.strip():
@@ -375,11 +378,24 @@ async def _send(
             str(exc), extra={"availableModels": state.providers.available_models()}
         ) from exc
 
-    channel = request.external_channel
+    channel = (
+        ExternalChannel(source=request.external_channel.source, id=request.external_channel.id)
+        if request.external_channel
+        else None
+    )
+    turn_id = repeatable_turn_id(
+        principal,
+        kind=request.kind,
+        mode=mode,
+        chat_id=chat_id,
+        channel=channel,
+        client_message_id=request.client_message_id,
+        idempotent=idempotent,
+    )
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
-        turn_id=_turn_id_for(principal, request, mode, chat_id, idempotency_key),
+        turn_id=turn_id or new_id(),
         chat_mode=mode,
         chat_id=chat_id,
         user_message_id=new_id(),
@@ -389,16 +405,17 @@ async def _send(
         provider=provider.name,
         system=request.system,
         provider_options=request.provider_options,
-        external_channel=ExternalChannel(source=channel.source, id=channel.id) if channel else None,
+        external_channel=channel,
         # Earlier messages seed only a chat's first turn; a live chat's history is the server's.
         history_seed=request.history_seed if mode is not ChatMode.CONTINUE else [],
         client_message_id=request.client_message_id,
         kind=request.kind,
         target_message_id=request.target_message_id,
         if_busy=request.if_busy,
+        request_fingerprint=idempotent.fingerprint if idempotent else None,
     )
     await limit_active_turns(state, principal, turn)
-    accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn.turn_id)
+    accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn)
     if accepted.interrupted_turn_id is not None:
         # The turn's workflow stops the one it interrupts durably; the Redis flag is the fast path.
         await state.streams.request_stop(principal.organization_id, accepted.interrupted_turn_id)
@@ -441,43 +458,19 @@ async def _chat_default_model(
     return chat.model if chat is not None else None
 
 
-def _turn_id_for(
-    principal: Principal,
-    request: NewTurn,
-    mode: ChatMode,
-    chat_id: str | None,
-    idempotency_key: str | None,
-) -> str:
-    """A new turn id, or, for a repeated send, the id its first try got.
-
-    A send is repeated when it carries the same `Idempotency-Key`, or, from AI SDK clients, the same
-    id for the new user message in the same chat (useChat keeps a message's id when it retries).
-    """
-    if idempotency_key is not None:
-        scope = f"key:{idempotency_key}"
-    elif (
-        request.client_message_id and request.kind is TurnKind.SEND and mode is not ChatMode.CREATE
-    ):
-        channel = request.external_channel
-        where = f"{channel.source}/{channel.id}" if channel else chat_id
-        scope = f"message:{where}:{request.client_message_id}"
-    else:
-        return new_id()
-    return str(
-        uuid.uuid5(
-            IDEMPOTENT_TURN_NAMESPACE, f"{principal.organization_id}\n{principal.user_id}\n{scope}"
-        )
-    )
-
-
-async def _earlier_turn(state: AppState, principal: Principal, turn_id: str) -> TurnAccepted:
+async def _earlier_turn(state: AppState, principal: Principal, repeat: TurnInput) -> TurnAccepted:
     """The turn a repeated send names, when it has already finished."""
     async with state.sessions() as session:
-        turn = await chats.get_turn_by_id(session, principal.organization_id, turn_id)
+        turn = await chats.get_turn_by_id(session, principal.organization_id, repeat.turn_id)
     if turn is None:
         raise ConflictError(
             "this idempotency key belongs to a send that was refused; retry with a new key",
-            extra={"turnId": turn_id},
+            extra={"turnId": repeat.turn_id},
+        )
+    if turn.request_fingerprint != repeat.request_fingerprint:
+        raise IdempotencyKeyReusedError(
+            "this Idempotency-Key was used with a different request",
+            extra={"chatId": turn.chat_id, "turnId": turn.id},
         )
     return TurnAccepted(
         chat_id=turn.chat_id,
@@ -515,35 +508,46 @@ async def _finished_turn_json(
     assistant_message_id: str,
     headers: dict[str, str],
 ) -> JSONResponse:
+    """Wait for the turn to end and answer its stored outcome; every answer, an error's too,
+    carries the chat's and the turn's ids."""
+    headers = {**headers, "X-Chat-Id": chat_id}
     handle = state.temporal.get_workflow_handle_for(ChatTurnWorkflow.run, turn_workflow_id(turn_id))
-    result = await handle.result()
+    # A failed turn fails its workflow; its outcome is read back below like any other.
+    with contextlib.suppress(WorkflowFailureError):
+        await handle.result()
+    ids: dict[str, object] = {"chatId": chat_id, "turnId": turn_id}
     async with state.sessions() as session:
         message = await chats.get_message(session, principal.organization_id, assistant_message_id)
         turn = await chats.get_turn(session, principal.organization_id, chat_id, turn_id)
-    headers = {**headers, "X-Chat-Id": chat_id}
+        chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
+        message_out = (
+            (await ui_messages_out(session, chat, [message]))[0]
+            if message is not None and chat is not None
+            else None
+        )
+    status = turn.status if turn is not None else TurnStatus.REJECTED
     if message is None:
         # A queued turn that ended before it ran.
-        if result.status == TurnStatus.REJECTED:
+        if status == TurnStatus.REJECTED:
             # Its chat was deleted, or the message it was to regenerate or edit is gone.
             raise NotFoundError(
                 turn.error if turn and turn.error else "the queued turn could not run",
-                extra={"chatId": chat_id, "turnId": turn_id},
+                extra=ids,
+                headers=headers,
             )
         payload = TurnOut(
-            chatId=chat_id, turnId=turn_id, status=result.status, message=None, usage=UsageOut()
+            chatId=chat_id, turnId=turn_id, status=status, message=None, usage=UsageOut()
         )
         return JSONResponse(payload.model_dump(), headers=headers)
     if message.status == "failed":
         raise UpstreamError(
-            message.message_metadata.get("error", "generation failed"),
-            extra={"chatId": chat_id, "turnId": turn_id},
+            message.message_metadata.get("error", "generation failed"), extra=ids, headers=headers
         )
-    usage = message.message_metadata.get("usage", {})
     payload = TurnOut(
         chatId=chat_id,
         turnId=turn_id,
-        status=result.status,
-        message=UIMessageOut.model_validate(chats.as_ui_message(message)),
-        usage=usage,
+        status=status,
+        message=message_out or UIMessageOut.model_validate(chats.as_ui_message(message)),
+        usage=message.message_metadata.get("usage", {}),
     )
     return JSONResponse(payload.model_dump(), headers=headers)
