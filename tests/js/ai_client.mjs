@@ -13,11 +13,27 @@
 //   -> {"message": UIMessage | null, "chunks": [UIMessageChunk, ...], "error": string | null,
 //       "httpStatus": number | null, "aborted": boolean, "noActiveStream": boolean}
 //
+//   {"mode": "chat", "api": "...", "headers": {...}, "chatId": "...", "messages": [UIMessage, ...]?,
+//    "actions": [{"do": "send", "text": "..."} | {"do": "regenerate", "messageId": "..."?}
+//                | {"do": "resume"}, ...],
+//    "body": {...}?, "prepareSendMessagesRequest": "<JS source of the function>"?,
+//    "origin": "http://app.example"?}
+//
+//   -> {"messages": [UIMessage, ...], "status": string, "error": string | null,
+//       "responses": [{"method", "url", "status", "browserVisibleHeaders": {...}}]}
+//
+//   "chat" drives the library's own chat state machine (`AbstractChat`, which `useChat` wraps) with
+//   the given messages loaded, running each action to its end in turn, as a user clicking would.
+//   With "origin", every request carries that Origin and each response's headers are reduced to
+//   what a browser page on that origin could read (CORS: the safelisted headers and those in
+//   Access-Control-Expose-Headers, and nothing unless Access-Control-Allow-Origin admits it); a
+//   preflight is sent first, as a browser would, and a refused one fails the request.
+//
 // The transport and the assembler are the library's own (`DefaultChatTransport`,
 // `readUIMessageStream`), so what this reports is what `useChat` would see, not what a hand-written
 // parser believes.
 
-import { DefaultChatTransport, readUIMessageStream } from 'ai';
+import { AbstractChat, DefaultChatTransport, readUIMessageStream } from 'ai';
 
 async function readCommand() {
   const parts = [];
@@ -28,9 +44,10 @@ async function readCommand() {
     if (!Array.isArray(command.chunks)) throw new Error('"chunks" must be an array');
     return command;
   }
-  if (command.mode !== 'send' && command.mode !== 'reconnect') {
-    throw new Error(`unknown mode ${JSON.stringify(command.mode)}; expected "send", "reconnect" or "assemble"`);
+  if (!['send', 'reconnect', 'chat'].includes(command.mode)) {
+    throw new Error(`unknown mode ${JSON.stringify(command.mode)}; expected "send", "reconnect", "chat" or "assemble"`);
   }
+  if (command.mode === 'chat' && !Array.isArray(command.actions)) throw new Error('"actions" must be an array');
   if (typeof command.api !== 'string' || typeof command.chatId !== 'string') {
     throw new Error('"api" and "chatId" must be strings');
   }
@@ -83,7 +100,106 @@ async function assemble(stream, { abortAfterChunks, abortController }) {
   return { message, chunks, error: errors[0] ?? null, aborted };
 }
 
+// The simplest ChatState: plain fields, as a framework binding would keep them in its own store.
+class PlainChatState {
+  constructor(messages) {
+    this.status = 'ready';
+    this.error = undefined;
+    this.messages = messages;
+  }
+  pushMessage = (message) => { this.messages = [...this.messages, message]; };
+  popMessage = () => { this.messages = this.messages.slice(0, -1); };
+  replaceMessage = (index, message) => {
+    this.messages = [...this.messages.slice(0, index), message, ...this.messages.slice(index + 1)];
+  };
+  snapshot = (thing) => structuredClone(thing);
+}
+
+class PlainChat extends AbstractChat {
+  constructor({ messages, ...init }) {
+    super({ ...init, state: new PlainChatState(messages ?? []) });
+  }
+}
+
+const CORS_SAFELISTED_RESPONSE_HEADERS = [
+  'cache-control', 'content-language', 'content-length', 'content-type', 'expires', 'last-modified', 'pragma',
+];
+
+// What a page on `origin` could read of a response's headers under CORS.
+function browserVisibleHeaders(response, origin) {
+  const allowed = response.headers.get('access-control-allow-origin');
+  if (allowed !== '*' && allowed !== origin) return {};
+  const exposed = (response.headers.get('access-control-expose-headers') ?? '')
+    .split(',').map((name) => name.trim().toLowerCase()).filter(Boolean);
+  const visible = {};
+  for (const [name, value] of response.headers) {
+    if (CORS_SAFELISTED_RESPONSE_HEADERS.includes(name) || exposed.includes('*') || exposed.includes(name)) visible[name] = value;
+  }
+  return visible;
+}
+
+// A fetch that records each response, and with an origin behaves as a browser's cross-origin fetch
+// does: the preflight first, the Origin header, and only the headers CORS lets the page read.
+function recordingFetch(responses, origin) {
+  return async (url, init = {}) => {
+    const method = init.method ?? 'GET';
+    const headers = new Headers(init.headers ?? {});
+    if (origin) {
+      const requested = [...headers.keys()];
+      const preflight = await fetch(url, {
+        method: 'OPTIONS',
+        headers: {
+          Origin: origin,
+          'Access-Control-Request-Method': method,
+          'Access-Control-Request-Headers': requested.join(','),
+        },
+      });
+      const allowOrigin = preflight.headers.get('access-control-allow-origin');
+      if (!preflight.ok || (allowOrigin !== '*' && allowOrigin !== origin)) {
+        throw new TypeError(`Failed to fetch: the preflight of ${method} ${url} was refused (${preflight.status})`);
+      }
+      headers.set('Origin', origin);
+    }
+    const response = await fetch(url, { ...init, headers });
+    const seen = origin ? browserVisibleHeaders(response, origin) : Object.fromEntries(response.headers);
+    responses.push({ method, url: String(url), status: response.status, browserVisibleHeaders: seen });
+    return response;
+  };
+}
+
+async function runChat(command) {
+  const responses = [];
+  const prepareSendMessagesRequest = command.prepareSendMessagesRequest
+    ? (0, eval)(`(${command.prepareSendMessagesRequest})`)
+    : undefined;
+  const chat = new PlainChat({
+    id: command.chatId,
+    messages: command.messages,
+    transport: new DefaultChatTransport({
+      api: command.api,
+      headers: command.headers ?? {},
+      body: command.body ?? {},
+      prepareSendMessagesRequest,
+      fetch: recordingFetch(responses, command.origin),
+    }),
+  });
+  for (const action of command.actions) {
+    if (action.do === 'send') await chat.sendMessage({ text: action.text });
+    else if (action.do === 'regenerate') await chat.regenerate(action.messageId ? { messageId: action.messageId } : undefined);
+    else if (action.do === 'resume') await chat.resumeStream();
+    else throw new Error(`unknown action ${JSON.stringify(action)}`);
+    if (chat.status === 'error') break;
+  }
+  return {
+    messages: chat.messages,
+    status: chat.status,
+    error: chat.error ? describeError(chat.error) : null,
+    responses,
+  };
+}
+
 async function run(command) {
+  if (command.mode === 'chat') return runChat(command);
   const transport = new DefaultChatTransport({
     api: command.api,
     headers: command.headers ?? {},
