@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -116,10 +115,9 @@ def refuse_unknown_query_parameters(request: Request) -> None:
         )
 
 
-@functools.cache
 def _declared_query_parameters(route: APIRoute) -> frozenset[str]:
-    """The query parameters of the route and of every dependency it has (routes live as long as
-    the app, so this is worked out once per route)."""
+    """The query parameters of the route and of every dependency it has (a walk over a few dozen
+    dependency nodes at most)."""
     names: set[str] = set()
     pending: list[Dependant] = [route.dependant]
     while pending:

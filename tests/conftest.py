@@ -62,6 +62,8 @@ def stack_settings(
         providers=json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
         title_model="mock/titler",
         stream_ping_seconds=1,
+        # A browser app's origin, for the CORS checks in tests/test_ai_sdk_chat.py.
+        cors_origins=["http://app.durachat.test"],
     )
 
 

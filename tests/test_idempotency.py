@@ -17,7 +17,13 @@ from core.settings import Settings
 from storage.models import Message
 from storage.streams import TurnStreams
 from tests.conftest import Tenant, make_tenant
-from tests.support.chat_api import get_chat, send_and_collect, stored_text, wait_for_settled_answer
+from tests.support.chat_api import (
+    assert_problem,
+    get_chat,
+    send_and_collect,
+    stored_text,
+    wait_for_settled_answer,
+)
 from tests.support.sse import chunks_of, iter_sse, text_of
 
 PACED = {"model": "local/lorem", "providerOptions": {"local": {"words": 30, "delayMs": 30}}}
@@ -136,3 +142,60 @@ async def test_stream_lost_by_redis_is_served_from_the_stored_message(
     assert (await get_chat(client, tenant.headers, chat_id))["messages"][-1]["id"] == start[
         "messageId"
     ]
+
+
+async def test_an_idempotency_key_reused_for_another_request_is_refused(
+    client: httpx.AsyncClient, tenant: Tenant, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    key = f"key-{uuid.uuid4()}"
+    headers = {**tenant.headers, "Idempotency-Key": key}
+    fast = {"providerOptions": {"local": {"delayMs": 0}}}
+    chat_a = (
+        await client.post(
+            "/v1/chats?stream=false", json={"message": "a", **fast}, headers=tenant.headers
+        )
+    ).json()["chatId"]
+    chat_b = (
+        await client.post(
+            "/v1/chats?stream=false", json={"message": "b", **fast}, headers=tenant.headers
+        )
+    ).json()["chatId"]
+
+    async def reuse_refused(path: str, body: dict[str, object], first_turn_id: str) -> None:
+        response = await client.post(path, json=body, headers=headers)
+        problem = assert_problem(response, 422)
+        assert problem["type"] == "/problems/idempotency-key-reused"
+        assert problem["chatId"] == chat_a
+        assert problem["turnId"] == first_turn_id
+
+    # While the first request's turn runs, and after it has finished.
+    paced = {"model": "local/lorem", "providerOptions": {"local": {"words": 40, "delayMs": 50}}}
+    async with client.stream(
+        "POST", f"/v1/chats/{chat_a}", json={"message": "first", **paced}, headers=headers
+    ) as first:
+        assert first.status_code == 200
+        turn_id = first.headers["x-turn-id"]
+        await reuse_refused(f"/v1/chats/{chat_b}", {"message": "first", **paced}, turn_id)
+        await reuse_refused(f"/v1/chats/{chat_a}", {"message": "changed", **paced}, turn_id)
+        await first.aread()
+    await wait_for_settled_answer(client, tenant.headers, chat_a)
+    for path, body in (
+        (f"/v1/chats/{chat_b}", {"message": "first", **paced}),
+        (f"/v1/chats/{chat_a}", {"message": "changed", **paced}),
+        ("/v1/chats", {"message": "first", **paced}),
+    ):
+        await reuse_refused(path, body, turn_id)
+    # Nothing was stored for the refused requests.
+    assert await message_count(sessions, chat_b, tenant.organization_id) == 2
+    assert await message_count(sessions, chat_a, tenant.organization_id) == 4
+
+    # The identical request, however its JSON is laid out, still gets the first answer.
+    reordered = '{"providerOptions": {"local": {"delayMs": 50, "words": 40}},\n "model": "local/lorem", "message": "first"}'
+    again = await client.post(
+        f"/v1/chats/{chat_a}?stream=false",
+        content=reordered,
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["turnId"] == turn_id
+    assert again.headers["x-turn-id"] == turn_id

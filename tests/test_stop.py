@@ -4,6 +4,7 @@ promptly, the partial answer is stored as `aborted`, and every open stream gets 
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
+from core.contracts import StopTurnRequest
 from core.settings import Settings
 from storage.models import Turn
 from tests.conftest import Tenant, make_tenant
@@ -220,3 +222,68 @@ async def test_busy_chat_rejects_by_default_and_interrupt_takes_over(
     messages = (await get_chat(client, tenant.headers, chat_id))["messages"]
     assert [m["status"] for m in messages] == ["complete", "aborted", "complete", "complete"]
     assert stored_text(messages[-1]) == "now me"
+
+
+async def stopped_turn_usage(
+    client: httpx.AsyncClient, tenant: Tenant, chat_id: str, finish: dict[str, object]
+) -> dict[str, object]:
+    """The stopped turn's usage as `/turns` lists it, checked against its `finish` chunk."""
+    turns = await client.get(f"/v1/chats/{chat_id}/turns", headers=tenant.headers)
+    [turn] = turns.json()["items"]
+    assert turn["status"] == "aborted"
+    usage: dict[str, object] = turn["usage"]
+    metadata = finish["messageMetadata"]
+    assert isinstance(metadata, dict)
+    assert metadata["usage"] == {
+        key: usage[key] for key in ("inputTokens", "outputTokens", "totalTokens", "estimated")
+    }
+    return usage
+
+
+async def test_a_stopped_turn_records_estimated_usage_of_what_it_streamed(
+    client: httpx.AsyncClient, tenant: Tenant, settings: Settings
+) -> None:
+    temporal = await Client.connect(settings.resolved_temporal_address)
+    # Stopped through the api (the Redis fast path), and through the workflow signal alone (the
+    # generation activity is cancelled and reports nothing back to the workflow).
+    for stop_through_api in (True, False):
+        async with client.stream(
+            "POST", "/v1/chats", json={"message": "count my words", **LONG}, headers=tenant.headers
+        ) as response:
+            chat_id = response.headers["x-chat-id"]
+            turn_id = response.headers["x-turn-id"]
+            stream = iter_sse(response)
+            head = await read_until_deltas(stream, 20)
+            if stop_through_api:
+                await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
+            else:
+                await temporal.get_workflow_handle(f"turn-{turn_id}").signal(
+                    "stop_turn", StopTurnRequest(reason="operator")
+                )
+            rest = [event async for event in stream]
+        chunks = chunks_of(head + rest)
+        assert [chunk["type"] for chunk in chunks][-2:] == ["abort", "finish"]
+        streamed = text_of(chunks)
+        usage = await stopped_turn_usage(client, tenant, chat_id, chunks[-1])
+        # local/lorem reports usage only with its last chunk, which a stopped turn never sends.
+        assert usage["estimated"] is True
+        assert usage["outputTokens"] == math.ceil(len(streamed) / 4)
+        assert isinstance(usage["inputTokens"], int)
+        assert usage["inputTokens"] >= math.ceil(len("count my words") / 4)
+        assert usage["totalTokens"] == usage["inputTokens"] + usage["outputTokens"]
+        answer = await wait_for_settled_answer(client, tenant.headers, chat_id)
+        assert answer["metadata"]["usage"]["estimated"] is True
+
+
+async def test_a_completed_turn_reports_the_providers_usage_not_an_estimate(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    response, events = await send_and_collect(
+        client, tenant.headers, {"message": "a b c", "providerOptions": {"local": {"delayMs": 0}}}
+    )
+    finish = chunks_of(events)[-1]
+    assert "estimated" not in finish["messageMetadata"]["usage"]
+    turns = await client.get(
+        f"/v1/chats/{response.headers['x-chat-id']}/turns", headers=tenant.headers
+    )
+    assert turns.json()["items"][0]["usage"]["estimated"] is False

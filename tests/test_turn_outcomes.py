@@ -1,16 +1,19 @@
 """Turn outcomes through a real worker and a provider speaking the OpenAI wire format: reasoning,
-provider rejections, retried failures with a stream reset, and what operators see in Temporal."""
+provider rejections, retried failures with a stream reset, and what operators see in Temporal
+(search attributes, and failed turns as failed workflows)."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
 from core.settings import Settings
 from storage.models import Turn
 from tests.conftest import Tenant
-from tests.support.chat_api import get_chat, send_and_collect, stored_text
+from tests.support.chat_api import assert_problem, get_chat, send_and_collect, stored_text
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.sse import chunks_of, text_of
 
@@ -138,3 +141,93 @@ async def test_operators_find_the_turn_by_search_attributes(
         "persist_assistant_message",
         "title_chat",
     }
+
+
+async def test_a_failed_turn_closes_its_workflow_as_failed_and_others_as_completed(
+    client: httpx.AsyncClient, tenant: Tenant, settings: Settings
+) -> None:
+    temporal = await Client.connect(settings.resolved_temporal_address)
+    failed = await client.post(
+        "/v1/chats?stream=false",
+        json={"message": "hi", "model": "mock/fail-400"},
+        headers=tenant.headers,
+    )
+    problem = assert_problem(failed, 502)
+    # Every answer of an accepted send names its chat and turn, a failure's too.
+    chat_id, turn_id = failed.headers["x-chat-id"], failed.headers["x-turn-id"]
+    assert (problem["chatId"], problem["turnId"]) == (chat_id, turn_id)
+
+    handle = temporal.get_workflow_handle(f"turn-{turn_id}")
+    with pytest.raises(WorkflowFailureError) as failure:
+        await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError)
+    assert cause.type == "TurnFailed"
+    assert cause.message == problem["detail"]
+    description = await handle.describe()
+    assert description.status == WorkflowExecutionStatus.FAILED
+    # Its outcome was stored and its stream ended before the workflow failed; it is not retried.
+    answer = (await get_chat(client, tenant.headers, chat_id))["messages"][-1]
+    assert answer["status"] == "failed"
+    history = await handle.fetch_history()
+    assert (
+        sum(
+            event.HasField("workflow_execution_started_event_attributes")
+            for event in history.events
+        )
+        == 1
+    )
+    found = [
+        execution.id
+        async for execution in temporal.list_workflows(
+            f'ExecutionStatus="Failed" AND DurachatChatId="{chat_id}"'
+        )
+    ]
+    assert found == [f"turn-{turn_id}"]
+
+    # A stopped turn and a completed one close as completed.
+    completed = await client.post(
+        f"/v1/chats/{chat_id}?stream=false",
+        json={
+            "message": "fine",
+            "model": "local/echo",
+            "providerOptions": {"local": {"delayMs": 0}},
+        },
+        headers=tenant.headers,
+    )
+    assert completed.status_code == 200, completed.text
+    completed_handle = temporal.get_workflow_handle(f"turn-{completed.json()['turnId']}")
+    await completed_handle.result()
+    assert (await completed_handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+    async with client.stream(
+        "POST",
+        f"/v1/chats/{chat_id}",
+        json={
+            "message": "long",
+            "model": "local/lorem",
+            "providerOptions": {"local": {"words": 200, "delayMs": 30}},
+        },
+        headers=tenant.headers,
+    ) as running:
+        stopped_turn_id = running.headers["x-turn-id"]
+        stop = await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
+        assert stop.json()["stopped"] is True
+        await running.aread()
+    stopped_handle = temporal.get_workflow_handle(f"turn-{stopped_turn_id}")
+    assert (await stopped_handle.result())["status"] == "aborted"
+    assert (await stopped_handle.describe()).status == WorkflowExecutionStatus.COMPLETED
+
+
+async def test_the_json_answer_of_a_send_has_the_same_shape_as_a_chat_read(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    response = await client.post(
+        "/v1/chats?stream=false",
+        json={"message": "same shape", "providerOptions": {"local": {"delayMs": 0}}},
+        headers=tenant.headers,
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()["message"]
+    assert answer["siblingIds"] == [answer["id"]]
+    read = (await get_chat(client, tenant.headers, response.json()["chatId"]))["messages"][-1]
+    assert answer == read
