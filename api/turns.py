@@ -74,7 +74,7 @@ async def start_turn(state: AppState, turn: TurnInput) -> TurnAccepted | None:
             if cause.type == ErrorType.IDEMPOTENCY_KEY_REUSED:
                 earlier_chat_id, earlier_turn_id = ([*list(cause.details), None, None])[:2]
                 raise IdempotencyKeyReusedError(
-                    cause.message, extra={"chatId": earlier_chat_id, "turnId": earlier_turn_id}
+                    chat_id=earlier_chat_id, turn_id=earlier_turn_id
                 ) from err
             if cause.type == ErrorType.CHAT_BUSY:
                 active_turn_id, chat_id = ([*list(cause.details), None, None])[:2]

@@ -69,9 +69,30 @@ class UnprocessableContentError(DurachatError):
 
 
 class IdempotencyKeyReusedError(UnprocessableContentError):
-    """The same `Idempotency-Key` with a different chat, path or body than its first request."""
+    """The same `Idempotency-Key` with a different chat, path or body than its first request.
+
+    Like every 422 it lists what is wrong in `errors`: here the header itself. `chatId` and
+    `turnId` name the earlier request's chat and turn.
+    """
 
     problem_type = "/problems/idempotency-key-reused"
+
+    def __init__(self, *, chat_id: str | None, turn_id: str | None) -> None:
+        detail = "this Idempotency-Key was used with a different request (chat, path or body)"
+        super().__init__(
+            detail,
+            extra={
+                "chatId": chat_id,
+                "turnId": turn_id,
+                "errors": [
+                    {
+                        "loc": ["header", "Idempotency-Key"],
+                        "msg": detail,
+                        "type": "idempotency_key_reused",
+                    }
+                ],
+            },
+        )
 
 
 class ConflictError(DurachatError):

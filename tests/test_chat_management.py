@@ -17,7 +17,7 @@ from core.contracts import PurgeDeletedChatsInput
 from core.settings import Settings
 from storage.models import Chat, Message, Organization, Turn
 from tests.conftest import Tenant, process_environment
-from tests.support.chat_api import get_chat, stored_text, wait_for_settled_answer
+from tests.support.chat_api import assert_problem, get_chat, stored_text, wait_for_settled_answer
 from tests.support.openai_server import OpenAICompatibleServer, Script
 from tests.support.sse import iter_sse
 from workflows.maintenance import PURGE_SCHEDULE_ID, PurgeDeletedChatsWorkflow
@@ -388,3 +388,49 @@ async def test_messages_and_turns_pages(client: httpx.AsyncClient, tenant: Tenan
     assert newest["usage"]["outputTokens"] >= 1
     assert newest["durationMs"] is not None
     assert newest["completedAt"] is not None
+
+
+async def test_list_filters_by_folder_and_refuses_unknown_query_parameters(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    filed = (await send(client, tenant, "filed"))["chatId"]
+    loose = (await send(client, tenant, "loose"))["chatId"]
+    assert (await patch(client, tenant, filed, {"folder": "Work"})).status_code == 200
+    in_folder = await client.get("/v1/chats", params={"folder": "Work"}, headers=tenant.headers)
+    assert [item["id"] for item in in_folder.json()["items"]] == [filed]
+    assert in_folder.json()["total"] == 1
+    everything = await client.get("/v1/chats", headers=tenant.headers)
+    assert {item["id"] for item in everything.json()["items"]} == {filed, loose}
+
+    # A misspelt filter is refused like an unknown body field, never silently ignored.
+    for path, params in (
+        ("/v1/chats", {"folders": "Work"}),
+        (f"/v1/chats/{filed}", {"verbose": "1"}),
+        (f"/v1/chats/{filed}/messages", {"limit": "5", "after": "x"}),
+        ("/v1/keys", {"include_revoked": "true"}),
+    ):
+        response = await client.get(path, params=params, headers=tenant.headers)
+        problem = assert_problem(response, 422)
+        unknown = [name for name in params if name not in ("limit",)]
+        assert [error["loc"] for error in problem["errors"]] == [
+            ["query", name] for name in unknown
+        ]
+    # Declared parameters, a dependency's included (`stream` on sends), still pass.
+    sent = await client.post(
+        f"/v1/chats/{loose}",
+        params={"stream": "false"},
+        json={"message": "still fine", "providerOptions": {"local": {"delayMs": 0}}},
+        headers=tenant.headers,
+    )
+    assert sent.status_code == 200, sent.text
+    refused = await client.post(
+        f"/v1/chats/{loose}",
+        params={"stream": "false", "strem": "no"},
+        json={"message": "refused"},
+        headers=tenant.headers,
+    )
+    assert_problem(refused, 422)
+    assert (
+        len((await client.get(f"/v1/chats/{loose}", headers=tenant.headers)).json()["messages"])
+        == 4
+    )

@@ -5,6 +5,7 @@ describe; plain tests check what the document promises about errors and auth."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -242,3 +243,21 @@ def test_streams_are_server_sent_events_and_204_has_no_body(spec: dict[str, Any]
     resume = spec["paths"]["/v1/chats/{chat_id}/stream"]["get"]["responses"]
     assert list(resume["200"]["content"]) == ["text/event-stream"]
     assert "content" not in resume["204"]
+
+
+async def test_the_docs_page_loads_everything_from_the_api_itself(
+    client: httpx.AsyncClient,
+) -> None:
+    page = await client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    # Every script, stylesheet and icon the page loads is served by the api: it works offline.
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets, page.text
+    assert all(asset.startswith("/docs/assets/") for asset in assets), assets
+    for asset in assets:
+        served = await client.get(asset)
+        assert served.status_code == 200, asset
+        assert served.content
+    assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+    assert (await client.get("/redoc")).status_code == 404

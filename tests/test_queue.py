@@ -211,3 +211,56 @@ async def test_ai_client_assembles_a_queued_answer(
     stored = await wait_for_settled_answer(client, tenant.headers, chat_id)
     assert stored_text(stored) == "queued hello"
     assert {key: stored[key] for key in ("id", "role", "parts", "metadata")} == result["message"]
+
+
+async def test_a_chat_read_shows_the_user_messages_of_queued_turns(
+    client: httpx.AsyncClient, api_url: str, tenant: Tenant
+) -> None:
+    async with contextlib.AsyncExitStack() as exits:
+        running = await exits.enter_async_context(
+            client.stream(
+                "POST", "/v1/chats", json={"message": "go", **LONG}, headers=tenant.headers
+            )
+        )
+        chat_id = running.headers["x-chat-id"]
+        await first_deltas(iter_sse(running), 2)
+        # Two sends queue behind it, each from its own client; each answer waits for its turn.
+        turn_ids = []
+        for text in ("second", "third"):
+            follower = await exits.enter_async_context(
+                httpx.AsyncClient(base_url=api_url, timeout=60)
+            )
+            waiting = await exits.enter_async_context(
+                follower.stream(
+                    "POST", f"/v1/chats/{chat_id}", json=queued_send(text), headers=tenant.headers
+                )
+            )
+            turn_ids.append(waiting.headers["x-turn-id"])
+        chat = await get_chat(client, tenant.headers, chat_id)
+        assert chat["queuedTurnIds"] == turn_ids
+        shown = chat["messages"][2:]
+        assert [(m["role"], m["status"], stored_text(m)) for m in shown] == [
+            ("user", "queued", "second"),
+            ("user", "queued", "third"),
+        ]
+        assert [m["metadata"] for m in shown] == [
+            {"turnId": turn_ids[0], "queuePosition": 1},
+            {"turnId": turn_ids[1], "queuePosition": 2},
+        ]
+        await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
+
+    # Once they have run, the same messages are in the tree (same ids), no longer queued.
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        chat = await get_chat(client, tenant.headers, chat_id)
+        if not chat["queuedTurnIds"] and chat["activeTurnId"] is None:
+            break
+        assert asyncio.get_running_loop().time() < deadline, chat
+        await asyncio.sleep(0.1)
+    users = [m for m in chat["messages"] if m["role"] == "user"]
+    assert [(stored_text(m), m["status"]) for m in users] == [
+        ("go", "complete"),
+        ("second", "complete"),
+        ("third", "complete"),
+    ]
+    assert [m["id"] for m in users[1:]] == [m["id"] for m in shown]

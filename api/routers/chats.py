@@ -468,10 +468,7 @@ async def _earlier_turn(state: AppState, principal: Principal, repeat: TurnInput
             extra={"turnId": repeat.turn_id},
         )
     if turn.request_fingerprint != repeat.request_fingerprint:
-        raise IdempotencyKeyReusedError(
-            "this Idempotency-Key was used with a different request",
-            extra={"chatId": turn.chat_id, "turnId": turn.id},
-        )
+        raise IdempotencyKeyReusedError(chat_id=turn.chat_id, turn_id=turn.id)
     return TurnAccepted(
         chat_id=turn.chat_id,
         turn_id=turn.id,
