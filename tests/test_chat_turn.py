@@ -311,9 +311,12 @@ async def test_another_tenants_chat_and_stream_are_404(
     assert first is not None
     assert first.id
     intruder = await make_tenant(sessions)
+    # A resume without a cursor answers as for a chat that does not exist (204, nothing to
+    # resume): that is what `useChat` asks on a new chat's first load.
+    resumed = await client.get(f"/v1/chats/{chat_id}/stream", headers=intruder.headers)
+    assert (resumed.status_code, resumed.content) == (204, b"")
     for method, path, extra in [
         ("GET", f"/v1/chats/{chat_id}", {}),
-        ("GET", f"/v1/chats/{chat_id}/stream", {}),
         ("GET", f"/v1/chats/{chat_id}/stream", {"Last-Event-ID": first.id}),
         ("POST", f"/v1/chats/{chat_id}", {}),
     ]:

@@ -62,7 +62,6 @@ async def test_another_tenants_or_users_chat_is_404_on_every_endpoint(
             f"/v1/chats/{chat_id}",
             {"json": {"message": "hi"}, "params": {"stream": "false"}},
         ),
-        ("GET", f"/v1/chats/{chat_id}/stream", {}),
         ("GET", f"/v1/chats/{chat_id}/stream", {"headers": {"Last-Event-ID": cursor}}),
         ("POST", f"/v1/chats/{chat_id}/stop", {}),
         ("POST", f"/v1/chats/{chat_id}/messages/{answer['id']}/regenerate", {}),
@@ -92,6 +91,9 @@ async def test_another_tenants_or_users_chat_is_404_on_every_endpoint(
             assert response.status_code == 404, (method, path, response.status_code, response.text)
             assert response.headers["content-type"] == "application/problem+json"
             assert "secret plans" not in response.text
+        # Without a cursor a resume is a 204 whether the chat is someone else's or does not exist.
+        resumed = await client.get(f"/v1/chats/{chat_id}/stream", headers=intruder.headers)
+        assert (resumed.status_code, resumed.content) == (204, b"")
         listed = (await client.get("/v1/chats", headers=intruder.headers)).json()
         assert chat_id not in [item["id"] for item in listed["items"]]
 
