@@ -394,8 +394,10 @@ class ChatTurnWorkflow:
     def _validate_accept_turn(self, request: AcceptTurnRequest) -> None:
         if turn_workflow_id(request.turn_id) != workflow.info().workflow_id:
             raise ApplicationError("update names another turn", type=ErrorType.INVALID_TURN)
-        if request.request_fingerprint != self._turn.request_fingerprint:
+        first = self._turn.request_fingerprint
+        if first is not None and request.request_fingerprint != first:
             # The turn id came from an `Idempotency-Key` that first came with another request.
+            # (A turn started before requests had fingerprints has none to compare.)
             accepted = self._accepted or self._queued
             raise ApplicationError(
                 "this Idempotency-Key was used with a different request",

@@ -467,7 +467,11 @@ async def _earlier_turn(state: AppState, principal: Principal, repeat: TurnInput
             "this idempotency key belongs to a send that was refused; retry with a new key",
             extra={"turnId": repeat.turn_id},
         )
-    if turn.request_fingerprint != repeat.request_fingerprint:
+    # Turns recorded before requests had fingerprints have none to compare.
+    if (
+        turn.request_fingerprint is not None
+        and turn.request_fingerprint != repeat.request_fingerprint
+    ):
         raise IdempotencyKeyReusedError(chat_id=turn.chat_id, turn_id=turn.id)
     return TurnAccepted(
         chat_id=turn.chat_id,
