@@ -28,7 +28,7 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
-from storage.db import create_engine, create_session_factory
+from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.lost_turns import LostTurns
 from storage.redis import create_redis
 from storage.streams import TurnStreams
@@ -43,7 +43,9 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=10)
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    engine = create_engine(settings.resolved_database_url)
+    engine = create_engine(
+        settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
+    )
     redis = create_redis(settings.resolved_redis_url)
     providers = ProviderRegistry.from_settings(settings)
     try:

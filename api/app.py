@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.database_errors import install_database_error_handler
 from api.deps import StorableParameters
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
@@ -22,7 +23,7 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
-from storage.db import create_engine, create_session_factory
+from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
 from storage.redis import create_redis
@@ -77,7 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings.resolved_database_url)
+        engine = create_engine(
+            settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
+        )
         redis = create_redis(settings.resolved_redis_url)
         providers = ProviderRegistry.from_settings(settings)
         try:
@@ -113,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    install_database_error_handler(app)
     install_openapi(app)
     app.include_router(health.router)
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
