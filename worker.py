@@ -28,7 +28,8 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
-from storage.db import create_engine, create_session_factory
+from storage.db import DatabaseTimeouts, create_engine, create_session_factory
+from storage.lost_turn_sweep import LostTurnSweep
 from storage.lost_turns import LostTurns
 from storage.redis import create_redis
 from storage.streams import TurnStreams
@@ -43,7 +44,9 @@ GRACEFUL_SHUTDOWN = timedelta(seconds=10)
 
 
 async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
-    engine = create_engine(settings.resolved_database_url)
+    engine = create_engine(
+        settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
+    )
     redis = create_redis(settings.resolved_redis_url)
     providers = ProviderRegistry.from_settings(settings)
     try:
@@ -54,7 +57,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         )
         sessions = create_session_factory(engine)
         client = await connect_temporal(settings)
-        session_activities = ChatSessionActivities(sessions, streams, LostTurns(client, streams))
+        lost_turns = LostTurns(client, streams)
+        session_activities = ChatSessionActivities(sessions, streams, lost_turns)
         generation_activities = GenerationActivities(
             sessions, streams, providers, title_model=settings.title_model
         )
@@ -74,7 +78,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
         )
         await keep_purge_schedule(client, settings)
-        async with worker:
+        lost_turn_sweep = LostTurnSweep(
+            sessions, lost_turns, release_within_seconds=settings.lost_turn_release_seconds
+        )
+        async with worker, lost_turn_sweep.running():
             log.info("worker.started", task_queue=settings.temporal_task_queue)
             await stop.wait()
             log.info("worker.stopping")

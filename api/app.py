@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.database_errors import install_database_error_handler
 from api.deps import KnownQueryParameters, StorableParameters
 from api.docs_page import install_docs_page
 from api.limits import RequestSizeLimitMiddleware
@@ -23,7 +24,7 @@ from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from providers.registry import ProviderRegistry
-from storage.db import create_engine, create_session_factory
+from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
 from storage.redis import create_redis
@@ -88,7 +89,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(settings.resolved_database_url)
+        engine = create_engine(
+            settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
+        )
         redis = create_redis(settings.resolved_redis_url)
         providers = ProviderRegistry.from_settings(settings)
         try:
@@ -127,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(app)
+    install_database_error_handler(app)
     install_openapi(app)
     install_docs_page(app)
     app.include_router(health.router)

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -33,8 +34,8 @@ def run_services(settings: Settings) -> None:
             click.echo(f"export {name}={value}")
         if endpoints.temporal_ui_url:
             click.echo(f"# Temporal UI: {endpoints.temporal_ui_url}")
-        click.echo("# Ctrl-C stops them.")
-        _wait_for_signal()
+        click.echo("# Ctrl-C stops them. A service that dies is started again.")
+        _wait_for_signal(while_waiting=stack.restart_exited)
 
 
 def run_dev(settings: Settings) -> None:
@@ -49,7 +50,7 @@ def run_dev(settings: Settings) -> None:
             api_url = f"http://{settings.api_host}:{settings.api_port}"
             _wait_until_ready(api_url, supervisor)
             _print_banner(api_url, endpoints, secret)
-            outcome = supervisor.wait()
+            outcome = supervisor.wait(tick=stack.restart_exited)
         # A Ctrl-C or SIGTERM is the normal way to stop the dev stack; only a crashed child is a failure.
         if outcome.child is not None:
             raise SystemExit(outcome.exit_code)
@@ -118,9 +119,10 @@ def _print_banner(api_url: str, endpoints: StackEndpoints, secret: str) -> None:
     click.echo("\n".join(lines))
 
 
-def _wait_for_signal() -> None:
+def _wait_for_signal(while_waiting: Callable[[], object]) -> None:
+    """Block until SIGINT/SIGTERM, calling `while_waiting` about twice a second from this thread."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(0.5):
-        pass
+        while_waiting()

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     temporal_namespace: str = "default"
     temporal_task_queue: str = "durachat-turns"
 
+    # How long opening a Postgres connection and one statement may take before the caller is told
+    # the database is unavailable (docs/decisions.md "Outages and lost turns"); 0 turns the
+    # statement timeout off.
+    database_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    database_statement_timeout_seconds: float = Field(default=10.0, ge=0)
+
     # Ports of the embedded services, so two dev stacks can run side by side.
     embedded_postgres_port: int = 54329
     embedded_redis_port: int = 63790
@@ -77,6 +83,10 @@ class Settings(BaseSettings):
     # that runs on this period.
     deleted_chat_retention_seconds: int = Field(default=30 * 86400, ge=0)
     purge_interval_seconds: int = Field(default=3600, ge=60)
+
+    # A turn whose workflow was terminated or timed out is released (its streams end with `error`)
+    # within about this long, by a sweep every worker runs, even when nothing touches its chat.
+    lost_turn_release_seconds: float = Field(default=30.0, ge=1)
 
     # Limits (README "Configuration"; docs/decisions.md "Limits"). Bodies over max_request_bytes are
     # refused before anything reads them.

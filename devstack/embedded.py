@@ -21,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Sequence
@@ -81,6 +82,7 @@ class EmbeddedService(ABC):
         self.data_dir = data_dir.expanduser().resolve()
         self.port = port
         self._process: subprocess.Popen[bytes] | None = None
+        self._stopping = False
         self._log_offset = 0
         self._started_at = 0.0
 
@@ -94,6 +96,10 @@ class EmbeddedService(ABC):
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def exited_on_its_own(self) -> bool:
+        """True once the server died without `stop()` (a crash, a kill): it wants a restart."""
+        return self._process is not None and self._process.poll() is not None
 
     def start(self) -> None:
         """Spawn the server and return without waiting for it to accept connections.
@@ -122,6 +128,15 @@ class EmbeddedService(ABC):
                 cwd=self._cwd(),
                 user=self._user(),
             )
+        self._stopping = False
+        # Reap the server the moment it dies. Left unreaped, a dead Postgres stays a zombie whose
+        # pid (still in postmaster.pid) passes for a live postmaster, and no new server will start.
+        threading.Thread(
+            target=self._reap,
+            args=(self._process,),
+            name=f"devstack-reap-{self.name}",
+            daemon=True,
+        ).start()
         log.info(
             f"devstack.{self.name}.started",
             pid=self._process.pid,
@@ -156,6 +171,7 @@ class EmbeddedService(ABC):
         process = self._process
         if process is None:
             return
+        self._stopping = True
         exit_code = stop_child(
             process, name=self.name, stop_signal=self.stop_signal, timeout=timeout
         )
@@ -178,6 +194,11 @@ class EmbeddedService(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def _reap(self, process: subprocess.Popen[bytes]) -> None:
+        exit_code = process.wait()
+        if not self._stopping and process is self._process:
+            log.error(f"devstack.{self.name}.exited", pid=process.pid, exit_code=exit_code)
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last `lines` lines this run wrote to the log file."""

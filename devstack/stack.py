@@ -49,7 +49,12 @@ class ServiceStack:
     `devstack._process.spawn`), slow-to-prepare Postgres last so its first-run initdb overlaps the
     others' boot; then all are awaited in parallel. If one fails, those already started are stopped.
     Stop: sequentially, in reverse start order, each with its own timeout.
+    Crash: a server that dies on its own is reaped at once (see `EmbeddedService.start`) and
+    started again by `restart_exited()`, which the launcher calls while it waits.
     """
+
+    # Between two failed restarts of one service the pause doubles, from the first to the last.
+    RESTART_BACKOFF_SECONDS = (1.0, 30.0)
 
     def __init__(
         self,
@@ -65,6 +70,8 @@ class ServiceStack:
         self.stop_timeout = stop_timeout
         self._services: list[EmbeddedService] = []
         self._endpoints: StackEndpoints | None = None
+        # Per service name: the pause after its last failed restart, and when to try again.
+        self._restart_backoff: dict[str, tuple[float, float]] = {}
 
     @property
     def endpoints(self) -> StackEndpoints:
@@ -107,6 +114,41 @@ class ServiceStack:
             elapsed_s=round(time.monotonic() - started_at, 3),
         )
         return self._endpoints
+
+    def restart_exited(self) -> list[str]:
+        """Start again every embedded service that died on its own (crashed, killed); returns the
+        names of those serving again. A restart that fails is retried later, with a growing pause,
+        so a server that cannot start does not spin.
+
+        Call it from the thread that started the stack: a server dies with the thread that
+        spawned it (see `devstack._process.spawn`).
+        """
+        if self._endpoints is None:
+            return []
+        restarted: list[str] = []
+        for service in self._services:
+            # A failed restart stopped the service; its backoff entry marks it as still down.
+            if not service.exited_on_its_own() and service.name not in self._restart_backoff:
+                continue
+            pause, retry_at = self._restart_backoff.get(service.name, (0.0, 0.0))
+            if time.monotonic() < retry_at:
+                continue
+            log.warning(f"devstack.{service.name}.restarting", log=str(service.log_path))
+            try:
+                service.start()
+                service.wait_ready(self.ready_timeout)
+            except ServiceStartError as error:
+                service.stop(self.stop_timeout)  # a half-started server must not linger
+                first, longest = self.RESTART_BACKOFF_SECONDS
+                pause = min(longest, pause * 2) if pause else first
+                self._restart_backoff[service.name] = (pause, time.monotonic() + pause)
+                log.error(
+                    f"devstack.{service.name}.restart_failed", retry_in_s=pause, error=str(error)
+                )
+                continue
+            self._restart_backoff.pop(service.name, None)
+            restarted.append(service.name)
+        return restarted
 
     def stop(self) -> None:
         errors: list[BaseException] = []

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -141,9 +141,13 @@ class ProcessSupervisor:
         watcher.start()
         log.info("devstack.supervisor.started", child=name, pid=process.pid)
 
-    def wait(self) -> SupervisorExit:
+    def wait(
+        self, *, tick: Callable[[], object] | None = None, tick_seconds: float = 0.5
+    ) -> SupervisorExit:
         """Block until SIGINT/SIGTERM or until a child exits, then stop every child.
 
+        `tick`, if given, is called about every `tick_seconds` meanwhile, from this thread (the
+        launcher restarts crashed embedded services there, see `ServiceStack.restart_exited`).
         Returns why it stopped; a child's unexpected exit is also logged with its exit code.
         """
         received: list[signal.Signals] = []
@@ -156,7 +160,7 @@ class ProcessSupervisor:
             signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            outcome = self._wait_for_event(received)
+            outcome = self._wait_for_event(received, tick, tick_seconds)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -216,7 +220,12 @@ class ProcessSupervisor:
     ) -> None:
         self.close()
 
-    def _wait_for_event(self, received: list[signal.Signals]) -> SupervisorExit:
+    def _wait_for_event(
+        self,
+        received: list[signal.Signals],
+        tick: Callable[[], object] | None,
+        tick_seconds: float,
+    ) -> SupervisorExit:
         while True:
             if received:
                 return SupervisorExit(signal=received[0])
@@ -224,10 +233,15 @@ class ProcessSupervisor:
                 returncode = child.process.poll()
                 if returncode is not None:
                     return SupervisorExit(child=ChildExit(name=child.name, returncode=returncode))
-            # Blocks until a signal handler or a watcher writes; select is retried after a signal
-            # handler runs (PEP 475), and the handler's write makes it return.
-            select.select([self._wake_r], [], [])
-            os.read(self._wake_r, 1024)
+            # Blocks until a signal handler or a watcher writes (or the tick is due); select is
+            # retried after a signal handler runs (PEP 475), and the handler's write makes it return.
+            readable, _, _ = select.select(
+                [self._wake_r], [], [], tick_seconds if tick is not None else None
+            )
+            if readable:
+                os.read(self._wake_r, 1024)
+            elif tick is not None:
+                tick()
 
     def _wake(self) -> None:
         # A full pipe already holds a pending wake-up.

@@ -1,5 +1,6 @@
 """Turns whose workflow ended without finishing them: found when they stand in the way of a claim,
-a stop or a chat change, and released. Must never import api, workflows or activities.
+a stop or a chat change, or by the periodic sweep (`storage.lost_turn_sweep`), and released. Must
+never import api, workflows or activities.
 
 A turn's workflow always stores its outcome before it ends, so a turn row still `running` whose
 workflow has no open run was ended from outside: an operator terminated it, or it timed out.
@@ -82,7 +83,13 @@ class LostTurns:
         except RPCError as err:
             if err.status == RPCStatusCode.NOT_FOUND:
                 return "removed"  # closed so long ago that Temporal no longer keeps it
-            log.warning("turn.liveness_unknown", workflow_id=workflow_id, exc_info=True)
+            # No traceback: while Temporal is down, every claim and every sweep logs this.
+            log.warning(
+                "turn.liveness_unknown",
+                workflow_id=workflow_id,
+                status=err.status.name,
+                error=err.message[:300],
+            )
             return None
         status = description.status
         if status is None or status == WorkflowExecutionStatus.RUNNING:
