@@ -12,9 +12,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.body_bounds import JsonBodyBoundsMiddleware
 from api.database_errors import install_database_error_handler
 from api.deps import KnownQueryParameters, StorableParameters
 from api.docs_page import install_docs_page
+from api.http_semantics import HeadAsGetMiddleware, ProblemHttpToolsProtocol
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
@@ -139,8 +141,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat_management.router, dependencies=parameter_checks)
     app.include_router(chats.router, dependencies=parameter_checks)
     app.include_router(keys.router, dependencies=parameter_checks)
+    # Inside the size limit, so the body it holds is bounded; outside everything that parses one.
+    app.add_middleware(
+        JsonBodyBoundsMiddleware,
+        max_depth=settings.max_json_depth,
+        max_items=settings.max_json_items,
+    )
     # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
     app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # Everything inside sees a HEAD as the GET it answers like.
+    app.add_middleware(HeadAsGetMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -163,6 +173,7 @@ def serve(settings: Settings) -> None:
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,
+        http=ProblemHttpToolsProtocol,
         # The relay streams for minutes; shutting down should not wait for every open stream forever.
         timeout_graceful_shutdown=5,
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api.problems import PROBLEM_MEDIA_TYPE
+from api.problems import LISTED_VALIDATION_ERRORS, PROBLEM_MEDIA_TYPE
 
 SSE_MEDIA_TYPE = "text/event-stream"
 _SCHEMAS = "#/components/schemas/"
@@ -25,12 +25,14 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",
     "description": "An RFC 9457 problem. Beside the standard members a problem may carry extension "
     "members: `turnId` and `chatId` (a busy chat, a failed turn), `availableModels` (an unknown "
-    "model), `errors` (a validation problem), `down` (readiness).",
+    "model), `errors` and `errorCount` (a validation problem), `maxBytes`, `maxDepth` or "
+    "`maxItems` (a body past a limit), `down` (readiness).",
     "type": "object",
     "properties": {
         "type": {
             "type": "string",
-            "description": "The problem type: `/problems/<name>`, or `about:blank` for a plain HTTP status.",
+            "description": "The problem type, `/problems/<name>`: `/problems/validation`, "
+            "`/problems/not-found`, `/problems/method-not-allowed`, ...",
         },
         "title": {"type": "string", "description": "The type's short summary."},
         "status": {"type": "integer", "minimum": 400, "maximum": 599},
@@ -44,7 +46,7 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "ValidationProblem",
     "description": "A 422 problem (`type: /problems/validation`): `detail` names the first error, "
-    "`errors` lists them all.",
+    f"`errors` lists the first {LISTED_VALIDATION_ERRORS} and `errorCount` counts them all.",
     "allOf": [
         {"$ref": _SCHEMAS + "Problem"},
         {
@@ -65,9 +67,11 @@ VALIDATION_PROBLEM_SCHEMA: dict[str, Any] = {
                         },
                         "required": ["loc", "msg", "type"],
                     },
-                }
+                    "maxItems": LISTED_VALIDATION_ERRORS,
+                },
+                "errorCount": {"type": "integer", "minimum": 0},
             },
-            "required": ["errors"],
+            "required": ["errors", "errorCount"],
         },
     ],
 }
@@ -93,7 +97,7 @@ UI_MESSAGE_STREAM_EVENT_SCHEMA: dict[str, Any] = {
 }
 
 _DEFAULT_DESCRIPTIONS = {
-    "400": "Bad request: the body cannot be read",
+    "400": "Bad request: the body cannot be read, or its JSON nests too deep or holds too many items",
     "401": "Missing, invalid or revoked API key",
     "413": "The request body is larger than the limit",
     "422": "Invalid request: a parameter or the body does not match its schema",
@@ -130,8 +134,9 @@ def _complete_operation(operation: dict[str, Any]) -> None:
     if operation.get("security"):
         responses.setdefault("401", {})
     if "requestBody" in operation:
-        # FastAPI answers a body it cannot decode at all (not UTF-8) with a plain 400, and the size
-        # limit middleware answers an oversized one before any route runs.
+        # FastAPI answers a body it cannot decode at all (not UTF-8) with a 400, the body bounds
+        # refuse JSON too deep or too large in items (400), and the size limit middleware answers
+        # an oversized body (413), all before any route runs.
         responses.setdefault("400", {})
         responses.setdefault("413", {})
     for status, response in responses.items():

@@ -22,22 +22,34 @@ MessageId = Annotated[
 ]
 
 
-def _unstorable_text_at(value: Any, where: str = "") -> str | None:
-    """Where `value` holds text Postgres cannot store (NUL, or a lone surrogate), if anywhere."""
-    if isinstance(value, str):
-        return None if _storable(value) else where
-    if isinstance(value, dict):
-        named = [(str(key), item) for key, item in value.items()]
-    elif isinstance(value, list):
-        named = [(str(index), item) for index, item in enumerate(value)]
-    else:
-        return None
-    for name, item in named:
-        if not _storable(name):
-            return where
-        found = _unstorable_text_at(item, f"{where}.{name}" if where else name)
-        if found is not None:
-            return found
+def _unstorable_text_at(value: Any) -> str | None:
+    """Where `value` holds text Postgres cannot store (NUL, or a lone surrogate), if anywhere: the
+    first such place in document order, as a dotted path (`messages.0.parts.1.text`), `""` for the
+    value itself.
+
+    Iterative, so its cost is one step per value whatever the nesting: a recursive walk overflowed
+    the stack on a body some hundreds of levels deep.
+    """
+    # Values still to look at, last in first out: (value, where its container is, its key there).
+    pending: list[tuple[Any, str, str | None]] = [(value, "", None)]
+    while pending:
+        current, parent, name = pending.pop()
+        if name is None:
+            where = parent
+        elif not _storable(name):
+            return parent
+        else:
+            where = f"{parent}.{name}" if parent else name
+        if isinstance(current, str):
+            if not _storable(current):
+                return where
+        elif isinstance(current, dict):
+            # Reversed, so that the answer is the first such place in the body.
+            pending.extend((item, where, str(key)) for key, item in reversed(current.items()))
+        elif isinstance(current, list):
+            pending.extend(
+                (current[index], where, str(index)) for index in reversed(range(len(current)))
+            )
     return None
 
 

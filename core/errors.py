@@ -23,7 +23,7 @@ class DurachatError(Exception):
 
     status_code: int = 500
     title: str = "Internal Server Error"
-    problem_type: str = "about:blank"
+    problem_type: str = "/problems/internal-server-error"
 
     def __init__(
         self,

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # refused before anything reads them.
     max_message_chars: int = Field(default=100_000, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=0)
+    # The shape of a JSON body, checked before anything parses it for the app (400 beyond): how
+    # deep its objects and arrays nest, and how many object members and array elements it holds.
+    max_json_depth: int = Field(default=64, ge=1)
+    max_json_items: int = Field(default=10_000, ge=1)
     # Rate limits per API key, shared by every api replica through Redis, in the notation of the
     # `limits` package: "60/minute", or several as "10/second;300/hour". Empty turns one off.
     send_rate_limit: str = "60/minute"
