@@ -14,6 +14,7 @@ from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_a
 from api.relay import (
     FROM_START,
     StoredAnswer,
+    check_cursor,
     parse_cursor,
     relay_turn,
     ui_message_stream_response,
@@ -303,9 +304,10 @@ async def resume_stream(
             return Response(status_code=204)
         else:
             turn_id, after = chat.active_turn_id, FROM_START
+    await check_cursor(state.streams, principal.organization_id, turn_id, after)
     return ui_message_stream_response(
         relay_turn(
-            state.streams,
+            state.stream_reader,
             principal.organization_id,
             turn_id,
             after,
@@ -408,7 +410,7 @@ async def _send(
     if wants_stream:
         return ui_message_stream_response(
             relay_turn(
-                state.streams,
+                state.stream_reader,
                 principal.organization_id,
                 accepted.turn_id,
                 stored_answer=_stored_answer(
