@@ -47,7 +47,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     redis = create_redis(
         settings.resolved_redis_url,
         max_connections=settings.redis_max_connections,
-        pool_timeout_seconds=settings.redis_pool_timeout_seconds,
+        pool_timeout_seconds=settings.worker_redis_pool_timeout_seconds,
+        client_name="durachat-worker",
     )
     providers = ProviderRegistry.from_settings(settings)
     try:

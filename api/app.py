@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.resolved_redis_url,
             max_connections=settings.redis_max_connections,
             pool_timeout_seconds=settings.redis_pool_timeout_seconds,
+            client_name="durachat-api",
         )
         providers = ProviderRegistry.from_settings(settings)
         try:

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # pool timeout fails (a 503 in the api) instead of opening more.
     redis_max_connections: int = Field(default=50, ge=1)
     redis_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    # The worker waits longer: a command that gives up fails a generation attempt, which Temporal
+    # retries by generating the whole answer again, while waiting only delays a token.
+    worker_redis_pool_timeout_seconds: float = Field(default=30.0, gt=0)
     # The api follows every open stream through this many blocking readers, each on a dedicated
     # connection of its own, whatever the number of streams.
     stream_reader_connections: int = Field(default=1, ge=1, le=16)

@@ -63,19 +63,23 @@ def connection_retry() -> Retry:
     )
 
 
-def create_redis(url: str, *, max_connections: int, pool_timeout_seconds: float) -> Redis:
+def create_redis(
+    url: str, *, max_connections: int, pool_timeout_seconds: float, client_name: str | None = None
+) -> Redis:
     """The process's shared client: at most `max_connections` connections, however busy it gets.
 
     Nothing holds a pooled connection for long (blocking stream reads have dedicated connections,
     see `create_blocking_reader_connection`), so a small pool serves many streams; a command that
     finds every connection busy for `pool_timeout_seconds` fails fast with
     `RedisPoolExhaustedError` instead of opening connections without bound. Health checks find
-    connections that a Redis restart broke, and the retry replaces them.
+    connections that a Redis restart broke, and the retry replaces them. `client_name` names every
+    connection (`CLIENT LIST` shows which process holds what).
     """
     pool = BoundedConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=pool_timeout_seconds,
+        client_name=client_name,
         decode_responses=True,
         health_check_interval=10,
         socket_connect_timeout=5,
@@ -85,7 +89,7 @@ def create_redis(url: str, *, max_connections: int, pool_timeout_seconds: float)
     return Redis.from_pool(pool)
 
 
-def create_blocking_reader_connection(url: str) -> Redis:
+def create_blocking_reader_connection(url: str, *, client_name: str | None = None) -> Redis:
     """A client of exactly one connection for a loop of blocking reads (`XREAD BLOCK`).
 
     No command retries: the loop that owns it sees every connection error, because a reconnect gives
@@ -94,6 +98,7 @@ def create_blocking_reader_connection(url: str) -> Redis:
     return Redis.from_url(
         url,
         single_connection_client=True,
+        client_name=client_name,
         decode_responses=True,
         socket_connect_timeout=5,
         # Longer than any blocking read, so a quiet read is never a timeout.

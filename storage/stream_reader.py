@@ -42,6 +42,8 @@ from storage.streams import CHUNK_FIELD, EntryId, StreamEntry, TurnStreams, pars
 
 log = structlog.get_logger(__name__)
 
+# The name of each shard's connection in `CLIENT LIST`.
+READER_CLIENT_NAME = "durachat-stream-reader"
 # How long one shard read blocks at most. Only a lost wake-up ever waits this long for a new key;
 # otherwise a quiet read just loops.
 READ_BLOCK_MS = 1000
@@ -111,7 +113,9 @@ class _Shard:
 
     def __init__(self, index: int, redis_url: str, control: Redis, buffer_entries: int) -> None:
         self._index = index
-        self._connection = create_blocking_reader_connection(redis_url)
+        self._connection = create_blocking_reader_connection(
+            redis_url, client_name=f"{READER_CLIENT_NAME}-{index}"
+        )
         # Wake-ups go over the shared pool: the dedicated connection is busy blocking.
         self._control = control
         self._buffer_entries = buffer_entries
