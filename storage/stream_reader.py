@@ -47,7 +47,8 @@ READER_CLIENT_NAME = "durachat-stream-reader"
 # How long one shard read blocks at most. Only a lost wake-up ever waits this long for a new key;
 # otherwise a quiet read just loops.
 READ_BLOCK_MS = 1000
-# Entries one read takes per key; well under a subscriber's buffer, so one read never overflows it.
+# Entries one read takes per key at most; never more than half a subscriber's buffer, so that one
+# read can always be delivered to a follower that has caught up.
 MAX_ENTRIES_PER_KEY_READ = 128
 # How many times, and how far apart, a shard retries waking a read that had not reached Redis yet.
 WAKE_TRIES = 20
@@ -75,6 +76,10 @@ class Subscription:
         # The shard stopped filling the buffer: it would have overflowed, or the read failed.
         self.detached = False
         self.error: RedisError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._entries)
 
     def deliver(self, entries: list[StreamEntry]) -> bool:
         """Buffer `entries`; False (and detached) when they do not fit."""
@@ -119,6 +124,7 @@ class _Shard:
         # Wake-ups go over the shared pool: the dedicated connection is busy blocking.
         self._control = control
         self._buffer_entries = buffer_entries
+        self._entries_per_read = max(1, min(MAX_ENTRIES_PER_KEY_READ, buffer_entries // 2))
         self._keys: dict[str, _KeyState] = {}
         # Keys added since the last read that succeeded: suspects if Redis refuses a read.
         self._unproven: set[str] = set()
@@ -145,6 +151,14 @@ class _Shard:
     @property
     def key_count(self) -> int:
         return len(self._keys)
+
+    @property
+    def buffered_entries(self) -> int:
+        return sum(
+            subscription.buffered
+            for state in self._keys.values()
+            for subscription in state.subscribers
+        )
 
     def subscribe(self, key: str, after: EntryId) -> tuple[Subscription, EntryId]:
         """A buffer for entries of `key` after the returned position (at least `after`)."""
@@ -185,7 +199,7 @@ class _Shard:
                 try:
                     response: XReadResponse = await self._connection.xread(  # type: ignore[assignment]
                         {key: _format_entry_id(position) for key, position in requested.items()},
-                        count=MAX_ENTRIES_PER_KEY_READ,
+                        count=self._entries_per_read,
                         block=READ_BLOCK_MS,
                     )
                 finally:
@@ -280,6 +294,11 @@ class MultiplexedStreamReader:
     @property
     def followed_streams(self) -> int:
         return sum(shard.key_count for shard in self._shards)
+
+    @property
+    def buffered_entries(self) -> int:
+        """Entries waiting in followers' buffers: at most the buffer bound per follower."""
+        return sum(shard.buffered_entries for shard in self._shards)
 
     def _shard_for(self, key: str) -> _Shard:
         return self._shards[zlib.crc32(key.encode()) % len(self._shards)]
