@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from datetime import timedelta
 from typing import Any, Self, TypeVar
 
@@ -131,18 +131,20 @@ class StopFlagPoller:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    @contextmanager
-    def watch(self, organization_id: str, turn_id: str, stopped: asyncio.Event) -> Iterator[None]:
-        """Set `stopped` once a stop of the turn is requested, for as long as the block runs."""
+    def watch(
+        self, organization_id: str, turn_id: str, stopped: asyncio.Event
+    ) -> Callable[[], None]:
+        """Set `stopped` once a stop of the turn is requested, until the returned function is called."""
         turn = (organization_id, turn_id)
         self._watched.setdefault(turn, set()).add(stopped)
-        try:
-            yield
-        finally:
+
+        def unwatch() -> None:
             events = self._watched.get(turn, set())
             events.discard(stopped)
             if not events:
                 self._watched.pop(turn, None)
+
+        return unwatch
 
     async def _poll_forever(self) -> None:
         while True:
@@ -229,29 +231,32 @@ class GenerationActivities:
             _stream_into(provider, generation, builder, publisher, timing)
         )
         watcher = asyncio.create_task(_heartbeat_until_stopped(publisher))
+        unwatch = self._stop_flags.watch(
+            request.organization_id, request.turn_id, publisher.stop_seen
+        )
         stopped = False
-        with self._stop_flags.watch(request.organization_id, request.turn_id, publisher.stop_seen):
-            try:
-                await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
-                if streaming.done():
-                    streaming.result()
-                else:
-                    # Cancelling the consumer closes the provider stream (aclosing) at once.
-                    streaming.cancel()
-                    await asyncio.gather(streaming, return_exceptions=True)
-                    stopped = True
-            except asyncio.CancelledError:
-                # Temporal cancelled the activity (a stop that arrived as a workflow signal): keep
-                # what was generated, then report the cancellation.
+        try:
+            await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if streaming.done():
+                streaming.result()
+            else:
+                # Cancelling the consumer closes the provider stream (aclosing) at once.
                 streaming.cancel()
                 await asyncio.gather(streaming, return_exceptions=True)
-                await self._keep_partial_answer(request, builder, publisher)
-                raise
-            except ProviderError as exc:
-                await publisher.aclose()
-                raise _as_application_error(exc) from exc
-            finally:
-                watcher.cancel()
+                stopped = True
+        except asyncio.CancelledError:
+            # Temporal cancelled the activity (a stop that arrived as a workflow signal): keep
+            # what was generated, then report the cancellation.
+            streaming.cancel()
+            await asyncio.gather(streaming, return_exceptions=True)
+            await self._keep_partial_answer(request, builder, publisher)
+            raise
+        except ProviderError as exc:
+            await publisher.aclose()
+            raise _as_application_error(exc) from exc
+        finally:
+            watcher.cancel()
+            unwatch()
 
         publisher.send(builder.finish_step())
         await publisher.flush()

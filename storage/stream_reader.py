@@ -189,32 +189,38 @@ class _Shard:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            requested: dict[str, EntryId] = {}
             try:
-                if self._client_id is None:
-                    self._client_id = await self._connection.client_id()
-                # Taken together, with no await between: the read covers exactly these keys.
-                requested = {key: state.position for key, state in self._keys.items()}
-                self._read_version = self._version
-                try:
-                    response: XReadResponse = await self._connection.xread(  # type: ignore[assignment]
-                        {key: _format_entry_id(position) for key, position in requested.items()},
-                        count=self._entries_per_read,
-                        block=READ_BLOCK_MS,
-                    )
-                finally:
-                    self._read_version = None
+                await self._read_once()
             except (ConnectionError, RedisTimeoutError):
                 # The next connection gets a new id; positions stay, so no entry is lost.
                 self._client_id = None
                 log.warning("stream_reader.read_failed", shard=self._index, exc_info=True)
                 await asyncio.sleep(READ_RETRY_SECONDS)
-                continue
-            except ResponseError as exc:
-                self._refuse_suspects(exc)
-                continue
-            self._unproven.difference_update(requested)
-            self._fan_out(requested, response)
+            except Exception:
+                # Never let the task die: every open stream of the process depends on it.
+                self._client_id = None
+                log.exception("stream_reader.unexpected_error", shard=self._index)
+                await asyncio.sleep(READ_RETRY_SECONDS)
+
+    async def _read_once(self) -> None:
+        if self._client_id is None:
+            self._client_id = await self._connection.client_id()
+        # Taken together, with no await between: the read covers exactly these keys.
+        requested = {key: state.position for key, state in self._keys.items()}
+        self._read_version = self._version
+        try:
+            response: XReadResponse = await self._connection.xread(  # type: ignore[assignment]
+                {key: _format_entry_id(position) for key, position in requested.items()},
+                count=self._entries_per_read,
+                block=READ_BLOCK_MS,
+            )
+        except ResponseError as exc:
+            self._refuse_suspects(exc)
+            return
+        finally:
+            self._read_version = None
+        self._unproven.difference_update(requested)
+        self._fan_out(requested, response)
 
     def _fan_out(self, requested: dict[str, EntryId], response: XReadResponse) -> None:
         for key, raw_entries in response or ():

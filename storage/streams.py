@@ -197,9 +197,6 @@ class TurnStreams:
         """The fast path of a stop: generation sees this flag at its next write or poll."""
         await self._redis.set(self._abort_key(organization_id, turn_id), "1", ex=self._max_lifetime)
 
-    async def stop_requested(self, organization_id: str, turn_id: str) -> bool:
-        return bool(await self._redis.exists(self._abort_key(organization_id, turn_id)))
-
     async def append_terminal(
         self, organization_id: str, turn_id: str, chunks: Sequence[dict[str, Any]]
     ) -> bool:
