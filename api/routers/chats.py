@@ -278,7 +278,10 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
             "content": {"text/event-stream": {}},
         },
         204: {"description": "No turn is active"},
-        400: {"description": "Malformed Last-Event-ID", **PROBLEM},
+        400: {
+            "description": "Malformed Last-Event-ID, or one past the end of the turn's stream",
+            **PROBLEM,
+        },
         401: {"description": "Missing or invalid API key", **PROBLEM},
         404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
         **LIMIT_RESPONSES,
