@@ -21,7 +21,7 @@ from temporalio.client import (
 from temporalio.worker import Worker
 
 from activities.chat_session import ChatSessionActivities
-from activities.generation import GenerationActivities
+from activities.generation import GenerationActivities, StopFlagPoller
 from activities.maintenance import MaintenanceActivities
 from core.contracts import PurgeDeletedChatsInput
 from core.logging import configure_logging
@@ -47,7 +47,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     engine = create_engine(
         settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
     )
-    redis = create_redis(settings.resolved_redis_url)
+    redis = create_redis(
+        settings.resolved_redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_seconds=settings.worker_redis_pool_timeout_seconds,
+        client_name="durachat-worker",
+    )
     providers = ProviderRegistry.from_settings(settings)
     try:
         streams = TurnStreams(
@@ -59,8 +64,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         client = await connect_temporal(settings)
         lost_turns = LostTurns(client, streams)
         session_activities = ChatSessionActivities(sessions, streams, lost_turns)
+        stop_flags = StopFlagPoller(streams)
         generation_activities = GenerationActivities(
-            sessions, streams, providers, title_model=settings.title_model
+            sessions, streams, providers, stop_flags, title_model=settings.title_model
         )
         worker = Worker(
             client,
@@ -76,12 +82,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 MaintenanceActivities(sessions).purge_deleted_chats,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            # Every live turn holds an activity slot while it generates; the SDK's default (100)
+            # would make the 101st concurrent turn wait for a slot before its first token.
+            max_concurrent_activities=settings.worker_max_concurrent_activities,
+            max_concurrent_workflow_tasks=settings.worker_max_concurrent_workflow_tasks,
         )
         await keep_purge_schedule(client, settings)
         lost_turn_sweep = LostTurnSweep(
             sessions, lost_turns, release_within_seconds=settings.lost_turn_release_seconds
         )
-        async with worker, lost_turn_sweep.running():
+        async with stop_flags, worker, lost_turn_sweep.running():
             log.info("worker.started", task_queue=settings.temporal_task_queue)
             await stop.wait()
             log.info("worker.stopping")

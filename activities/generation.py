@@ -9,8 +9,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
+import structlog
+from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -34,9 +36,13 @@ from storage.db import is_database_unavailable
 from storage.models import Chat, Message
 from storage.streams import TurnStreams
 
+log = structlog.get_logger(__name__)
+
 # Heartbeats go out on this period whatever the provider does, so a provider that thinks for a while
-# before its first token is not mistaken for a dead worker (the SDK throttles the actual RPCs). The
-# same loop polls the stop flag, which bounds a stop's latency while the provider sends nothing.
+# before its first token is not mistaken for a dead worker (the SDK throttles the actual RPCs).
+HEARTBEAT_SECONDS = 1.0
+# Stop flags are polled on this period for every generation of the worker at once (one MGET), which
+# bounds a stop's latency while a provider sends nothing; a write sees a stop in its reply anyway.
 STOP_POLL_SECONDS = 0.25
 # While Postgres is unreachable, generation waits for it in place, heartbeating, rather than failing
 # the attempt: provider retries are few and meant for the provider, and an answer already streamed
@@ -108,17 +114,72 @@ class ChunkPublisher:
                 self.stop_seen.set()
 
 
+class StopFlagPoller:
+    """Polls the stop flags of every generation running in this worker with one command per period.
+
+    A poll per generation would cost a round trip (and a pooled connection) per live turn four times
+    a second; one `MGET` over all of them keeps Redis traffic and connections flat as turns grow.
+    Built once per worker process; entered (`async with`) on the worker's event loop.
+    """
+
+    def __init__(self, streams: TurnStreams) -> None:
+        self._streams = streams
+        self._watched: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._poll_forever(), name="stop-flag-poller")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def watch(
+        self, organization_id: str, turn_id: str, stopped: asyncio.Event
+    ) -> Callable[[], None]:
+        """Set `stopped` once a stop of the turn is requested, until the returned function is called."""
+        turn = (organization_id, turn_id)
+        self._watched.setdefault(turn, set()).add(stopped)
+
+        def unwatch() -> None:
+            events = self._watched.get(turn, set())
+            events.discard(stopped)
+            if not events:
+                self._watched.pop(turn, None)
+
+        return unwatch
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STOP_POLL_SECONDS)
+            if not self._watched:
+                continue
+            try:
+                stopped = await self._streams.stops_requested(list(self._watched))
+            except RedisError:
+                # Redis away for a moment: the next poll (or the next write) sees the stop.
+                log.warning("generation.stop_poll_failed", exc_info=True)
+                continue
+            for turn in stopped:
+                for event in self._watched.get(turn, ()):
+                    event.set()
+
+
 class GenerationActivities:
     def __init__(
         self,
         session_factory: async_sessionmaker[AsyncSession],
         streams: TurnStreams,
         providers: ProviderRegistry,
+        stop_flags: StopFlagPoller,
         title_model: str | None = None,
     ) -> None:
         self._sessions = session_factory
         self._streams = streams
         self._providers = providers
+        self._stop_flags = stop_flags
         self._title_model = title_model
 
     @activity.defn
@@ -174,7 +235,10 @@ class GenerationActivities:
         streaming = asyncio.create_task(
             _stream_into(provider, generation, builder, publisher, timing)
         )
-        watcher = asyncio.create_task(self._watch_for_stop(request, publisher))
+        watcher = asyncio.create_task(_heartbeat_until_stopped(publisher))
+        unwatch = self._stop_flags.watch(
+            request.organization_id, request.turn_id, publisher.stop_seen
+        )
         stopped = False
         try:
             await asyncio.wait({streaming, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,7 +248,6 @@ class GenerationActivities:
                 # Cancelling the consumer closes the provider stream (aclosing) at once.
                 streaming.cancel()
                 await asyncio.gather(streaming, return_exceptions=True)
-                watcher.result()  # the watcher failing (Redis unreachable) is no stop: retry
                 stopped = True
         except asyncio.CancelledError:
             # Temporal cancelled the activity (a stop that arrived as a workflow signal): keep
@@ -200,6 +263,7 @@ class GenerationActivities:
             raise _as_application_error(exc) from exc
         finally:
             watcher.cancel()
+            unwatch()
 
         publisher.send(builder.finish_step())
         await publisher.flush()
@@ -291,18 +355,6 @@ class GenerationActivities:
                     return await operation(session)
         raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
-    async def _watch_for_stop(self, request: GenerateReplyInput, publisher: ChunkPublisher) -> None:
-        """Heartbeat, and return as soon as a stop is requested: seen by a write, or polled while the provider is silent."""
-        while True:
-            activity.heartbeat(publisher.last_entry_id)
-            try:
-                await asyncio.wait_for(publisher.stop_seen.wait(), STOP_POLL_SECONDS)
-                return
-            except TimeoutError:
-                pass
-            if await self._streams.stop_requested(request.organization_id, request.turn_id):
-                return
-
     async def _keep_partial_answer(
         self,
         request: GenerateReplyInput,
@@ -315,6 +367,18 @@ class GenerationActivities:
         publisher.send(builder.finish_step())
         await publisher.flush()
         await self._save_parts(request, builder, usage)
+
+
+async def _heartbeat_until_stopped(publisher: ChunkPublisher) -> None:
+    """Heartbeat on a fixed period, and return once a stop is seen (by a write or by the poller)."""
+    while True:
+        activity.heartbeat(publisher.last_entry_id)
+        try:
+            async with asyncio.timeout(HEARTBEAT_SECONDS):
+                await publisher.stop_seen.wait()
+            return
+        except TimeoutError:
+            pass
 
 
 def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:

@@ -22,6 +22,7 @@ from api.openapi import install_openapi
 from api.problems import install_problem_handlers
 from api.routers import chat_management, chats, health, keys
 from api.state import AppState
+from api.unavailable import install_redis_unavailable_handlers
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
@@ -30,6 +31,7 @@ from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
 from storage.redis import create_redis
+from storage.stream_reader import MultiplexedStreamReader
 from storage.streams import TurnStreams
 
 log = structlog.get_logger(__name__)
@@ -94,13 +96,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(
             settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
         )
-        redis = create_redis(settings.resolved_redis_url)
+        redis = create_redis(
+            settings.resolved_redis_url,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_seconds=settings.redis_pool_timeout_seconds,
+            client_name="durachat-api",
+        )
         providers = ProviderRegistry.from_settings(settings)
         try:
             streams = TurnStreams(
                 redis,
                 max_lifetime_seconds=settings.stream_max_lifetime_seconds,
                 retention_seconds=settings.stream_retention_seconds,
+            )
+            stream_reader = MultiplexedStreamReader(
+                streams,
+                settings.resolved_redis_url,
+                redis,
+                connections=settings.stream_reader_connections,
+                buffer_entries=settings.stream_subscriber_buffer_entries,
             )
             temporal = await connect_temporal(settings)
             app.state.durachat = AppState(
@@ -109,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sessions=create_session_factory(engine),
                 redis=redis,
                 streams=streams,
+                stream_reader=stream_reader,
                 temporal=temporal,
                 providers=providers,
                 rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
@@ -116,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 lost_turns=LostTurns(temporal, streams),
             )
             log.info("api.started", host=settings.api_host, port=settings.api_port)
-            yield
+            async with stream_reader:
+                yield
         finally:
             await providers.aclose()
             await redis.aclose()
@@ -133,6 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_problem_handlers(app)
     install_database_error_handler(app)
+    install_redis_unavailable_handlers(app)
     install_openapi(app)
     install_docs_page(app)
     app.include_router(health.router)

@@ -12,6 +12,7 @@ from core.settings import Settings
 from providers.registry import ProviderRegistry
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
+from storage.stream_reader import MultiplexedStreamReader
 from storage.streams import TurnStreams
 
 
@@ -22,6 +23,7 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     redis: Redis
     streams: TurnStreams
+    stream_reader: MultiplexedStreamReader
     temporal: Client
     providers: ProviderRegistry
     rate_limiter: RateLimiter

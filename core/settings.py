@@ -108,6 +108,25 @@ class Settings(BaseSettings):
     # api process died frees itself after at most this long.
     stream_lease_seconds: int = Field(default=30, ge=3)
 
+    # Streams at scale (docs/decisions.md "Streams at scale"). Each api and worker process shares one
+    # Redis pool of at most this many connections; a command that finds all of them busy for the
+    # pool timeout fails (a 503 in the api) instead of opening more.
+    redis_max_connections: int = Field(default=50, ge=1)
+    redis_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    # The worker waits longer: a command that gives up fails a generation attempt, which Temporal
+    # retries by generating the whole answer again, while waiting only delays a token.
+    worker_redis_pool_timeout_seconds: float = Field(default=30.0, gt=0)
+    # The api follows every open stream through this many blocking readers, each on a dedicated
+    # connection of its own, whatever the number of streams.
+    stream_reader_connections: int = Field(default=1, ge=1, le=16)
+    # Entries one open stream may have waiting for its client; past that the stream catches up from
+    # Redis at the client's pace, so a slow client cannot grow the api's memory.
+    stream_subscriber_buffer_entries: int = Field(default=512, ge=16)
+    # Worker concurrency: activities (every live turn holds one while it generates) and workflow
+    # tasks processed at once.
+    worker_max_concurrent_activities: int = Field(default=1000, ge=1)
+    worker_max_concurrent_workflow_tasks: int = Field(default=100, ge=2)
+
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:
         if self.environment is Environment.PRODUCTION:

@@ -551,6 +551,12 @@ class EmbeddedTemporal(EmbeddedService):
             str(self.metrics_port),
             "--db-filename",
             str(self.db_path),
+            # Write-ahead logging lets readers go on while a write commits; with the default
+            # rollback journal, a few hundred running turns made the server's SQLite time out.
+            "--sqlite-pragma",
+            "journal_mode=wal",
+            "--sqlite-pragma",
+            "synchronous=normal",
             "--namespace",
             self.namespace,
             "--log-level",

@@ -10,8 +10,10 @@ workflows or activities.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from redis.asyncio import Redis
@@ -87,6 +89,36 @@ class StreamEntry:
 class AppendResult:
     last_entry_id: str
     stop_requested: bool
+
+
+# An entry id is two unsigned 64-bit decimals, `<milliseconds>-<sequence>`; Redis refuses anything else.
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_UINT64_MAX = 2**64 - 1
+EntryId = tuple[int, int]
+
+
+def parse_entry_id(text: str) -> EntryId:
+    """An entry id as a comparable pair; ValueError when it is not one Redis could have issued."""
+    match = _ENTRY_ID.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text[:60]!r} is not a stream entry id")
+    milliseconds, sequence = int(match[1]), int(match[2])
+    if milliseconds > _UINT64_MAX or sequence > _UINT64_MAX:
+        raise ValueError(f"{text[:60]!r} does not fit a stream entry id")
+    return milliseconds, sequence
+
+
+class CursorPlace(Enum):
+    """Where a reader's cursor stands in a turn's stream."""
+
+    # Entries follow it now, or may follow later.
+    INSIDE = "inside"
+    # It is the turn's terminal entry: nothing will ever follow.
+    AT_END = "at-end"
+    # Past everything the stream holds or could hold: no cursor this service issued.
+    BEYOND = "beyond"
+    # Redis holds no stream for the turn (expired, or lost).
+    STREAM_GONE = "stream-gone"
 
 
 class StaleAttemptError(Exception):
@@ -165,9 +197,6 @@ class TurnStreams:
         """The fast path of a stop: generation sees this flag at its next write or poll."""
         await self._redis.set(self._abort_key(organization_id, turn_id), "1", ex=self._max_lifetime)
 
-    async def stop_requested(self, organization_id: str, turn_id: str) -> bool:
-        return bool(await self._redis.exists(self._abort_key(organization_id, turn_id)))
-
     async def append_terminal(
         self, organization_id: str, turn_id: str, chunks: Sequence[dict[str, Any]]
     ) -> bool:
@@ -182,23 +211,57 @@ class TurnStreams:
         )
         return bool(appended)
 
-    async def read_after(
+    async def read_range(
         self,
         organization_id: str,
         turn_id: str,
         after_entry_id: str,
+        until_entry_id: str = "+",
         *,
-        block_ms: int,
-        count: int = 512,
+        count: int,
     ) -> list[StreamEntry]:
-        """Entries after `after_entry_id` ("0-0" for all), waiting up to block_ms for the first one."""
-        response: list[tuple[str, list[tuple[str, dict[str, str]]]]] = await self._redis.xread(
-            {self.stream_key(organization_id, turn_id): after_entry_id}, count=count, block=block_ms
+        """Up to `count` entries after `after_entry_id`, up to and including `until_entry_id`; never blocks."""
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrange(
+            self.stream_key(organization_id, turn_id),
+            min=f"({after_entry_id}",
+            max=until_entry_id,
+            count=count,
         )  # type: ignore[assignment]
-        if not response:
-            return []
-        [(_key, entries)] = response
         return [StreamEntry(entry_id, fields[CHUNK_FIELD]) for entry_id, fields in entries]
+
+    async def last_entry(self, organization_id: str, turn_id: str) -> StreamEntry | None:
+        """The stream's newest entry; None when Redis holds no stream for the turn."""
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrevrange(
+            self.stream_key(organization_id, turn_id), count=1
+        )  # type: ignore[assignment]
+        return StreamEntry(entries[0][0], entries[0][1][CHUNK_FIELD]) if entries else None
+
+    async def locate_cursor(
+        self, organization_id: str, turn_id: str, after_entry_id: str
+    ) -> CursorPlace:
+        """Where a reader's cursor stands in the turn's stream (see `CursorPlace`)."""
+        tail = await self.last_entry(organization_id, turn_id)
+        if tail is None:
+            return CursorPlace.STREAM_GONE
+        cursor, last = parse_entry_id(after_entry_id), parse_entry_id(tail.entry_id)
+        if cursor < last:
+            return CursorPlace.INSIDE
+        if cursor == last:
+            return CursorPlace.AT_END if tail.ends_stream else CursorPlace.INSIDE
+        if tail.ends_stream:
+            return CursorPlace.BEYOND
+        # Past the last entry of a running turn: a stream Redis lost and the turn wrote again starts
+        # over at the current time, so a cursor up to the server's clock may still be reached.
+        seconds, microseconds = await self._redis.time()
+        now_ms = seconds * 1000 + microseconds // 1000
+        return CursorPlace.BEYOND if cursor[0] > now_ms else CursorPlace.INSIDE
+
+    async def stops_requested(self, turns: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (organization id, turn id) pairs have a stop requested: one round trip."""
+        if not turns:
+            return set()
+        flags = await self._redis.mget([self._abort_key(org, turn) for org, turn in turns])
+        return {pair for pair, flag in zip(turns, flags, strict=True) if flag is not None}
 
     async def all_chunks(self, organization_id: str, turn_id: str) -> list[dict[str, Any]]:
         """Every chunk the turn's stream holds, oldest first (none if Redis no longer has it)."""
@@ -206,6 +269,3 @@ class TurnStreams:
             self.stream_key(organization_id, turn_id)
         )  # type: ignore[assignment]
         return [json.loads(fields[CHUNK_FIELD]) for _entry_id, fields in entries]
-
-    async def exists(self, organization_id: str, turn_id: str) -> bool:
-        return bool(await self._redis.exists(self.stream_key(organization_id, turn_id)))

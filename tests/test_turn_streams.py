@@ -21,7 +21,7 @@ from storage.streams import StaleAttemptError, TurnStreams
 
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = create_redis(settings.resolved_redis_url)
+    client = create_redis(settings.resolved_redis_url, max_connections=10, pool_timeout_seconds=5)
     yield client
     await client.aclose()
 
@@ -86,7 +86,7 @@ async def test_a_superseded_attempt_can_no_longer_append(
 async def test_the_client_keeps_working_when_redis_restarts(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "redis-data", free_port_block(), persistent=False)
     with server:
-        client = create_redis(server.url)
+        client = create_redis(server.url, max_connections=10, pool_timeout_seconds=5)
         try:
             # Several pooled connections, as a busy worker or api holds.
             await asyncio.gather(*(client.set(f"key-{i}", i) for i in range(6)))

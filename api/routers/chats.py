@@ -16,6 +16,7 @@ from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_a
 from api.relay import (
     FROM_START,
     StoredAnswer,
+    check_cursor,
     parse_cursor,
     relay_turn,
     ui_message_stream_response,
@@ -276,7 +277,10 @@ async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: Sessio
             "description": "No turn is active, or (without `Last-Event-ID`) no chat of the caller "
             "has that id yet"
         },
-        400: {"description": "Malformed Last-Event-ID", **PROBLEM},
+        400: {
+            "description": "Malformed Last-Event-ID, or one past the end of the turn's stream",
+            **PROBLEM,
+        },
         401: {"description": "Missing or invalid API key", **PROBLEM},
         404: {"description": "No such chat (or cursor) for this caller", **PROBLEM},
         **LIMIT_RESPONSES,
@@ -306,9 +310,10 @@ async def resume_stream(
             return Response(status_code=204)
         else:
             turn_id, after = chat.active_turn_id, FROM_START
+    await check_cursor(state.streams, principal.organization_id, turn_id, after)
     return ui_message_stream_response(
         relay_turn(
-            state.streams,
+            state.stream_reader,
             principal.organization_id,
             turn_id,
             after,
@@ -425,7 +430,7 @@ async def _send(
     if wants_stream:
         return ui_message_stream_response(
             relay_turn(
-                state.streams,
+                state.stream_reader,
                 principal.organization_id,
                 accepted.turn_id,
                 stored_answer=_stored_answer(
