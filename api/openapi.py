@@ -101,6 +101,8 @@ _DEFAULT_DESCRIPTIONS = {
     "401": "Missing, invalid or revoked API key",
     "413": "The request body is larger than the limit",
     "422": "Invalid request: a parameter or the body does not match its schema",
+    "503": "Postgres or Redis cannot be reached right now, or the Redis pool is exhausted; "
+    "try again after `Retry-After` seconds",
 }
 
 
@@ -133,6 +135,9 @@ def _complete_operation(operation: dict[str, Any]) -> None:
     responses: dict[str, Any] = operation.setdefault("responses", {})
     if operation.get("security"):
         responses.setdefault("401", {})
+        # Authentication reads Postgres, and every authenticated route needs Postgres or Redis:
+        # while one is down the answer is a 503 problem (api/database_errors.py, api/unavailable.py).
+        responses.setdefault("503", {})
     if "requestBody" in operation:
         # FastAPI answers a body it cannot decode at all (not UTF-8) with a 400, the body bounds
         # refuse JSON too deep or too large in items (400), and the size limit middleware answers
@@ -151,6 +156,11 @@ def _complete_operation(operation: dict[str, Any]) -> None:
             response.setdefault("headers", {})["WWW-Authenticate"] = {
                 "description": "`Bearer`: the scheme to send the API key with",
                 "schema": {"type": "string"},
+            }
+        if status == "503":
+            response.setdefault("headers", {})["Retry-After"] = {
+                "description": "Seconds to wait before trying again",
+                "schema": {"type": "integer"},
             }
         if status == "204":
             response.pop("content", None)

@@ -91,6 +91,7 @@ class IdempotencyKeyReusedError(UnprocessableContentError):
                         "type": "idempotency_key_reused",
                     }
                 ],
+                "errorCount": 1,
             },
         )
 

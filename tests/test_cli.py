@@ -313,7 +313,7 @@ def test_services_prints_exports_and_stops_cleanly_on_interrupt(
     ports = StackPorts.pick()
     launcher = run_launcher("services", launcher_environment(data_dir, ports))
 
-    launcher.wait_for_output(r"^# Ctrl-C stops them\.$")
+    launcher.wait_for_output(r"^# Ctrl-C stops them\. A service that dies is started again\.$")
     exports = dict(re.findall(r"^export (DURACHAT_\w+)=(.*)$", launcher.output, re.MULTILINE))
     assert exports == {
         "DURACHAT_DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{ports.postgres}/durachat",
