@@ -362,10 +362,10 @@ async def test_openapi_documents_every_key_endpoint_response(client: httpx.Async
         return set(paths[path][method]["responses"])
 
     # 400 and 413 are every body's: an undecodable body, and one over the size limit.
-    assert statuses("/v1/keys", "post") == {"201", "400", "401", "403", "413", "422"}
-    assert statuses("/v1/keys", "get") == {"200", "401", "403", "422"}
-    assert statuses("/v1/keys/{key_id}", "get") == {"200", "401", "403", "404", "422"}
-    assert statuses("/v1/keys/{key_id}", "delete") == {"204", "401", "403", "404", "422"}
+    assert statuses("/v1/keys", "post") == {"201", "400", "401", "403", "413", "422", "503"}
+    assert statuses("/v1/keys", "get") == {"200", "401", "403", "422", "503"}
+    assert statuses("/v1/keys/{key_id}", "get") == {"200", "401", "403", "404", "422", "503"}
+    assert statuses("/v1/keys/{key_id}", "delete") == {"204", "401", "403", "404", "422", "503"}
     created = paths["/v1/keys"]["post"]["responses"]["201"]["content"]["application/json"]
     assert created["schema"]["$ref"].endswith("/KeyCreatedOut")
     listed = spec["components"]["schemas"]["KeyOut"]["properties"]
