@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.settings import Settings
@@ -19,6 +20,7 @@ from devstack.stack import ServiceStack
 from storage import api_keys
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
+from storage.redis import create_redis
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.processes import ServiceProcess, wait_until_ready
 
@@ -177,6 +179,14 @@ async def make_tenant(
 @pytest.fixture
 async def tenant(sessions: async_sessionmaker[AsyncSession]) -> Tenant:
     return await make_tenant(sessions)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A Redis client of the session's Valkey, built as the services build theirs."""
+    client = create_redis(settings.resolved_redis_url, max_connections=10, pool_timeout_seconds=5)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

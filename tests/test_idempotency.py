@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from core.settings import Settings
 from storage.models import Message
 from storage.streams import TurnStreams
 from tests.conftest import Tenant, make_tenant
@@ -27,13 +24,6 @@ from tests.support.chat_api import (
 from tests.support.sse import chunks_of, iter_sse, text_of
 
 PACED = {"model": "local/lorem", "providerOptions": {"local": {"words": 30, "delayMs": 30}}}
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.resolved_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 async def message_count(

@@ -88,13 +88,6 @@ async def replicas(replica_urls: tuple[str, str]) -> AsyncIterator[Replicas]:
         yield Replicas(a, b)
 
 
-@pytest.fixture(scope="module")
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.resolved_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
 async def second_key(sessions: async_sessionmaker[AsyncSession], tenant: Tenant) -> Tenant:
     """Another API key of the same organization."""
     async with sessions.begin() as session:

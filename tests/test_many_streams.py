@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -85,13 +85,6 @@ def tiny_pool_api(
     # first Redis command is its rate-limit hit.
     overrides = {"redis_max_connections": 1, "redis_pool_timeout_seconds": 0.2}
     yield from start_replica(settings, tmp_path_factory.mktemp("tiny-pool-api"), overrides)
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.resolved_redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 def redis_port(settings: Settings) -> int:

@@ -14,20 +14,12 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from storage.redis import create_redis
 from storage.stream_reader import READER_CLIENT_NAME, MultiplexedStreamReader
 from storage.streams import CHUNK_FIELD, TurnStreams
 
 # Generous bound on waiting for entries that are already in Redis; never expected to be reached.
 GUARD_SECONDS = 30
 BUFFER_ENTRIES = 16
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = create_redis(settings.resolved_redis_url, max_connections=10, pool_timeout_seconds=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.settings import Settings
 from devstack.embedded import EmbeddedRedis
 from devstack.ports import free_port_block
 from storage.redis import create_redis
 from storage.streams import StaleAttemptError, TurnStreams
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = create_redis(settings.resolved_redis_url, max_connections=10, pool_timeout_seconds=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
