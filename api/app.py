@@ -20,7 +20,7 @@ from api.http_semantics import HeadAsGetMiddleware, ProblemHttpToolsProtocol
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
-from api.routers import chat_management, chats, health, keys
+from api.routers import chat_management, chats, files, health, keys
 from api.state import AppState
 from api.unavailable import install_redis_unavailable_handlers
 from core.logging import configure_logging
@@ -156,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Before chats: its fixed paths (`/v1/chats/by-external`) must win over `/v1/chats/{chat_id}`.
     parameter_checks = [KnownQueryParameters, StorableParameters]
     app.include_router(chat_management.router, dependencies=parameter_checks)
+    app.include_router(files.router, dependencies=parameter_checks)
     app.include_router(chats.router, dependencies=parameter_checks)
     app.include_router(keys.router, dependencies=parameter_checks)
     # Inside the size limit, so the body it holds is bounded; outside everything that parses one.
@@ -165,7 +166,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_items=settings.max_json_items,
     )
     # Inside CORS (so a browser can read the 413) and outside everything that reads a body.
-    app.add_middleware(RequestSizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestSizeLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        upload_max_bytes=settings.max_upload_request_bytes,
+    )
     # Everything inside sees a HEAD as the GET it answers like.
     app.add_middleware(HeadAsGetMiddleware)
     if settings.cors_origins:

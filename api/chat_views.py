@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.schemas import ChatOut, ChatSummaryOut, UIMessageOut
+from api.deps import StateDep
+from api.file_links import FileLinks
+from api.schemas import AttachmentOut, ChatOut, ChatSummaryOut, UIMessageOut
 from core.errors import ConflictError
-from storage import chats
+from storage import attachments, chats
 from storage.lost_turns import LostTurns
-from storage.models import Chat, Message, Turn
+from storage.models import Attachment, Chat, Message, Turn
 
 
-async def chat_out(session: AsyncSession, chat: Chat) -> ChatOut:
+def get_file_links(request: Request, state: StateDep) -> FileLinks:
+    settings = state.settings
+    return FileLinks(
+        secret=settings.file_url_signing_key,
+        expiry_seconds=settings.file_url_expiry_seconds,
+        base_url=(settings.public_base_url or str(request.base_url)).rstrip("/"),
+    )
+
+
+FileLinksDep = Annotated[FileLinks, Depends(get_file_links)]
+
+
+async def chat_out(session: AsyncSession, chat: Chat, links: FileLinks) -> ChatOut:
     """The chat with the messages of its active branch and the turns waiting in its queue.
 
     The user messages of queued turns follow the branch, marked `queued`: they are stored in the
@@ -19,26 +36,43 @@ async def chat_out(session: AsyncSession, chat: Chat) -> ChatOut:
     """
     branch = await chats.load_active_branch(session, chat)
     queued = await chats.queued_turns(session, chat)
+    files = {attachment.id: attachment for attachment in await attachments.list_for_chat(session, chat)}
     return ChatOut(
         **ChatSummaryOut.fields_of(chat),
         queuedTurnIds=[turn.id for turn in queued],
         messages=[
-            *await ui_messages_out(session, chat, branch),
+            *await ui_messages_out(session, chat, branch, links, files),
             *(
-                _queued_user_message(turn, position)
+                _queued_user_message(turn, position, _linked(chat, turn.queued_user_parts, links, files))
                 for position, turn in enumerate(queued, start=1)
                 if turn.queued_user_parts
             ),
         ],
+        attachments=[AttachmentOut.of(attachment) for attachment in files.values()],
     )
 
 
-def _queued_user_message(turn: Turn, position: int) -> UIMessageOut:
+def _linked(
+    chat: Chat,
+    parts: list[dict[str, Any]],
+    links: FileLinks,
+    files: dict[str, Attachment],
+) -> list[dict[str, Any]]:
+    """Stored parts as a client sees them: each file part with a signed link to its file."""
+    return [
+        links.file_part(chat.organization_id, chat.id, part, files.get(part.get("attachmentId", "")))
+        if part.get("type") == "file"
+        else part
+        for part in parts
+    ]
+
+
+def _queued_user_message(turn: Turn, position: int, parts: list[dict[str, Any]]) -> UIMessageOut:
     return UIMessageOut(
         id=turn.user_message_id,
         role="user",
         siblingIds=[turn.user_message_id],
-        parts=turn.queued_user_parts or [],
+        parts=parts,
         metadata={"turnId": turn.id, "queuePosition": position},
         status="queued",
         createdAt=chats.iso(turn.created_at),
@@ -46,16 +80,25 @@ def _queued_user_message(turn: Turn, position: int) -> UIMessageOut:
 
 
 async def ui_messages_out(
-    session: AsyncSession, chat: Chat, messages: list[Message]
+    session: AsyncSession,
+    chat: Chat,
+    messages: list[Message],
+    links: FileLinks,
+    files: dict[str, Attachment] | None = None,
 ) -> list[UIMessageOut]:
-    """Messages as UIMessages, each with its siblings' ids (itself included) for "2 of 3"."""
+    """Messages as UIMessages, each with its siblings' ids (itself included) for "2 of 3", and file
+    parts carrying signed links (`files`: the chat's attachments, when the caller has them)."""
     siblings = await chats.children_by_parent(
         session, chat, {message.parent_id for message in messages}
     )
+    if files is None:
+        wanted = [i for message in messages for i in attachments.attachment_ids_in(message.parts)]
+        files = await attachments.get_many(session, chat.organization_id, wanted)
     return [
         UIMessageOut.model_validate(
             {
                 **chats.as_ui_message(message),
+                "parts": _linked(chat, message.parts, links, files),
                 "siblingIds": siblings.get(message.parent_id, [message.id]),
             }
         )

@@ -8,6 +8,8 @@ rest. Counts live in Redis (and turns in Postgres), so they hold across api repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ import structlog
 from fastapi import Depends
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import CurrentPrincipal, StateDep, visibility_of
@@ -36,26 +39,42 @@ log = structlog.get_logger(__name__)
 CAP_RETRY_AFTER_SECONDS = 2
 
 
-class RequestSizeLimitMiddleware:
-    """Answers 413 to a request whose body is larger than `max_bytes`, before the app runs.
+# Requests that may carry files: uploads, and sends (whose messages may hold `data:` URLs). They are
+# bounded by the upload limit instead of the JSON one.
+FILE_CARRYING_PATHS = re.compile(
+    r"^/v1/(?:files|chats(?:/[^/]+(?:/attachments|/messages/[^/]+/edit)?)?)/?$"
+)
 
-    A declared `Content-Length` is checked first. Otherwise (chunked or streamed uploads) the body is
-    counted as it arrives and held until it is complete (never more than `max_bytes` of it), so the
-    app neither parses nor stores any part of an oversized body. Plain ASGI rather than
-    BaseHTTPMiddleware, which would buffer and break streaming responses.
+
+class RequestSizeLimitMiddleware:
+    """Answers 413 to a request whose body is larger than its limit, before the app acts on it.
+
+    The limit is `max_bytes`, or `upload_max_bytes` for a POST to a path that may carry files. A
+    declared `Content-Length` is checked first. Otherwise (chunked or streamed uploads) the body is
+    counted as it arrives. A JSON (or other) body is held until it is complete (never more than its
+    limit), so the app neither parses nor stores any part of an oversized body; a multipart upload
+    streams on to the app's parser (which spools it to a temporary file), and one that passes the
+    limit midway is refused before the app answers, so a file is never held in memory whole. Plain
+    ASGI rather than BaseHTTPMiddleware, which would buffer and break streaming responses.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = max_bytes if upload_max_bytes is None else upload_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        carries_files = scope["method"] == "POST" and FILE_CARRYING_PATHS.match(scope["path"])
+        limit = self.upload_max_bytes if carries_files else self.max_bytes
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared > limit:
+            await self._refuse(scope, receive, send, limit)
+            return
+        if carries_files and _is_multipart(scope):
+            await self._stream_counted(scope, receive, send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -65,8 +84,8 @@ class RequestSizeLimitMiddleware:
                 return  # the client left mid-upload; there is no one to answer
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -84,17 +103,56 @@ class RequestSizeLimitMiddleware:
 
         await self.app(scope, replay_then_receive, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ContentTooLargeError(f"the request body is larger than {self.max_bytes} bytes")
+    async def _stream_counted(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        size = 0
+        exceeded = False
+        started = False
+
+        async def counted_receive() -> Message:
+            # Past the limit the app is told the client left, which ends its parsing (and removes
+            # what it spooled); whatever it answers to that is replaced by the 413 below.
+            nonlocal size, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if exceeded and not started:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        with contextlib.suppress(ClientDisconnect):
+            await self.app(scope, counted_receive, tracked_send)
+        if exceeded and not started:
+            await self._refuse(scope, receive, send, limit)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        error = ContentTooLargeError(f"the request body is larger than {limit} bytes")
         log.info("api.limit_refused", limit="requestBytes", path=scope["path"])
         response = problem_response(
             error.status_code,
             error.title,
             error.detail,
             problem_type=error.problem_type,
-            extra={"maxBytes": self.max_bytes},
+            extra={"maxBytes": limit},
         )
         await response(scope, receive, send)
+
+
+def _is_multipart(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -7,9 +7,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from api.file_intake import GivenFile, given_file_of
 from core.contracts import IfBusy, SeedMessage, TurnKind
 from storage.chats import iso
-from storage.models import Chat
+from storage.models import Attachment, Chat
 
 CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ChatId = Annotated[
@@ -78,9 +79,17 @@ class RequestBody(BaseModel):
         return data
 
 
-# Parts a stored message may carry. User input is text only for now; the assistant kinds are what a
-# client may echo back in the history it sends with a new chat.
-_SEED_PART_TYPES = frozenset({"text", "reasoning", "step-start"})
+# Parts a stored message may carry: text and files from users; the assistant kinds are what a client
+# may echo back in the history it sends with a new chat.
+_SEED_PART_TYPES = frozenset({"text", "file", "reasoning", "step-start"})
+
+FileIds = Annotated[
+    list[Annotated[str, Field(pattern=CHAT_ID_PATTERN)]],
+    Field(
+        description="Files uploaded earlier (`POST /v1/files` or `POST /v1/chats/{chatId}/attachments`) "
+        "to send with the message, by id."
+    ),
+]
 
 
 class ExternalChannelIn(BaseModel):
@@ -122,7 +131,11 @@ class MessageIn(BaseModel):
         assert self.parts is not None
         kept = [part for part in self.parts if part.get("type") in _SEED_PART_TYPES]
         for part in kept:
-            if part.get("type") != "step-start" and not isinstance(part.get("text"), str):
+            if part.get("type") == "file":
+                if self.role != "user":
+                    raise ValueError("only user messages carry files")
+                given_file_of(part)  # raises for a part that names no file
+            elif part.get("type") != "step-start" and not isinstance(part.get("text"), str):
                 raise ValueError(f"a {part.get('type')} part needs a string `text`")
         return kept
 
@@ -153,6 +166,10 @@ class NewTurn:
     history_seed: list[SeedMessage] = field(default_factory=list)
     client_message_id: str | None = None
     if_busy: IfBusy = IfBusy.REJECT
+    # Files given beside the message's parts (`fileIds`, a seed-style `image`); they go first.
+    extra_files: list[GivenFile] = field(default_factory=list)
+    # An edit that names no files of its own keeps the files of the message it replaces.
+    keeps_edited_files: bool = False
 
     def text(self) -> str:
         return "".join(
@@ -192,9 +209,28 @@ class EditRequest(TurnOptionsIn):
     """A new user message beside an earlier one (the earlier one and its answers stay), and its answer."""
 
     content: str = Field(min_length=1, description="The edited message text.")
+    file_ids: FileIds | None = Field(
+        default=None,
+        alias="fileIds",
+        description="Files for the edited message, replacing the original's; left out, the edit "
+        "keeps the original message's files.",
+    )
+    files: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="AI SDK `file` parts (`data:` or https URLs) for the edited message, replacing "
+        "the original's files.",
+    )
+
+    @model_validator(mode="after")
+    def _valid_file_parts(self) -> EditRequest:
+        for part in self.files or []:
+            if part.get("type") != "file":
+                raise ValueError("`files` holds AI SDK `file` parts only")
+            given_file_of(part)
+        return self
 
     def as_new_turn(self, message_id: str) -> NewTurn:
-        parts = [{"type": "text", "text": self.content}]
+        parts = [*(self.files or []), {"type": "text", "text": self.content}]
         return NewTurn(
             TurnKind.EDIT,
             parts,
@@ -203,6 +239,8 @@ class EditRequest(TurnOptionsIn):
             self.provider_options,
             message_id,
             if_busy=self.if_busy,
+            extra_files=[GivenFile(attachment_id=item) for item in self.file_ids or []],
+            keeps_edited_files=self.file_ids is None and self.files is None,
         )
 
 
@@ -245,6 +283,13 @@ class SendMessageRequest(RequestBody):
         default_factory=dict, alias="providerOptions"
     )
     if_busy: IfBusy = Field(default=IfBusy.REJECT, alias="ifBusy", description=IF_BUSY_DESCRIPTION)
+    file_ids: FileIds | None = Field(default=None, alias="fileIds")
+    image: str | None = Field(
+        default=None, description="An image for the new message, base64-encoded (no `data:` prefix)."
+    )
+    image_mime_type: str | None = Field(
+        default=None, alias="imageMimeType", max_length=100, description="The `image`'s type."
+    )
     # DefaultChatTransport fields.
     id: ChatId | None = Field(default=None, description="The chat id (AI SDK clients choose it).")
     trigger: Literal["submit-message", "regenerate-message"] | None = None
@@ -257,16 +302,36 @@ class SendMessageRequest(RequestBody):
             raise ValueError("send exactly one of `message` or a non-empty `messages`")
         if self.messages and self.messages[-1].role != "user":
             raise ValueError("the last of `messages` must be the new user message (role `user`)")
+        if self.image_mime_type is not None and self.image is None:
+            raise ValueError("`imageMimeType` describes an `image`, and none was sent")
         return self
 
     def new_user_parts(self) -> list[dict[str, Any]]:
         if self.message is not None:
             return [{"type": "text", "text": self.message}]
         assert self.messages
-        return [part for part in self.messages[-1].stored_parts() if part.get("type") == "text"]
+        return [
+            part
+            for part in self.messages[-1].stored_parts()
+            if part.get("type") in ("text", "file")
+        ]
+
+    def extra_files(self) -> list[GivenFile]:
+        files = [GivenFile(attachment_id=item) for item in self.file_ids or []]
+        if self.image is not None:
+            files.insert(
+                0,
+                GivenFile(
+                    declared_type=self.image_mime_type,
+                    data_url=f"data:{self.image_mime_type or ''};base64,{self.image}",
+                ),
+            )
+        return files
 
     def new_user_text(self) -> str:
-        return "".join(str(part["text"]) for part in self.new_user_parts())
+        return "".join(
+            str(part["text"]) for part in self.new_user_parts() if part.get("type") == "text"
+        )
 
     def as_new_turn(self) -> NewTurn:
         if self.trigger == "regenerate-message":
@@ -290,6 +355,7 @@ class SendMessageRequest(RequestBody):
             history_seed=self.history_seed(),
             client_message_id=self.client_message_id(),
             if_busy=self.if_busy,
+            extra_files=self.extra_files(),
         )
 
     def client_message_id(self) -> str | None:
@@ -441,11 +507,40 @@ class TurnPageOut(BaseModel):
     offset: int
 
 
+class AttachmentOut(BaseModel):
+    id: str
+    filename: str
+    mediaType: str  # noqa: N815
+    size: int
+
+    @classmethod
+    def of(cls, attachment: Attachment) -> AttachmentOut:
+        return cls(
+            id=attachment.id,
+            filename=attachment.filename,
+            mediaType=attachment.media_type,
+            size=attachment.size or 0,
+        )
+
+
+class UploadedFileOut(AttachmentOut):
+    """A stored upload; send it with a message by listing its id in `fileIds`."""
+
+    url: str = Field(
+        description="Where the file reads back: a signed link valid for a while (chat uploads), "
+        "or the upload's own route, read with the API key (`POST /v1/files`)."
+    )
+    createdAt: str  # noqa: N815
+
+
 class ChatOut(ChatSummaryOut):
     queuedTurnIds: list[str] = Field(  # noqa: N815
         description="Turns waiting for the active one to end (`ifBusy: queue`), first in line first."
     )
     messages: list[UIMessageOut] = Field(description="The active branch, oldest first.")
+    attachments: list[AttachmentOut] = Field(
+        default_factory=list, description="The chat's stored files, oldest first."
+    )
 
 
 class TurnOut(BaseModel):

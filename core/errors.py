@@ -16,6 +16,9 @@ class ErrorType:
     IDEMPOTENCY_KEY_REUSED = "IdempotencyKeyReused"
     # The workflow failure of a turn that ended `failed` (its outcome is stored and its stream ended).
     TURN_FAILED = "TurnFailed"
+    # An attachment that cannot be used: a remote file answering 4xx, refused by the outbound
+    # guard, too large, or of a type not accepted. Final: the turn fails with its message.
+    ATTACHMENT_REFUSED = "AttachmentRefused"
 
 
 class DurachatError(Exception):
@@ -106,6 +109,12 @@ class ContentTooLargeError(DurachatError):
     status_code = 413
     title = "Content Too Large"
     problem_type = "/problems/content-too-large"
+
+
+class UnsupportedMediaTypeError(DurachatError):
+    status_code = 415
+    title = "Unsupported Media Type"
+    problem_type = "/problems/unsupported-media-type"
 
 
 class TooManyRequestsError(DurachatError):

@@ -12,6 +12,22 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+# Images, PDFs and plain text formats; never SVG or HTML, which a browser would run as a page.
+DEFAULT_ATTACHMENT_TYPES = (
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+    "text/markdown",
+    "text/csv",
+    "application/json",
+)
+# Signs file links outside production, where no secret need be configured.
+DEV_FILE_URL_SECRET = "durachat-development-file-links"
+
+
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     TEST = "test"
@@ -127,6 +143,29 @@ class Settings(BaseSettings):
     worker_max_concurrent_activities: int = Field(default=1000, ge=1)
     worker_max_concurrent_workflow_tasks: int = Field(default=100, ge=2)
 
+    # Attachments (docs/decisions.md "Attachments"). Types are sniffed from the bytes; a file of a
+    # type not listed is refused (415).
+    attachment_allowed_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_ATTACHMENT_TYPES)
+    )
+    max_attachment_bytes: int = Field(default=20_000_000, ge=1)
+    max_attachments_per_message: int = Field(default=10, ge=0)
+    # Requests that may carry files (uploads, and sends whose messages hold `data:` URLs) are bounded
+    # by this instead of max_request_bytes. Multipart uploads stream to a temporary file and on to
+    # the store; they are never held in memory whole.
+    max_upload_request_bytes: int = Field(default=50_000_000, ge=0)
+    # Signed file links in chat reads (`<img src>` sends no Authorization header) expire after this.
+    file_url_expiry_seconds: int = Field(default=3600, ge=10)
+    # The HMAC secret of signed file links, the same on every api replica; required in production.
+    file_url_secret: SecretStr | None = None
+    # Where clients reach the api, for the absolute links in chat reads; unset, each request's own
+    # scheme and host are used.
+    public_base_url: str | None = None
+    # Files uploaded but never sent in a message are deleted this long after their upload.
+    unattached_file_retention_seconds: int = Field(default=86400, ge=0)
+    # A remote file (an https URL in a `file` part) must arrive within this long.
+    remote_file_timeout_seconds: float = Field(default=30.0, gt=0)
+
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:
         if self.environment is Environment.PRODUCTION:
@@ -142,6 +181,8 @@ class Settings(BaseSettings):
                 )
             if self.dev_api_key is not None:
                 raise ValueError("DURACHAT_DEV_API_KEY must not be set in production")
+            if self.file_url_secret is None:
+                raise ValueError("production needs DURACHAT_FILE_URL_SECRET to sign file links")
         return self
 
     @field_validator("send_rate_limit", "stream_open_rate_limit")
@@ -157,7 +198,7 @@ class Settings(BaseSettings):
                 ) from exc
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "attachment_allowed_types", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
@@ -166,6 +207,11 @@ class Settings(BaseSettings):
 
     def model_post_init(self, __context: object) -> None:
         self.data_dir = self.data_dir.expanduser().resolve()
+
+    @property
+    def file_url_signing_key(self) -> bytes:
+        secret = self.file_url_secret.get_secret_value() if self.file_url_secret else None
+        return (secret or DEV_FILE_URL_SECRET).encode()
 
     @property
     def embedded_database_url(self) -> str:

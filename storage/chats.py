@@ -25,6 +25,7 @@ from core.contracts import (
     turn_status_for,
 )
 from core.ui_chunks import start_metadata
+from storage import attachments
 from storage.ids import new_id
 from storage.models import Chat, Message, Turn
 
@@ -367,8 +368,11 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
         return False
 
     parent_id = request.parent_message_id
+    # The stored messages that carry files, which then belong to the chat.
+    carried_files: list[tuple[str, list[dict[str, Any]]]] = []
     for seed in turn.history_seed if request.chat_created else []:
         seed_id = new_id()
+        carried_files.append((seed_id, seed.parts))
         session.add(
             Message(
                 id=seed_id,
@@ -384,6 +388,7 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
     # A regeneration answers a stored user message again; every other turn stores a new one.
     user_message_id = request.answered_message_id or turn.user_message_id
     if request.answered_message_id is None:
+        carried_files.append((turn.user_message_id, turn.user_parts))
         session.add(
             Message(
                 id=turn.user_message_id,
@@ -420,6 +425,14 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
     )
     # Flush the messages before pointing the chat at them: the ORM does not order these by dependency.
     await session.flush()
+    for message_id, parts in carried_files:
+        await attachments.attach_to_message(
+            session,
+            turn.organization_id,
+            request.chat_id,
+            message_id,
+            attachments.attachment_ids_in(parts),
+        )
     await session.execute(
         update(Chat)
         .where(Chat.organization_id == turn.organization_id, Chat.id == request.chat_id)

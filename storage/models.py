@@ -191,3 +191,51 @@ class Turn(Base):
             postgresql_where=text("status = 'queued'"),
         ),
     )
+
+
+class Attachment(Base):
+    """A file a user gave a chat: one row per stored object (the original; an image's model-ready
+    variant is named beside it)."""
+
+    __tablename__ = "attachment"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    # The user of a user-keyed organization who gave it; only that user reads it.
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    # Set once the file belongs to a chat (uploaded to one, or sent in one); NULL for an upload
+    # through `/v1/files` not used yet.
+    chat_id: Mapped[str | None] = mapped_column(String(64))
+    # The user message that first carried it; NULL while no message has (swept after a while).
+    message_id: Mapped[str | None] = mapped_column(String(64))
+    filename: Mapped[str] = mapped_column(String(255))
+    # Sniffed from the bytes, never the client's word; for a remote file not fetched yet, the type
+    # the client declared.
+    media_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    # The object's name under the organization's prefix in the store.
+    object_name: Mapped[str] = mapped_column(String(300))
+    # An image's normalized copy, sent to models (EXIF orientation applied, downscaled, re-encoded).
+    variant_name: Mapped[str | None] = mapped_column(String(300))
+    variant_media_type: Mapped[str | None] = mapped_column(String(100))
+    # A file named by an https URL, fetched and stored by the turn.
+    source_url: Mapped[str | None] = mapped_column(Text)
+    # pending (a remote file not fetched yet, or an upload whose bytes are being written), stored,
+    # or failed (`error` says why).
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["organization_id", "chat_id"], ["chat.organization_id", "chat.id"], ondelete="CASCADE"
+        ),
+        Index(None, "organization_id", "chat_id"),
+        Index(
+            "ix_attachment_unattached_by_age",
+            "created_at",
+            postgresql_where=text("message_id IS NULL"),
+        ),
+    )

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from api.chat_views import chat_out, refuse_if_busy, ui_messages_out
+from api.chat_views import FileLinksDep, chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
 from api.schemas import (
     ChatId,
@@ -95,11 +95,12 @@ async def get_chat_by_external_channel(
     session: SessionDep,
     source: Annotated[Literal["discord", "slack", "dashboard", "api"], Query()],
     id: Annotated[str, Query(min_length=1, max_length=200)],
+    links: FileLinksDep,
 ) -> ChatOut:
     chat = await chats.get_live_chat_by_channel(session, visibility_of(principal), source, id)
     if chat is None:
         raise NotFoundError("no live chat is bound to that channel")
-    return await chat_out(session, chat)
+    return await chat_out(session, chat, links)
 
 
 @router.patch(
@@ -185,6 +186,7 @@ async def list_messages(
     chat_id: ChatId,
     principal: CurrentPrincipal,
     session: SessionDep,
+    links: FileLinksDep,
     limit: Limit = 50,
     before: Annotated[
         str | None,
@@ -201,7 +203,7 @@ async def list_messages(
         end = ids.index(before)
     start = max(0, end - limit)
     return MessagePageOut(
-        messages=await ui_messages_out(session, chat, branch[start:end]), hasMore=start > 0
+        messages=await ui_messages_out(session, chat, branch[start:end], links), hasMore=start > 0
     )
 
 

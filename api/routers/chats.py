@@ -9,8 +9,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowFailureError
 
-from api.chat_views import chat_out, refuse_if_busy, ui_messages_out
+from api.chat_views import FileLinksDep, chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.file_links import FileLinks
+from api.file_intake import FileIntake, GivenFile, split_files
 from api.idempotency import IdempotencyDep, IdempotentRequest, repeatable_turn_id
 from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_active_turns
 from api.relay import (
@@ -41,6 +43,7 @@ from api.turns import start_turn, stop_turn
 from core.contracts import (
     ChatMode,
     ExternalChannel,
+    SeedMessage,
     TurnAccepted,
     TurnInput,
     TurnKind,
@@ -56,7 +59,7 @@ from core.errors import (
 )
 from core.ui_chunks import stored_message_chunks, unrun_turn_chunks
 from providers.base import UnknownModelError
-from storage import chats
+from storage import attachments, chats
 from storage.api_keys import Principal
 from storage.ids import new_id
 from workflows.chat_turn import ChatTurnWorkflow
@@ -116,6 +119,7 @@ async def send_to_new_chat(
     state: StateDep,
     wants_stream: WantsStream,
     idempotent: IdempotencyDep,
+    links: FileLinksDep,
 ) -> Response:
     if body.trigger == "regenerate-message":
         # Regenerating needs the chat it happens in: the AI SDK always sends its id.
@@ -136,6 +140,7 @@ async def send_to_new_chat(
         chat_id,
         wants_stream=wants_stream,
         idempotent=idempotent,
+        links=links,
     )
 
 
@@ -152,6 +157,7 @@ async def send_to_chat(
     state: StateDep,
     wants_stream: WantsStream,
     idempotent: IdempotencyDep,
+    links: FileLinksDep,
 ) -> Response:
     if body.id is not None and body.id != chat_id:
         raise BadRequestError("body `id` differs from the chat id in the path")
@@ -165,6 +171,7 @@ async def send_to_chat(
         chat_id,
         wants_stream=wants_stream,
         idempotent=idempotent,
+        links=links,
     )
 
 
@@ -181,6 +188,7 @@ async def regenerate_message(
     state: StateDep,
     wants_stream: WantsStream,
     idempotent: IdempotencyDep,
+    links: FileLinksDep,
     body: RegenerateRequest | None = None,
 ) -> Response:
     new_turn = (body or RegenerateRequest()).as_new_turn(message_id)
@@ -192,6 +200,7 @@ async def regenerate_message(
         chat_id,
         wants_stream=wants_stream,
         idempotent=idempotent,
+        links=links,
     )
 
 
@@ -209,6 +218,7 @@ async def edit_message(
     state: StateDep,
     wants_stream: WantsStream,
     idempotent: IdempotencyDep,
+    links: FileLinksDep,
 ) -> Response:
     return await _send(
         state,
@@ -218,6 +228,7 @@ async def edit_message(
         chat_id,
         wants_stream=wants_stream,
         idempotent=idempotent,
+        links=links,
     )
 
 
@@ -236,6 +247,7 @@ async def switch_branch(
     principal: CurrentPrincipal,
     session: SessionDep,
     state: StateDep,
+    links: FileLinksDep,
 ) -> ChatOut:
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id, for_update=True)
     if chat is None:
@@ -246,7 +258,7 @@ async def switch_branch(
         raise NotFoundError("no such message in this chat")
     chat.active_leaf_id = leaf
     await session.commit()
-    return await chat_out(session, chat)
+    return await chat_out(session, chat, links)
 
 
 @router.get(
@@ -257,11 +269,13 @@ async def switch_branch(
         404: {"description": "No such chat", **PROBLEM},
     },
 )
-async def get_chat(chat_id: ChatId, principal: CurrentPrincipal, session: SessionDep) -> ChatOut:
+async def get_chat(
+    chat_id: ChatId, principal: CurrentPrincipal, session: SessionDep, links: FileLinksDep
+) -> ChatOut:
     chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
     if chat is None:
         raise NotFoundError("chat not found")
-    return await chat_out(session, chat)
+    return await chat_out(session, chat, links)
 
 
 @router.get(
@@ -363,9 +377,13 @@ async def _send(
     *,
     wants_stream: bool,
     idempotent: IdempotentRequest | None,
+    links: FileLinks,
 ) -> Response:
     text = request.text()
-    if request.kind is not TurnKind.REGENERATE and not text.strip():
+    gives_files = bool(request.extra_files) or any(
+        part.get("type") == "file" for part in request.user_parts
+    )
+    if request.kind is not TurnKind.REGENERATE and not text.strip() and not gives_files:
         raise BadRequestError("the new user message has no text")
     if len(text) > state.settings.max_message_chars:
         raise BadRequestError(
@@ -397,30 +415,55 @@ async def _send(
         client_message_id=request.client_message_id,
         idempotent=idempotent,
     )
+    turn_id = turn_id or new_id()
+    # Earlier messages seed only a chat's first turn; a live chat's history is the server's.
+    seeds = request.history_seed if mode is not ChatMode.CONTINUE else []
+    if request.keeps_edited_files and request.target_message_id is not None:
+        request.extra_files = await _files_of_message(
+            state, principal, chat_id, request.target_message_id
+        )
+    intake = FileIntake(state, principal)
+    # Files are checked and stored before the turn starts; a send they refuse starts nothing.
+    stored_parts, stored_files = await intake.store_message_files(
+        [
+            *(split_files(seed.parts) for seed in seeds),
+            split_files(request.user_parts, request.extra_files),
+        ],
+        turn_id=turn_id,
+        chat_id=chat_id,
+        model=model,
+    )
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
-        turn_id=turn_id or new_id(),
+        turn_id=turn_id,
         chat_mode=mode,
         chat_id=chat_id,
         user_message_id=new_id(),
         assistant_message_id=new_id(),
-        user_parts=request.user_parts,
+        user_parts=stored_parts[-1],
         model=model,
         provider=provider.name,
         system=request.system,
         provider_options=request.provider_options,
         external_channel=channel,
-        # Earlier messages seed only a chat's first turn; a live chat's history is the server's.
-        history_seed=request.history_seed if mode is not ChatMode.CONTINUE else [],
+        history_seed=[
+            SeedMessage(role=seed.role, parts=parts)
+            for seed, parts in zip(seeds, stored_parts[:-1], strict=True)
+        ],
         client_message_id=request.client_message_id,
         kind=request.kind,
         target_message_id=request.target_message_id,
         if_busy=request.if_busy,
         request_fingerprint=idempotent.fingerprint if idempotent else None,
     )
-    await limit_active_turns(state, principal, turn)
-    accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn)
+    try:
+        await limit_active_turns(state, principal, turn)
+        accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn)
+    except BaseException:
+        # Files of a send that started no turn stay unattached; remove them now, not at the sweep.
+        await intake.discard(stored_files)
+        raise
     if accepted.interrupted_turn_id is not None:
         # The turn's workflow stops the one it interrupts durably; the Redis flag is the fast path.
         await state.streams.request_stop(principal.organization_id, accepted.interrupted_turn_id)
@@ -442,8 +485,28 @@ async def _send(
             extra=headers,
         )
     return await _finished_turn_json(
-        state, principal, accepted.turn_id, accepted.chat_id, accepted.assistant_message_id, headers
+        state,
+        principal,
+        accepted.turn_id,
+        accepted.chat_id,
+        accepted.assistant_message_id,
+        headers,
+        links,
     )
+
+
+async def _files_of_message(
+    state: AppState, principal: Principal, chat_id: str | None, message_id: str
+) -> list[GivenFile]:
+    """The files of the message an edit replaces, which the edited message keeps."""
+    async with state.sessions() as session:
+        message = await chats.get_message(session, principal.organization_id, message_id)
+    if message is None or message.chat_id != chat_id:
+        return []  # the turn's claim answers the missing message
+    return [
+        GivenFile(attachment_id=attachment_id)
+        for attachment_id in attachments.attachment_ids_in(message.parts)
+    ]
 
 
 async def _chat_default_model(
@@ -513,6 +576,7 @@ async def _finished_turn_json(
     chat_id: str,
     assistant_message_id: str,
     headers: dict[str, str],
+    links: FileLinks,
 ) -> JSONResponse:
     """Wait for the turn to end and answer its stored outcome; every answer, an error's too,
     carries the chat's and the turn's ids."""
@@ -527,7 +591,7 @@ async def _finished_turn_json(
         turn = await chats.get_turn(session, principal.organization_id, chat_id, turn_id)
         chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
         message_out = (
-            (await ui_messages_out(session, chat, [message]))[0]
+            (await ui_messages_out(session, chat, [message], links))[0]
             if message is not None and chat is not None
             else None
         )
