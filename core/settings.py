@@ -72,11 +72,11 @@ class Settings(BaseSettings):
     embedded_temporal_port: int = 7233
     embedded_temporal_ui_port: int = 8233
     embedded_temporal_ui: bool = True
-    # The embedded SeaweedFS (`weed mini`): its S3 gateway and the internal ports it opens besides.
+    # The embedded SeaweedFS (`weed mini`) serves S3 on this port and binds the nine after it for its
+    # own master, volume, filer and admin servers (devstack.embedded.EmbeddedSeaweedFS).
     embedded_s3_port: int = 8333
-    embedded_s3_master_port: int = 9433
-    embedded_s3_volume_port: int = 9434
-    embedded_s3_filer_port: int = 9435
+    # Each volume file grows to at most this size, so a fresh data directory stays small.
+    embedded_s3_volume_size_limit_mb: int = Field(default=64, ge=8)
 
     dev_api_key: SecretStr | None = None
     dev_organization: str = "dev"
