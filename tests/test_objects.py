@@ -1,0 +1,181 @@
+"""The object store against the session's embedded SeaweedFS: keys, streaming uploads, ranges, deletes, outages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from core.settings import Settings
+from devstack.ports import free_port_block
+from storage.objects import (
+    PART_SIZE,
+    ObjectNotFound,
+    ObjectStore,
+    ObjectStoreUnavailable,
+)
+
+MIB = 1024 * 1024
+
+
+def _org() -> str:
+    return f"org_{uuid.uuid4().hex[:12]}"
+
+
+async def test_put_bytes_reads_back_equal(object_store: ObjectStore) -> None:
+    org = _org()
+    data = os.urandom(4096)
+    stored = await object_store.put_bytes(org, "notes/a.bin", data, content_type="image/png")
+    assert stored.key == f"{org}/notes/a.bin"
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert await object_store.read_bytes(org, "notes/a.bin") == data
+    info = await object_store.head(org, "notes/a.bin")
+    assert info is not None
+    assert (info.key, info.size, info.content_type) == (stored.key, len(data), "image/png")
+
+
+async def test_put_stream_uploads_parts_while_holding_at_most_one(
+    object_store: ObjectStore,
+) -> None:
+    org = _org()
+    expected = hashlib.sha256()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            chunk = os.urandom(MIB)
+            expected.update(chunk)
+            yield chunk
+
+    stored = await object_store.put_stream(
+        org, "big.bin", chunks(), content_type="application/octet-stream"
+    )
+    assert stored.size == 20 * MIB
+    assert stored.sha256 == expected.hexdigest()
+    info = await object_store.head(org, "big.bin")
+    assert info is not None
+    assert info.size == 20 * MIB
+    # A multipart ETag ends with the number of parts: 8 + 8 + 4 MiB.
+    assert info.etag.endswith("-3")
+    digest = hashlib.sha256()
+    async with await object_store.open(org, "big.bin") as body:
+        async for piece in body:
+            assert len(piece) <= PART_SIZE
+            digest.update(piece)
+    assert digest.hexdigest() == stored.sha256
+
+
+async def test_put_stream_below_one_part_is_a_single_put(object_store: ObjectStore) -> None:
+    org = _org()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"a" * MIB
+        yield b"b" * MIB
+
+    stored = await object_store.put_stream(org, "small.bin", chunks(), content_type="text/plain")
+    info = await object_store.head(org, "small.bin")
+    assert info is not None and "-" not in info.etag
+    assert stored.size == 2 * MIB
+    assert await object_store.read_bytes(org, "small.bin") == b"a" * MIB + b"b" * MIB
+
+
+async def test_aborted_put_stream_leaves_no_object_and_no_upload(
+    object_store: ObjectStore,
+) -> None:
+    org = _org()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(12):
+            yield os.urandom(MIB)
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError, match="client went away"):
+        await object_store.put_stream(org, "half.bin", chunks(), content_type="text/plain")
+    assert await object_store.head(org, "half.bin") is None
+    uploads = await object_store.client.list_multipart_uploads(
+        Bucket=object_store.bucket, Prefix=f"{org}/"
+    )
+    assert uploads.get("Uploads", []) == []
+
+
+async def test_ranged_open_returns_the_inclusive_range(object_store: ObjectStore) -> None:
+    org = _org()
+    data = bytes(range(256)) * 4
+    await object_store.put_bytes(org, "r.bin", data, content_type="application/octet-stream")
+    async with await object_store.open(org, "r.bin", byte_range=(10, 19)) as body:
+        assert (body.size, body.total_size, body.content_range) == (10, len(data), (10, 19))
+        assert await body.read() == data[10:20]
+    async with await object_store.open(org, "r.bin", byte_range=(1000, None)) as body:
+        assert body.content_range == (1000, len(data) - 1)
+        assert await body.read() == data[1000:]
+
+
+async def test_missing_keys(object_store: ObjectStore) -> None:
+    org = _org()
+    assert await object_store.head(org, "nothing") is None
+    with pytest.raises(ObjectNotFound):
+        await object_store.open(org, "nothing")
+
+
+async def test_delete_many_in_batches_counts_missing_keys_as_deleted(
+    object_store: ObjectStore,
+) -> None:
+    org = _org()
+    present = [f"k/{index}" for index in range(0, 1500, 100)]
+    for name in present:
+        await object_store.put_bytes(org, name, b"x", content_type="text/plain")
+    await object_store.delete_many(org, [f"k/{index}" for index in range(1500)])
+    for name in present:
+        assert await object_store.head(org, name) is None
+
+
+def test_keys_begin_with_the_organization_and_bad_names_are_refused(
+    object_store: ObjectStore,
+) -> None:
+    assert object_store.key("org1", "attachments/a.png") == "org1/attachments/a.png"
+    for organization_id, name in [
+        ("", "a"),
+        ("org/1", "a"),
+        ("org1", "/a"),
+        ("org1", "a/../../org2/b"),
+        ("org1", ""),
+    ]:
+        with pytest.raises(ValueError):
+            object_store.key(organization_id, name)
+
+
+async def test_a_wrong_secret_key_is_refused(settings: Settings) -> None:
+    wrong = settings.model_copy(update={"s3_secret_access_key": SecretStr("not-the-secret")})
+    async with ObjectStore.from_settings(wrong) as store:
+        with pytest.raises(Exception) as raised:
+            await store.put_bytes("org1", "a", b"x", content_type="text/plain")
+        assert not isinstance(raised.value, ObjectStoreUnavailable)
+        assert "SignatureDoesNotMatch" in str(raised.value) or "Access" in str(raised.value)
+
+
+async def test_a_store_that_is_down_is_unavailable_quickly(settings: Settings) -> None:
+    closed = settings.model_copy(
+        update={
+            "s3_endpoint_url": f"http://127.0.0.1:{free_port_block()}",
+            "s3_connect_timeout_seconds": 1.0,
+        }
+    )
+    async with ObjectStore.from_settings(closed) as store:
+        started = time.monotonic()
+        with pytest.raises(ObjectStoreUnavailable):
+            await store.ping()
+        with pytest.raises(ObjectStoreUnavailable):
+            await store.put_bytes("org1", "a", b"x", content_type="text/plain")
+        assert time.monotonic() - started < 5
+
+
+async def test_readyz_reports_the_object_store(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"]["objects"] == "ok"
