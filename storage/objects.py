@@ -298,7 +298,8 @@ class ObjectStore:
                             ContentType=content_type,
                         )
                         upload_id = str(created["UploadId"])
-                    part = bytes(buffer[:PART_SIZE])
+                    with memoryview(buffer) as view:
+                        part = bytes(view[:PART_SIZE])
                     del buffer[:PART_SIZE]
                     await upload_part(part)
             if upload_id is None:
