@@ -60,7 +60,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     try:
         # The process's one S3 client, for the activities that read and write attachments.
         objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
-        await objects.ensure_bucket()
+        await objects.ensure_bucket_if_reachable()
         streams = TurnStreams(
             redis,
             max_lifetime_seconds=settings.stream_max_lifetime_seconds,

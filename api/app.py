@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resources = AsyncExitStack()
         try:
             objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
-            await objects.ensure_bucket()
+            await objects.ensure_bucket_if_reachable()
             streams = TurnStreams(
                 redis,
                 max_lifetime_seconds=settings.stream_max_lifetime_seconds,

@@ -242,6 +242,16 @@ class ObjectStore:
             if _error_code(exc) not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                 raise
 
+    async def ensure_bucket_if_reachable(self) -> bool:
+        """`ensure_bucket` at process start-up: a store that is down is logged, not fatal, so the
+        process still serves what does not need it and /readyz names the store."""
+        try:
+            await self.ensure_bucket()
+        except ObjectStoreUnavailable as exc:
+            log.warning("objects.bucket_unchecked", bucket=self.bucket, error=str(exc))
+            return False
+        return True
+
     async def ping(self) -> None:
         try:
             await self._call("head_bucket", Bucket=self.bucket)
