@@ -190,3 +190,16 @@ async def test_readyz_reports_the_object_store(client: httpx.AsyncClient) -> Non
     response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["checks"]["objects"] == "ok"
+
+
+def test_production_needs_an_external_object_store() -> None:
+    external = {
+        "environment": "production",
+        "database_url": "postgresql+asyncpg://u@db/durachat",
+        "redis_url": "redis://redis:6379/0",
+        "temporal_address": "temporal:7233",
+    }
+    with pytest.raises(ValueError, match="DURACHAT_S3_ENDPOINT_URL"):
+        Settings.model_validate(external)
+    settings = Settings.model_validate({**external, "s3_endpoint_url": "https://s3.internal"})
+    assert settings.resolved_s3_endpoint_url == "https://s3.internal"
