@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from contextlib import AsyncExitStack
 from datetime import timedelta
 
 import structlog
@@ -31,6 +32,7 @@ from providers.registry import ProviderRegistry
 from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.lost_turn_sweep import LostTurnSweep
 from storage.lost_turns import LostTurns
+from storage.objects import ObjectStore
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 from workflows.chat_turn import ChatTurnWorkflow
@@ -54,7 +56,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         client_name="durachat-worker",
     )
     providers = ProviderRegistry.from_settings(settings)
+    resources = AsyncExitStack()
     try:
+        # The process's one S3 client, for the activities that read and write attachments.
+        objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
+        await objects.ensure_bucket_if_reachable()
         streams = TurnStreams(
             redis,
             max_lifetime_seconds=settings.stream_max_lifetime_seconds,
@@ -96,6 +102,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             await stop.wait()
             log.info("worker.stopping")
     finally:
+        await resources.aclose()
         await providers.aclose()
         await redis.aclose()
         await engine.dispose()

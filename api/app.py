@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import structlog
 from fastapi import FastAPI
@@ -30,6 +30,7 @@ from providers.registry import ProviderRegistry
 from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
+from storage.objects import ObjectStore
 from storage.redis import create_redis
 from storage.stream_reader import MultiplexedStreamReader
 from storage.streams import TurnStreams
@@ -103,7 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             client_name="durachat-api",
         )
         providers = ProviderRegistry.from_settings(settings)
+        resources = AsyncExitStack()
         try:
+            objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
+            await objects.ensure_bucket_if_reachable()
             streams = TurnStreams(
                 redis,
                 max_lifetime_seconds=settings.stream_max_lifetime_seconds,
@@ -129,11 +133,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
                 stream_leases=StreamLeases(redis, lease_seconds=settings.stream_lease_seconds),
                 lost_turns=LostTurns(temporal, streams),
+                objects=objects,
             )
             log.info("api.started", host=settings.api_host, port=settings.api_port)
             async with stream_reader:
                 yield
         finally:
+            await resources.aclose()
             await providers.aclose()
             await redis.aclose()
             await engine.dispose()

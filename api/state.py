@@ -12,6 +12,7 @@ from core.settings import Settings
 from providers.registry import ProviderRegistry
 from storage.limits import RateLimiter, StreamLeases
 from storage.lost_turns import LostTurns
+from storage.objects import ObjectStore
 from storage.stream_reader import MultiplexedStreamReader
 from storage.streams import TurnStreams
 
@@ -29,3 +30,4 @@ class AppState:
     rate_limiter: RateLimiter
     stream_leases: StreamLeases
     lost_turns: LostTurns
+    objects: ObjectStore

@@ -34,6 +34,7 @@ def run_services(settings: Settings) -> None:
             click.echo(f"export {name}={value}")
         if endpoints.temporal_ui_url:
             click.echo(f"# Temporal UI: {endpoints.temporal_ui_url}")
+        click.echo(f"# Object store (S3): {endpoints.s3_endpoint_url}")
         click.echo("# Ctrl-C stops them. A service that dies is started again.")
         _wait_for_signal(while_waiting=stack.restart_exited)
 
@@ -106,6 +107,7 @@ def _print_banner(api_url: str, endpoints: StackEndpoints, secret: str) -> None:
         f"  API          {api_url}   (OpenAPI docs: {api_url}/docs)",
         f"  Temporal     {endpoints.temporal_address}   (pass --address to the temporal CLI)",
         f"  Temporal UI  {endpoints.temporal_ui_url or 'none: Temporal is external'}",
+        f"  Object store {endpoints.s3_endpoint_url}   (S3, path-style)",
         f"  Dev API key  {secret}",
         "",
         "Try:",

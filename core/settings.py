@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     temporal_address: str | None = None
     temporal_namespace: str = "default"
     temporal_task_queue: str = "durachat-turns"
+    # The S3-compatible object store holding attachments (docs/decisions.md "Object store"). Every
+    # object key begins with the organization id.
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "durachat"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = "durachat"
+    s3_secret_access_key: SecretStr = SecretStr("durachat-dev-secret")
+    # Callers own retries (the api answers 503, activities retry), so a store that does not answer
+    # is reported quickly instead of retried inside botocore.
+    s3_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    s3_read_timeout_seconds: float = Field(default=30.0, gt=0)
 
     # How long opening a Postgres connection and one statement may take before the caller is told
     # the database is unavailable (docs/decisions.md "Outages and lost turns"); 0 turns the
@@ -77,6 +88,11 @@ class Settings(BaseSettings):
     embedded_temporal_port: int = 7233
     embedded_temporal_ui_port: int = 8233
     embedded_temporal_ui: bool = True
+    # The embedded SeaweedFS (`weed mini`) serves S3 on this port and binds the nine after it for its
+    # own master, volume, filer and admin servers (devstack.embedded.EmbeddedSeaweedFS).
+    embedded_s3_port: int = 8333
+    # Each volume file grows to at most this size, so a fresh data directory stays small.
+    embedded_s3_volume_size_limit_mb: int = Field(default=64, ge=8)
 
     dev_api_key: SecretStr | None = None
     dev_organization: str = "dev"
@@ -171,7 +187,7 @@ class Settings(BaseSettings):
         if self.environment is Environment.PRODUCTION:
             missing = [
                 name
-                for name in ("database_url", "redis_url", "temporal_address")
+                for name in ("database_url", "redis_url", "temporal_address", "s3_endpoint_url")
                 if getattr(self, name) is None
             ]
             if missing:
@@ -226,6 +242,10 @@ class Settings(BaseSettings):
         return f"127.0.0.1:{self.embedded_temporal_port}"
 
     @property
+    def embedded_s3_endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.embedded_s3_port}"
+
+    @property
     def resolved_database_url(self) -> str:
         return self.database_url or self.embedded_database_url
 
@@ -236,6 +256,10 @@ class Settings(BaseSettings):
     @property
     def resolved_temporal_address(self) -> str:
         return self.temporal_address or self.embedded_temporal_address
+
+    @property
+    def resolved_s3_endpoint_url(self) -> str:
+        return self.s3_endpoint_url or self.embedded_s3_endpoint_url
 
 
 @functools.cache

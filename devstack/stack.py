@@ -14,6 +14,7 @@ from core.settings import Settings
 from devstack.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
+    EmbeddedSeaweedFS,
     EmbeddedService,
     EmbeddedTemporal,
     ServiceStartError,
@@ -32,6 +33,7 @@ class StackEndpoints:
     redis_url: str
     temporal_address: str
     temporal_ui_url: str | None
+    s3_endpoint_url: str
 
     def as_environment(self) -> dict[str, str]:
         """The variables that point child processes' `Settings` at these endpoints."""
@@ -39,11 +41,12 @@ class StackEndpoints:
             "DURACHAT_DATABASE_URL": self.database_url,
             "DURACHAT_REDIS_URL": self.redis_url,
             "DURACHAT_TEMPORAL_ADDRESS": self.temporal_address,
+            "DURACHAT_S3_ENDPOINT_URL": self.s3_endpoint_url,
         }
 
 
 class ServiceStack:
-    """Start the embedded Temporal, Redis and Postgres the settings do not point elsewhere; stop them on exit.
+    """Start the embedded Temporal, Redis, SeaweedFS and Postgres the settings do not point elsewhere; stop them on exit.
 
     Start: every server is spawned from the calling thread (it must outlive them, see
     `devstack._process.spawn`), slow-to-prepare Postgres last so its first-run initdb overlaps the
@@ -105,6 +108,7 @@ class ServiceStack:
             redis_url=settings.resolved_redis_url,
             temporal_address=settings.resolved_temporal_address,
             temporal_ui_url=temporal.ui_url if temporal is not None else None,
+            s3_endpoint_url=settings.resolved_s3_endpoint_url,
         )
         log.info(
             "devstack.stack.ready",
@@ -195,6 +199,17 @@ class ServiceStack:
                     data_dir, settings.embedded_redis_port, persistent=self.redis_persistent
                 )
             )
+        if settings.s3_endpoint_url is None:
+            services.append(
+                EmbeddedSeaweedFS(
+                    data_dir,
+                    settings.embedded_s3_port,
+                    access_key_id=settings.s3_access_key_id,
+                    secret_access_key=settings.s3_secret_access_key.get_secret_value(),
+                    region=settings.s3_region,
+                    volume_size_limit_mb=settings.embedded_s3_volume_size_limit_mb,
+                )
+            )
         if settings.database_url is None:
             services.append(EmbeddedPostgres(data_dir, settings.embedded_postgres_port))
         return services
@@ -206,6 +221,7 @@ class ServiceStack:
             "postgres": settings.database_url,
             "redis": settings.redis_url,
             "temporal": settings.temporal_address,
+            "s3": settings.s3_endpoint_url,
         }
         return [name for name, value in configured.items() if value is not None]
 

@@ -20,6 +20,7 @@ from devstack.stack import ServiceStack
 from storage import api_keys
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
+from storage.objects import ObjectStore
 from storage.redis import create_redis
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.processes import ServiceProcess, wait_until_ready
@@ -59,6 +60,7 @@ def stack_settings(
         embedded_redis_port=free_port_block(),
         embedded_temporal_port=free_port_block((0, 10, 11)),
         embedded_temporal_ui=False,
+        embedded_s3_port=free_port_block(tuple(range(10))),
         api_port=free_port_block(),
         temporal_task_queue=f"durachat-test-{uuid.uuid4().hex[:8]}",
         providers=json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
@@ -88,6 +90,7 @@ def settings(stack_settings: Settings, service_stack: ServiceStack) -> Settings:
             "database_url": endpoints.database_url,
             "redis_url": endpoints.redis_url,
             "temporal_address": endpoints.temporal_address,
+            "s3_endpoint_url": endpoints.s3_endpoint_url,
         }
     )
 
@@ -109,6 +112,8 @@ def process_environment(settings: Settings) -> dict[str, str]:
                     for provider, entry in value.items()
                 }
             environment[key] = json.dumps(value) if name != "cors_origins" else ",".join(value)
+        elif name == "s3_secret_access_key":
+            environment[key] = settings.s3_secret_access_key.get_secret_value()
         else:
             environment[key] = str(value)
     return environment
@@ -187,6 +192,14 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client = create_redis(settings.resolved_redis_url, max_connections=10, pool_timeout_seconds=5)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+async def object_store(settings: Settings) -> AsyncIterator[ObjectStore]:
+    """The session's embedded SeaweedFS, through the client the services build, bucket ensured."""
+    async with ObjectStore.from_settings(settings) as store:
+        await store.ensure_bucket()
+        yield store
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ class StackPorts:
     redis: int
     temporal: int
     temporal_ui: int
+    s3: int
 
     @classmethod
     def pick(cls) -> StackPorts:
@@ -51,9 +52,11 @@ class StackPorts:
                 redis=free_port_block(),
                 temporal=free_port_block((0, 10, 11)),
                 temporal_ui=free_port_block(),
+                s3=free_port_block(tuple(range(10))),
             )
             used = [ports.api, ports.postgres, ports.redis, ports.temporal_ui]
             used += [ports.temporal, ports.temporal + 10, ports.temporal + 11]
+            used += [ports.s3 + offset for offset in range(10)]
             if len(set(used)) == len(used):
                 return ports
 
@@ -71,6 +74,7 @@ def launcher_environment(data_dir: Path, ports: StackPorts, **extra: str) -> dic
             "DURACHAT_EMBEDDED_REDIS_PORT": str(ports.redis),
             "DURACHAT_EMBEDDED_TEMPORAL_PORT": str(ports.temporal),
             "DURACHAT_EMBEDDED_TEMPORAL_UI_PORT": str(ports.temporal_ui),
+            "DURACHAT_EMBEDDED_S3_PORT": str(ports.s3),
             "PYTHONUNBUFFERED": "1",
             **extra,
         }
@@ -273,6 +277,7 @@ def test_dev_serves_a_chat_stops_cleanly_and_keeps_it_across_restart(
     # The CLI's default address may be some other server: the banner names this one.
     assert f"Temporal     127.0.0.1:{ports.temporal} " in banner
     assert f"temporal workflow list --address 127.0.0.1:{ports.temporal}" in banner
+    assert f"Object store http://127.0.0.1:{ports.s3} " in banner
     assert DEV_KEY in banner
 
     chat_id = send_message(api_url, "hi")
@@ -319,8 +324,10 @@ def test_services_prints_exports_and_stops_cleanly_on_interrupt(
         "DURACHAT_DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{ports.postgres}/durachat",
         "DURACHAT_REDIS_URL": f"redis://127.0.0.1:{ports.redis}/0",
         "DURACHAT_TEMPORAL_ADDRESS": f"127.0.0.1:{ports.temporal}",
+        "DURACHAT_S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
     }
     assert f"# Temporal UI: http://127.0.0.1:{ports.temporal_ui}" in launcher.output
+    assert f"# Object store (S3): http://127.0.0.1:{ports.s3}" in launcher.output
 
     assert launcher.interrupt(signal.SIGINT) == 0
     assert_no_strays(launcher, data_dir)

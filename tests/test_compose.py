@@ -149,7 +149,27 @@ def test_durachat_services_get_a_valid_production_configuration(
     assert settings.environment is Environment.PRODUCTION
     assert settings.database_url is not None
     assert settings.database_url.startswith("postgresql+asyncpg://")
+    assert settings.s3_endpoint_url == "http://s3:8333"
     assert settings.dev_api_key is None
+
+
+def test_the_object_store_is_seaweedfs_with_the_services_credentials() -> None:
+    s3 = SERVICES["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:")
+    command = s3["command"]
+    assert command[0] == "mini"
+    assert "-s3.port=8333" in command
+    # The same optional servers the embedded one turns off.
+    assert {"-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false"} <= set(
+        command
+    )
+    store_env = {name: _interpolate(value) for name, value in _environment(s3).items()}
+    for name in ("api", "worker"):
+        env = {key: _interpolate(value) for key, value in _environment(SERVICES[name]).items()}
+        assert env["DURACHAT_S3_ACCESS_KEY_ID"] == store_env["AWS_ACCESS_KEY_ID"], name
+        assert env["DURACHAT_S3_SECRET_ACCESS_KEY"] == store_env["AWS_SECRET_ACCESS_KEY"], name
+        assert _depends_on(SERVICES[name])["s3"] == "service_healthy", name
+    assert not s3.get("ports"), "attachments are served through the api only"
 
 
 def test_durachat_services_run_the_image_built_from_the_dockerfile() -> None:

@@ -29,13 +29,15 @@ from core.settings import Settings
 from devstack.embedded import (
     EmbeddedPostgres,
     EmbeddedRedis,
+    EmbeddedSeaweedFS,
     EmbeddedService,
     EmbeddedTemporal,
     ServiceStartError,
 )
-from devstack.ports import port_is_free
+from devstack.ports import free_port_block, port_is_free
 from devstack.stack import ServiceStack
 from devstack.supervisor import ProcessSupervisor
+from storage.objects import ObjectStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +108,8 @@ def stack_settings(data_dir: Path, **overrides: object) -> Settings:
         "embedded_temporal_port": free_temporal_port([postgres_port, redis_port, ui_port]),
         "embedded_temporal_ui_port": ui_port,
         "embedded_temporal_ui": False,
+        "s3_endpoint_url": None,
+        "embedded_s3_port": free_port_block(tuple(range(10))),
     }
     values.update(overrides)
     return Settings.model_validate(values)
@@ -169,11 +173,52 @@ async def test_temporal_starts_with_search_attributes_and_ui(data_dir: Path) -> 
             assert (await http.get(temporal.ui_url)).status_code == 200
 
 
+async def test_seaweedfs_serves_s3_enforces_sigv4_and_binds_only_its_ports(
+    data_dir: Path,
+) -> None:
+    port = free_port_block(tuple(range(10)))
+    server = EmbeddedSeaweedFS(
+        data_dir, port, access_key_id="durachat", secret_access_key="the-secret"
+    )
+    with server:
+        store = ObjectStore(
+            endpoint_url=server.endpoint_url,
+            bucket="probe",
+            region="us-east-1",
+            access_key_id="durachat",
+            secret_access_key="the-secret",
+            connect_timeout_seconds=2,
+            read_timeout_seconds=10,
+        )
+        async with store:
+            await store.ensure_bucket()
+            await store.ensure_bucket()
+            await store.put_bytes("org1", "a.txt", b"hello", content_type="text/plain")
+            assert await store.read_bytes("org1", "a.txt") == b"hello"
+        listening = {
+            connection.laddr.port
+            for pid in descendants(server)
+            for connection in psutil.Process(pid).net_connections("tcp")
+            if connection.status == psutil.CONN_LISTEN
+        }
+        assert listening == {port + offset for offset in range(10)}
+        pids = descendants(server)
+    # It takes a few seconds to exit on SIGTERM; stop() waited for it.
+    assert all(is_gone(pid) for pid in pids)
+    # Small volumes: a fresh data directory does not preallocate gigabytes.
+    used = sum(path.stat().st_size for path in (data_dir / "s3").rglob("*") if path.is_file())
+    assert used < 200 * 1024 * 1024
+
+
 def test_stack_does_not_start_twins_of_external_services(data_dir: Path) -> None:
     external_database = "postgresql+asyncpg://app:secret@db.internal:5432/durachat"
     external_temporal = "temporal.internal:7233"
+    external_s3 = "https://s3.internal"
     settings = stack_settings(
-        data_dir, database_url=external_database, temporal_address=external_temporal
+        data_dir,
+        database_url=external_database,
+        temporal_address=external_temporal,
+        s3_endpoint_url=external_s3,
     )
     with ServiceStack(settings, redis_persistent=False) as stack:
         assert [service.name for service in stack.services] == ["redis"]
@@ -186,14 +231,21 @@ def test_stack_does_not_start_twins_of_external_services(data_dir: Path) -> None
             "DURACHAT_DATABASE_URL": external_database,
             "DURACHAT_REDIS_URL": settings.embedded_redis_url,
             "DURACHAT_TEMPORAL_ADDRESS": external_temporal,
+            "DURACHAT_S3_ENDPOINT_URL": external_s3,
         }
     assert not (data_dir / "postgres").exists()
+    assert not (data_dir / "s3").exists()
     assert not (data_dir / "temporal.db").exists()
 
 
 def test_stack_stop_leaves_no_process_behind(data_dir: Path) -> None:
     with ServiceStack(stack_settings(data_dir), redis_persistent=False) as stack:
-        assert {service.name for service in stack.services} == {"postgres", "redis", "temporal"}
+        assert {service.name for service in stack.services} == {
+            "postgres",
+            "redis",
+            "temporal",
+            "s3",
+        }
         # Also by pid: Valkey rewrites its command line and Postgres backends have their own.
         pids = [pid for service in stack.services for pid in descendants(service)]
         assert processes_mentioning(str(data_dir))

@@ -78,6 +78,7 @@ def services_launcher(tmp_path: Path) -> Iterator[ServicesLauncher]:
         # Set, so only Postgres is embedded; `durachat services` never connects to them.
         "DURACHAT_REDIS_URL": "redis://127.0.0.1:1/0",
         "DURACHAT_TEMPORAL_ADDRESS": "127.0.0.1:1",
+        "DURACHAT_S3_ENDPOINT_URL": "http://127.0.0.1:1",
         "PYTHONUNBUFFERED": "1",
     }
     with output.open("wb") as log:

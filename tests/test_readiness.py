@@ -33,7 +33,7 @@ async def test_readyz_reports_every_dependency_ok(client: httpx.AsyncClient) -> 
     assert response.status_code == 200, response.text
     assert response.json() == {
         "status": "ready",
-        "checks": {"postgres": "ok", "redis": "ok", "temporal": "ok"},
+        "checks": {"postgres": "ok", "redis": "ok", "temporal": "ok", "objects": "ok"},
     }
 
 
@@ -104,3 +104,13 @@ def test_readyz_names_postgres_when_nothing_listens(settings: Settings, tmp_path
         response = poll_readyz(url, api, until=lambda _: True)
 
         assert_not_ready_because_of(response, "postgres")
+
+
+def test_readyz_names_the_object_store_when_nothing_listens(
+    settings: Settings, tmp_path: Path
+) -> None:
+    unreachable = f"http://127.0.0.1:{free_port_block()}"
+    with api_process(settings, tmp_path, {"DURACHAT_S3_ENDPOINT_URL": unreachable}) as (api, url):
+        response = poll_readyz(url, api, until=lambda _: True)
+
+        assert_not_ready_because_of(response, "objects")

@@ -25,7 +25,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Postgres, Redis and Temporal are reachable",
+    summary="Postgres, Redis, Temporal and the object store are reachable",
     responses={
         503: {"description": "A dependency is down", "content": {"application/problem+json": {}}}
     },
@@ -35,6 +35,7 @@ async def readyz(state: StateDep) -> JSONResponse:
         "postgres": _check_postgres,
         "redis": _check_redis,
         "temporal": _check_temporal,
+        "objects": _check_objects,
     }
     results = await asyncio.gather(
         *(asyncio.wait_for(check(state), CHECK_TIMEOUT_SECONDS) for check in checks.values()),
@@ -67,3 +68,7 @@ async def _check_redis(state: AppState) -> None:
 
 async def _check_temporal(state: AppState) -> None:
     await state.temporal.service_client.check_health()
+
+
+async def _check_objects(state: AppState) -> None:
+    await state.objects.ping()
