@@ -10,6 +10,7 @@ from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
+import openai
 import pytest
 
 from core.settings import ProviderEntry, Settings
@@ -706,3 +707,19 @@ async def test_local_lorem_takes_no_inputs() -> None:
     with pytest.raises(ProviderError) as caught:
         await collect(LocalProvider().stream(request("lorem", messages=with_inputs("x"))))
     assert not caught.value.retryable
+
+
+async def test_the_test_server_refuses_an_image_url_that_is_not_a_url(
+    server: OpenAICompatibleServer, provider: OpenAICompatibleProvider
+) -> None:
+    client = provider._client
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="echo",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+                }
+            ],
+        )

@@ -176,6 +176,16 @@ class RecordedRequest:
         return found
 
 
+def _bad_image_url(record: RecordedRequest) -> str | None:
+    # OpenAI answers 400 for an image URL that is neither a data URL nor http(s).
+    for part in record._parts():
+        if part.get("type") == "image_url":
+            url = str(part.get("image_url", {}).get("url", ""))
+            if not url.startswith(("data:", "http://", "https://")):
+                return f"Invalid image URL: {url[:40]!r}."
+    return None
+
+
 def _data_url(url: str) -> tuple[str, bytes] | None:
     header, comma, data = url.partition(",")
     if not comma or not header.startswith("data:") or not header.endswith(";base64"):
@@ -316,6 +326,9 @@ class OpenAICompatibleServer:
         if not isinstance(body, dict):
             return _error(400, message="We could not parse the JSON body of your request.")
 
+        bad_image = _bad_image_url(record)
+        if bad_image is not None:
+            return _error(400, message=bad_image)
         model = record.model
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
             return _error(401, key=_bearer(record))
