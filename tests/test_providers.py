@@ -723,3 +723,18 @@ async def test_the_test_server_refuses_an_image_url_that_is_not_a_url(
                 }
             ],
         )
+
+
+async def test_a_large_image_is_encoded_off_the_loop_and_arrives_intact(
+    server: OpenAICompatibleServer,
+) -> None:
+    server.reset()
+    large = PNG * 300  # about 3 MB, past the inline threshold
+    adapter = adapter_for(server)
+    messages = [PromptMessage("user", "big", inputs=(ImageInput("image/png", large),))]
+    try:
+        await collect(adapter.stream(request("echo", messages=messages)))
+    finally:
+        await adapter.aclose()
+
+    assert only_request(server).images() == [("image/png", large)]
