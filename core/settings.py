@@ -42,6 +42,20 @@ class ProviderEntry(BaseModel):
     api_key: SecretStr = SecretStr("")
     models: list[str]
     timeout_seconds: float = 120.0
+    # The models that take image inputs; None means all of them, [] none.
+    image_models: list[str] | None = None
+    # The models that take PDFs natively, as documents; the others get the PDF's extracted text.
+    document_models: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _input_models_are_configured_models(self) -> ProviderEntry:
+        for setting in ("image_models", "document_models"):
+            unknown = [name for name in getattr(self, setting) or () if name not in self.models]
+            if unknown:
+                raise ValueError(
+                    f"{setting} names models missing from models: {', '.join(map(repr, unknown))}"
+                )
+        return self
 
 
 class Settings(BaseSettings):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Final, Literal, Protocol
 
 from core.errors import ErrorType
@@ -12,10 +13,71 @@ from core.errors import ErrorType
 FinishReason = Literal["stop", "length", "content-filter", "tool-calls", "error", "other"]
 
 
+class InputKind(StrEnum):
+    """A kind of non-text input a model may take."""
+
+    IMAGE = "image"  # PNG/JPEG/GIF/WebP image input
+    DOCUMENT = "document"  # a PDF given to the model as a document
+
+
+# The media types an input may carry: what every provider with image or PDF input accepts. They are
+# also spelled into data URLs, so nothing else may reach an adapter.
+IMAGE_MEDIA_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+DOCUMENT_MEDIA_TYPES: Final = frozenset({"application/pdf"})
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    media_type: str  # one of IMAGE_MEDIA_TYPES, sniffed from the bytes rather than trusted
+    data: bytes = field(repr=False)  # megabytes; never in a repr, a log line or an error
+    filename: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.media_type not in IMAGE_MEDIA_TYPES:
+            raise ValueError(
+                f"image media type {self.media_type!r} is not one of {_listed(IMAGE_MEDIA_TYPES)}"
+            )
+
+    @property
+    def kind(self) -> InputKind:
+        return InputKind.IMAGE
+
+
+@dataclass(frozen=True)
+class DocumentInput:
+    media_type: str  # one of DOCUMENT_MEDIA_TYPES
+    data: bytes = field(repr=False)
+    filename: str  # providers show it to the model, and some require it
+
+    def __post_init__(self) -> None:
+        if self.media_type not in DOCUMENT_MEDIA_TYPES:
+            raise ValueError(
+                f"document media type {self.media_type!r} is not one of {_listed(DOCUMENT_MEDIA_TYPES)}"
+            )
+
+    @property
+    def kind(self) -> InputKind:
+        return InputKind.DOCUMENT
+
+
+PromptInput = ImageInput | DocumentInput
+
+
 @dataclass(frozen=True)
 class PromptMessage:
     role: Literal["system", "user", "assistant"]
     content: str
+    # Only user messages carry inputs; an adapter places them after the text, in this order.
+    inputs: tuple[PromptInput, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.inputs and self.role != "user":
+            raise ValueError(f"only user messages carry inputs, not {self.role} messages")
+
+
+def input_kinds_of(messages: Iterable[PromptMessage]) -> frozenset[InputKind]:
+    """Every kind of non-text input the messages carry."""
+    return frozenset(item.kind for message in messages for item in message.inputs)
 
 
 @dataclass(frozen=True)
@@ -58,6 +120,13 @@ class ModelProvider(Protocol):
 
     def models(self) -> list[str]:
         """The model names this provider serves, without the provider prefix."""
+        ...
+
+    def input_kinds(self, model: str) -> frozenset[InputKind]:
+        """The non-text inputs `model` (a bare name, without the provider prefix) takes.
+
+        A request carrying any other kind fails with PROVIDER_REJECTED before anything is sent.
+        """
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
@@ -126,9 +195,27 @@ class ProviderError(Exception):
         )
 
 
+def refuse_unaccepted_inputs(
+    provider: str, request: GenerationRequest, accepted: frozenset[InputKind]
+) -> None:
+    """Raise PROVIDER_REJECTED when the request carries inputs its model does not take.
+
+    The api checks this before a turn starts; this is the adapters' guard against a caller that
+    did not, so unsupported bytes are never sent, nor silently dropped.
+    """
+    refused = input_kinds_of(request.messages) - accepted
+    if refused:
+        kinds = " or ".join(sorted(f"{kind} inputs" for kind in refused))
+        raise ProviderError.rejected(f"{provider}/{request.model} does not take {kinds}")
+
+
 class UnknownModelError(ValueError):
     """A model reference naming no configured provider or model; the api answers it with a 4xx."""
 
     def __init__(self, message: str, *, model_ref: str) -> None:
         super().__init__(message)
         self.model_ref = model_ref
+
+
+def _listed(values: Iterable[str]) -> str:
+    return ", ".join(sorted(values))

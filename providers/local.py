@@ -9,12 +9,17 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from providers.base import (
+    DocumentInput,
     Finish,
     GenerationRequest,
+    ImageInput,
+    InputKind,
+    PromptInput,
     ProviderError,
     ProviderEvent,
     TextDelta,
     Usage,
+    refuse_unaccepted_inputs,
 )
 
 LOCAL_PROVIDER_NAME: Final = "local"
@@ -33,6 +38,12 @@ _LOREM_TEXT: Final = (
     "non proident sunt in culpa qui officia deserunt mollit anim id est laborum"
 )
 _LOREM_WORDS: Final = tuple(_LOREM_TEXT.split())
+
+# echo reports the inputs it was given, so end-to-end tests see what reached the model.
+_INPUT_KINDS: Final[Mapping[str, frozenset[InputKind]]] = {
+    ECHO_MODEL: frozenset(InputKind),
+    LOREM_MODEL: frozenset(),
+}
 
 _DEFAULT_LOREM_WORDS: Final = 50
 _DEFAULT_DELAY_MS: Final = 20
@@ -84,16 +95,20 @@ class LocalProvider:
     name = LOCAL_PROVIDER_NAME
 
     def models(self) -> list[str]:
-        return [ECHO_MODEL, LOREM_MODEL]
+        return list(_INPUT_KINDS)
+
+    def input_kinds(self, model: str) -> frozenset[InputKind]:
+        return _INPUT_KINDS.get(model, frozenset())
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
         options = LocalOptions.parse(request.options)
+        if request.model not in _INPUT_KINDS:
+            raise ProviderError.rejected(f"local has no model {request.model!r}")
+        refuse_unaccepted_inputs(self.name, request, self.input_kinds(request.model))
         if request.model == ECHO_MODEL:
             pieces = echo_pieces(request)
-        elif request.model == LOREM_MODEL:
-            pieces = lorem_pieces(_DEFAULT_LOREM_WORDS if options.words is None else options.words)
         else:
-            raise ProviderError.rejected(f"local has no model {request.model!r}")
+            pieces = lorem_pieces(_DEFAULT_LOREM_WORDS if options.words is None else options.words)
 
         capped = options.words is not None and len(pieces) > options.words
         if capped:
@@ -122,11 +137,23 @@ class LocalProvider:
 
 
 def echo_pieces(request: GenerationRequest) -> list[str]:
-    """The last user message, split into word pieces that concatenate back to it exactly."""
+    """The last user message, then a line per input it carries, split into word pieces that
+    concatenate back to that text exactly."""
     for message in reversed(request.messages):
         if message.role == "user":
-            return _PIECE.findall(message.content)
+            text = message.content + "".join(input_line(item) for item in message.inputs)
+            return _PIECE.findall(text)
     return []
+
+
+def input_line(item: PromptInput) -> str:
+    """How echo reports one input: a newline, then `[image: image/png, 12 bytes]` or
+    `[document: report.pdf, application/pdf, 34 bytes]`."""
+    match item:
+        case ImageInput():
+            return f"\n[image: {item.media_type}, {len(item.data)} bytes]"
+        case DocumentInput():
+            return f"\n[document: {item.filename}, {item.media_type}, {len(item.data)} bytes]"
 
 
 def lorem_pieces(words: int) -> list[str]:

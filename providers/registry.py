@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterable
 
 from core.settings import Settings
-from providers.base import ModelProvider, UnknownModelError
+from providers.base import InputKind, ModelProvider, UnknownModelError
 from providers.local import LOCAL_PROVIDER_NAME, LocalProvider
 from providers.openai_compatible import OpenAICompatibleProvider
 
@@ -36,6 +36,8 @@ class ProviderRegistry:
                 api_key=entry.api_key.get_secret_value(),
                 models=entry.models,
                 timeout_seconds=entry.timeout_seconds,
+                image_models=entry.image_models,
+                document_models=entry.document_models,
             )
             for name, entry in settings.providers.items()
         )
@@ -74,6 +76,21 @@ class ProviderRegistry:
             f"{provider.name}/{model}"
             for provider in self._providers.values()
             for model in provider.models()
+        ]
+
+    def input_kinds(self, model_ref: str) -> frozenset[InputKind]:
+        """The non-text inputs the model of "provider/model" takes; UnknownModelError as resolve."""
+        provider, model = self.resolve(model_ref)
+        return provider.input_kinds(model)
+
+    def models_accepting(self, kind: InputKind) -> list[str]:
+        """Every "provider/model" taking `kind`, in available_models order: what to suggest when
+        a request's model does not."""
+        return [
+            f"{provider.name}/{model}"
+            for provider in self._providers.values()
+            for model in provider.models()
+            if kind in provider.input_kinds(model)
         ]
 
     async def aclose(self) -> None:

@@ -10,12 +10,16 @@ from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
+import openai
 import pytest
 
 from core.settings import ProviderEntry, Settings
 from providers.base import (
+    DocumentInput,
     Finish,
     GenerationRequest,
+    ImageInput,
+    InputKind,
     PromptMessage,
     ProviderError,
     ProviderEvent,
@@ -578,3 +582,159 @@ def test_registry_refuses_a_configured_provider_named_local() -> None:
     entry = ProviderEntry(base_url="http://127.0.0.1:1/v1", models=["echo"])
     with pytest.raises(ValueError, match="reserved"):
         ProviderRegistry.from_settings(Settings(providers={"local": entry}))
+
+
+# --- image and document inputs -----------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+PDF = b"%PDF-1.7\n" + b"\x00\xff" * 3000
+
+
+def with_inputs(text: str) -> list[PromptMessage]:
+    return [
+        PromptMessage("system", "You are terse."),
+        PromptMessage(
+            "user",
+            text,
+            inputs=(ImageInput("image/png", PNG), DocumentInput("application/pdf", PDF, "r.pdf")),
+        ),
+    ]
+
+
+def adapter_for(server: OpenAICompatibleServer, **kinds: Any) -> OpenAICompatibleProvider:
+    return OpenAICompatibleProvider(
+        "test",
+        base_url=server.base_url,
+        api_key=API_KEY,
+        models=["echo"],
+        timeout_seconds=10,
+        **kinds,
+    )
+
+
+async def test_an_image_and_a_pdf_reach_the_server_as_content_parts(
+    server: OpenAICompatibleServer,
+) -> None:
+    server.reset()
+    adapter = adapter_for(server, document_models=["echo"])
+    try:
+        events = await collect(adapter.stream(request("echo", messages=with_inputs("Look"))))
+    finally:
+        await adapter.aclose()
+
+    sent = only_request(server)
+    parts = sent.user_content_parts()
+    assert [part["type"] for part in parts] == ["text", "image_url", "file"]
+    assert parts[0] == {"type": "text", "text": "Look"}
+    assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert parts[2]["file"]["file_data"].startswith("data:application/pdf;base64,")
+    assert sent.images() == [("image/png", PNG)]
+    assert sent.documents() == [("r.pdf", "application/pdf", PDF)]
+    assert sent.messages[0] == {"role": "system", "content": "You are terse."}
+    assert text_of(events) == "Look"
+
+
+async def test_inputs_without_text_send_no_text_part(server: OpenAICompatibleServer) -> None:
+    server.reset()
+    adapter = adapter_for(server, document_models=["echo"])
+    try:
+        await collect(adapter.stream(request("echo", messages=with_inputs(""))))
+    finally:
+        await adapter.aclose()
+
+    assert [part["type"] for part in only_request(server).user_content_parts()] == [
+        "image_url",
+        "file",
+    ]
+
+
+async def test_inputs_a_model_does_not_take_are_rejected_before_any_request(
+    server: OpenAICompatibleServer,
+) -> None:
+    server.reset()
+    adapter = adapter_for(server)  # images yes, documents no
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await collect(adapter.stream(request("echo", messages=with_inputs("Look"))))
+    finally:
+        await adapter.aclose()
+
+    assert not caught.value.retryable
+    assert "test/echo does not take document inputs" in str(caught.value)
+    assert server.requests == []
+
+
+def test_input_kinds_follow_the_provider_entry(server: OpenAICompatibleServer) -> None:
+    entry = ProviderEntry(
+        base_url=server.base_url,
+        models=["a", "b", "c"],
+        image_models=["a", "b"],
+        document_models=["b"],
+    )
+    registry = ProviderRegistry.from_settings(
+        Settings(providers={"p": entry, "q": ProviderEntry(base_url=server.base_url, models=["x"])})
+    )
+    assert registry.input_kinds("p/a") == {InputKind.IMAGE}
+    assert registry.input_kinds("p/b") == {InputKind.IMAGE, InputKind.DOCUMENT}
+    assert registry.input_kinds("p/c") == frozenset()
+    assert registry.input_kinds("q/x") == {InputKind.IMAGE}
+    assert registry.input_kinds("local/lorem") == frozenset()
+    assert registry.models_accepting(InputKind.IMAGE) == ["local/echo", "p/a", "p/b", "q/x"]
+    assert registry.models_accepting(InputKind.DOCUMENT) == ["local/echo", "p/b"]
+    with pytest.raises(UnknownModelError):
+        registry.input_kinds("p/zzz")
+
+
+def test_input_model_lists_must_name_configured_models() -> None:
+    with pytest.raises(ValueError, match="image_models"):
+        ProviderEntry(base_url="http://127.0.0.1:1/v1", models=["a"], image_models=["b"])
+    with pytest.raises(ValueError, match="document_models"):
+        ProviderEntry(base_url="http://127.0.0.1:1/v1", models=["a"], document_models=["b"])
+
+
+async def test_local_echo_reports_each_input_after_the_text() -> None:
+    events = await collect(
+        LocalProvider().stream(request("echo", messages=with_inputs("Look"), delayMs=0))
+    )
+
+    assert text_of(events) == (
+        f"Look\n[image: image/png, {len(PNG)} bytes]"
+        f"\n[document: r.pdf, application/pdf, {len(PDF)} bytes]"
+    )
+
+
+async def test_local_lorem_takes_no_inputs() -> None:
+    with pytest.raises(ProviderError) as caught:
+        await collect(LocalProvider().stream(request("lorem", messages=with_inputs("x"))))
+    assert not caught.value.retryable
+
+
+async def test_the_test_server_refuses_an_image_url_that_is_not_a_url(
+    server: OpenAICompatibleServer, provider: OpenAICompatibleProvider
+) -> None:
+    client = provider._client
+    with pytest.raises(openai.BadRequestError):
+        await client.chat.completions.create(
+            model="echo",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}],
+                }
+            ],
+        )
+
+
+async def test_a_large_image_is_encoded_off_the_loop_and_arrives_intact(
+    server: OpenAICompatibleServer,
+) -> None:
+    server.reset()
+    large = PNG * 300  # about 3 MB, past the inline threshold
+    adapter = adapter_for(server)
+    messages = [PromptMessage("user", "big", inputs=(ImageInput("image/png", large),))]
+    try:
+        await collect(adapter.stream(request("echo", messages=messages)))
+    finally:
+        await adapter.aclose()
+
+    assert only_request(server).images() == [("image/png", large)]

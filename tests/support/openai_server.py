@@ -22,12 +22,16 @@ Behaviour follows the model name (`script_for_model`), or a `Script` registered 
     anything else         404 model_not_found, as OpenAI answers an unknown model
 
 `max_tokens` / `max_completion_tokens` cap the reply in words and finish it with "length".
-Every request is recorded (`requests`), with whether its stream finished or the client left early.
+Every request is recorded (`requests`), with whether its stream finished or the client left early;
+`RecordedRequest.user_content_parts()`, `images()` and `documents()` read the content parts that
+arrived (images as `image_url` data URLs, PDFs as `file` parts). Content given as a list of parts
+is echoed by its text parts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import socket
@@ -130,6 +134,63 @@ class RecordedRequest:
     @property
     def authorization(self) -> str | None:
         return self.headers.get("authorization")
+
+    def user_content_parts(self) -> list[dict[str, Any]]:
+        """The last user message's content as parts; a string content is one text part."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, str):
+                    return [{"type": "text", "text": content}]
+                return [part for part in content or [] if isinstance(part, dict)]
+        return []
+
+    def _parts(self) -> list[dict[str, Any]]:
+        return [
+            part
+            for message in self.messages
+            if isinstance(message.get("content"), list)
+            for part in message["content"]
+            if isinstance(part, dict)
+        ]
+
+    def images(self) -> list[tuple[str, bytes]]:
+        """Media type and decoded bytes of every image_url data URL in the request, in order."""
+        found = []
+        for part in self._parts():
+            if part.get("type") == "image_url":
+                decoded = _data_url(str(part.get("image_url", {}).get("url", "")))
+                if decoded is not None:
+                    found.append(decoded)
+        return found
+
+    def documents(self) -> list[tuple[str, str, bytes]]:
+        """Filename, media type and decoded bytes of every file part with file_data, in order."""
+        found = []
+        for part in self._parts():
+            if part.get("type") == "file":
+                file = part.get("file", {})
+                decoded = _data_url(str(file.get("file_data", "")))
+                if decoded is not None:
+                    found.append((str(file.get("filename", "")), *decoded))
+        return found
+
+
+def _bad_image_url(record: RecordedRequest) -> str | None:
+    # OpenAI answers 400 for an image URL that is neither a data URL nor http(s).
+    for part in record._parts():
+        if part.get("type") == "image_url":
+            url = str(part.get("image_url", {}).get("url", ""))
+            if not url.startswith(("data:", "http://", "https://")):
+                return f"Invalid image URL: {url[:40]!r}."
+    return None
+
+
+def _data_url(url: str) -> tuple[str, bytes] | None:
+    header, comma, data = url.partition(",")
+    if not comma or not header.startswith("data:") or not header.endswith(";base64"):
+        return None
+    return header.removeprefix("data:").removesuffix(";base64"), base64.b64decode(data)
 
 
 class _DroppedConnection(Exception):
@@ -265,6 +326,9 @@ class OpenAICompatibleServer:
         if not isinstance(body, dict):
             return _error(400, message="We could not parse the JSON body of your request.")
 
+        bad_image = _bad_image_url(record)
+        if bad_image is not None:
+            return _error(400, message=bad_image)
         model = record.model
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
             return _error(401, key=_bearer(record))
@@ -413,7 +477,11 @@ def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        return " ".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
     return ""
 
 
