@@ -21,6 +21,7 @@ from temporalio.client import (
 )
 from temporalio.worker import Worker
 
+from activities.attachments import AttachmentActivities, AttachmentLimits, ModelInputs
 from activities.chat_session import ChatSessionActivities
 from activities.generation import GenerationActivities, StopFlagPoller
 from activities.maintenance import MaintenanceActivities
@@ -28,6 +29,7 @@ from core.contracts import PurgeDeletedChatsInput
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
+from outbound.guard import GuardedHttpClient, OutboundPolicy
 from providers.registry import ProviderRegistry
 from storage.db import DatabaseTimeouts, create_engine, create_session_factory
 from storage.lost_turn_sweep import LostTurnSweep
@@ -72,7 +74,30 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         session_activities = ChatSessionActivities(sessions, streams, lost_turns)
         stop_flags = StopFlagPoller(streams)
         generation_activities = GenerationActivities(
-            sessions, streams, providers, stop_flags, title_model=settings.title_model
+            sessions,
+            streams,
+            providers,
+            stop_flags,
+            ModelInputs(objects),
+            title_model=settings.title_model,
+        )
+        # The one way out to URLs users name (attachment URLs), through the outbound guard.
+        outbound = await resources.enter_async_context(
+            GuardedHttpClient(
+                OutboundPolicy.from_settings(settings),
+                timeout_seconds=settings.remote_file_timeout_seconds,
+            )
+        )
+        attachment_activities = AttachmentActivities(
+            sessions,
+            objects,
+            outbound,
+            providers,
+            AttachmentLimits(
+                max_bytes=settings.max_attachment_bytes,
+                allowed_types=tuple(settings.attachment_allowed_types),
+                fetch_timeout_seconds=settings.remote_file_timeout_seconds,
+            ),
         )
         worker = Worker(
             client,
@@ -85,7 +110,8 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 session_activities.drop_queued_turn,
                 generation_activities.generate_reply,
                 generation_activities.title_chat,
-                MaintenanceActivities(sessions).purge_deleted_chats,
+                attachment_activities.prepare_attachments,
+                MaintenanceActivities(sessions, objects).purge_deleted_chats,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             # Every live turn holds an activity slot while it generates; the SDK's default (100)
@@ -116,7 +142,10 @@ async def keep_purge_schedule(client: Client, settings: Settings) -> None:
     schedule = Schedule(
         action=ScheduleActionStartWorkflow(
             PurgeDeletedChatsWorkflow.run,
-            PurgeDeletedChatsInput(retention_seconds=settings.deleted_chat_retention_seconds),
+            PurgeDeletedChatsInput(
+                retention_seconds=settings.deleted_chat_retention_seconds,
+                unattached_file_retention_seconds=settings.unattached_file_retention_seconds,
+            ),
             id=f"{PURGE_SCHEDULE_ID}-run",
             task_queue=settings.temporal_task_queue,
         ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,14 +16,22 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    retry_if_exception_type,
+    wait_exponential,
+)
 
+from activities.attachments import MessageFiles, ModelInputs
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks, usage_metadata
 from providers.base import (
     GenerationRequest,
+    InputKind,
     ModelProvider,
     PromptMessage,
     ProviderError,
@@ -31,9 +39,10 @@ from providers.base import (
     UnknownModelError,
 )
 from providers.registry import ProviderRegistry
-from storage import chats
+from storage import attachments, chats
 from storage.db import is_database_unavailable
-from storage.models import Chat, Message
+from storage.models import Attachment, Chat, Message
+from storage.objects import ObjectStoreUnavailable
 from storage.streams import TurnStreams
 
 log = structlog.get_logger(__name__)
@@ -174,11 +183,13 @@ class GenerationActivities:
         streams: TurnStreams,
         providers: ProviderRegistry,
         stop_flags: StopFlagPoller,
+        model_inputs: ModelInputs,
         title_model: str | None = None,
     ) -> None:
         self._sessions = session_factory
         self._streams = streams
         self._providers = providers
+        self._model_inputs = model_inputs
         self._stop_flags = stop_flags
         self._title_model = title_model
 
@@ -194,7 +205,9 @@ class GenerationActivities:
                 str(exc), type=ErrorType.PROVIDER_REJECTED, non_retryable=True
             ) from exc
 
-        async def load_context(session: AsyncSession) -> tuple[Chat | None, list[Message]]:
+        async def load_context(
+            session: AsyncSession,
+        ) -> tuple[Chat | None, list[Message], dict[str, Attachment]]:
             await chats.record_attempt(session, request.organization_id, request.turn_id, attempt)
             chat = await chats.get_live_chat(
                 session, chats.Visibility(request.organization_id), request.chat_id
@@ -202,11 +215,22 @@ class GenerationActivities:
             branch = await chats.load_branch(
                 session, request.organization_id, request.user_message_id
             )
-            return chat, branch
+            files = await attachments.get_many(
+                session,
+                request.organization_id,
+                [i for message in branch for i in attachments.attachment_ids_in(message.parts)],
+            )
+            return chat, branch, files
 
-        chat, branch = await self._in_transaction(load_context)
+        chat, branch, files = await self._in_transaction(load_context)
         prompt = build_prompt(
-            request.system, chat.instructions if chat else None, chat.mood if chat else None, branch
+            request.system,
+            chat.instructions if chat else None,
+            chat.mood if chat else None,
+            branch,
+            await self._load_files(
+                request.organization_id, branch, files, provider.input_kinds(model)
+            ),
         )
 
         # Written again in case Redis lost the stream since the turn opened it (a no-op otherwise),
@@ -342,6 +366,27 @@ class GenerationActivities:
 
         await self._in_transaction(save)
 
+    async def _load_files(
+        self,
+        organization_id: str,
+        branch: list[Message],
+        files: dict[str, Attachment],
+        kinds: frozenset[InputKind],
+    ) -> dict[str, MessageFiles]:
+        """The branch's files as model inputs, waiting out an unreachable object store in place
+        like a database outage (see DATABASE_WAIT)."""
+        if not files:
+            return {}
+        async for try_ in AsyncRetrying(
+            retry=retry_if_exception_type(ObjectStoreUnavailable),
+            wait=DATABASE_WAIT,
+            before_sleep=_heartbeat_while_waiting,
+            reraise=True,
+        ):
+            with try_:
+                return await self._model_inputs.for_branch(organization_id, branch, files, kinds)
+        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
     async def _in_transaction(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `operation` in a transaction, waiting out a Postgres outage (see DATABASE_WAIT)."""
         async for try_ in AsyncRetrying(
@@ -384,7 +429,7 @@ async def _heartbeat_until_stopped(publisher: ChunkPublisher) -> None:
 def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
     activity.heartbeat()
     activity.logger.warning(
-        "generation waits for the database",
+        "generation waits for the database or the object store",
         extra={"tries": retry_state.attempt_number, "error": repr(retry_state.outcome)},
     )
 
@@ -483,10 +528,15 @@ MOOD_LINES = {
 
 
 def build_prompt(
-    system: str | None, instructions: str | None, mood: str | None, branch: list[Message]
+    system: str | None,
+    instructions: str | None,
+    mood: str | None,
+    branch: list[Message],
+    files: Mapping[str, MessageFiles] | None = None,
 ) -> list[PromptMessage]:
     """The provider prompt: system text (the chat's instructions and mood, then the request's own
-    system text), then the conversation's text parts up to the user message."""
+    system text), then the conversation up to the user message: its text parts, and what each user
+    message's files give the model (text blocks after the text, images and documents as inputs)."""
     prompt: list[PromptMessage] = []
     mood_line = MOOD_LINES.get(mood or "")
     system_text = "\n\n".join(text for text in (instructions, mood_line, system) if text)
@@ -496,6 +546,12 @@ def build_prompt(
         text = "".join(
             str(part.get("text", "")) for part in message.parts if part.get("type") == "text"
         )
-        if message.role in ("user", "assistant", "system") and text:
-            prompt.append(PromptMessage(role=message.role, content=text))  # type: ignore[arg-type]
+        given = (files or {}).get(message.id)
+        if given is not None:
+            text = "\n\n".join(piece for piece in (text, *given.text_blocks) if piece)
+        inputs = tuple(given.inputs) if given is not None else ()
+        if message.role in ("user", "assistant", "system") and (text or inputs):
+            prompt.append(
+                PromptMessage(role=message.role, content=text, inputs=inputs)  # type: ignore[arg-type]
+            )
     return prompt

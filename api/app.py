@@ -22,7 +22,10 @@ from api.openapi import install_openapi
 from api.problems import install_problem_handlers
 from api.routers import chat_management, chats, files, health, keys
 from api.state import AppState
-from api.unavailable import install_redis_unavailable_handlers
+from api.unavailable import (
+    install_object_store_unavailable_handler,
+    install_redis_unavailable_handlers,
+)
 from core.logging import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
@@ -156,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     install_database_error_handler(app)
     install_redis_unavailable_handlers(app)
+    install_object_store_unavailable_handler(app)
     install_openapi(app)
     install_docs_page(app)
     app.include_router(health.router)

@@ -36,14 +36,18 @@ async def chat_out(session: AsyncSession, chat: Chat, links: FileLinks) -> ChatO
     """
     branch = await chats.load_active_branch(session, chat)
     queued = await chats.queued_turns(session, chat)
-    files = {attachment.id: attachment for attachment in await attachments.list_for_chat(session, chat)}
+    files = {
+        attachment.id: attachment for attachment in await attachments.list_for_chat(session, chat)
+    }
     return ChatOut(
         **ChatSummaryOut.fields_of(chat),
         queuedTurnIds=[turn.id for turn in queued],
         messages=[
             *await ui_messages_out(session, chat, branch, links, files),
             *(
-                _queued_user_message(turn, position, _linked(chat, turn.queued_user_parts, links, files))
+                _queued_user_message(
+                    turn, position, _linked(chat, turn.queued_user_parts, links, files)
+                )
                 for position, turn in enumerate(queued, start=1)
                 if turn.queued_user_parts
             ),
@@ -60,7 +64,9 @@ def _linked(
 ) -> list[dict[str, Any]]:
     """Stored parts as a client sees them: each file part with a signed link to its file."""
     return [
-        links.file_part(chat.organization_id, chat.id, part, files.get(part.get("attachmentId", "")))
+        links.file_part(
+            chat.organization_id, chat.id, part, files.get(part.get("attachmentId", ""))
+        )
         if part.get("type") == "file"
         else part
         for part in parts

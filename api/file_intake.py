@@ -96,7 +96,9 @@ def given_file_of(part: dict[str, Any]) -> GivenFile:
     elif urlsplit(url).scheme.lower() in ("https", "http"):
         given.remote_url = url
     else:
-        raise ValueError("a file part's `url` must be a `data:` URL, an https URL or a durachat file link")
+        raise ValueError(
+            "a file part's `url` must be a `data:` URL, an https URL or a durachat file link"
+        )
     return given
 
 
@@ -118,9 +120,7 @@ class MessageFiles:
     files: dict[int, GivenFile] = field(default_factory=dict)
 
 
-def split_files(
-    parts: Sequence[dict[str, Any]], extra: Sequence[GivenFile] = ()
-) -> MessageFiles:
+def split_files(parts: Sequence[dict[str, Any]], extra: Sequence[GivenFile] = ()) -> MessageFiles:
     """A message's parts with its `file` parts taken out as given files; `extra` files (fileIds, a
     seed-style image) go first, where the AI SDK puts a message's files."""
     message = MessageFiles(parts=[])
@@ -262,9 +262,7 @@ class FileIntake:
             raise _too_large(given.filename, limit)
         try:
             data = (
-                base64.b64decode(payload, validate=True)
-                if is_base64
-                else unquote_to_bytes(payload)
+                base64.b64decode(payload, validate=True) if is_base64 else unquote_to_bytes(payload)
             )
         except (binascii.Error, ValueError) as exc:
             raise BadRequestError(
@@ -333,7 +331,12 @@ class FileIntake:
     # --- uploads --------------------------------------------------------------------------------
 
     async def store_upload(
-        self, upload: BinaryIO, *, size: int, declared_type: str | None, filename: str | None,
+        self,
+        upload: BinaryIO,
+        *,
+        size: int,
+        declared_type: str | None,
+        filename: str | None,
         chat_id: str | None,
     ) -> Attachment:
         """Check an uploaded file (spooled by the multipart parser) and stream it to the store."""
@@ -491,4 +494,3 @@ async def _inspect(data: bytes, filename: str | None) -> None:
         await asyncio.to_thread(inspect_image, data)
     except ImageRefused as exc:
         raise UnsupportedMediaTypeError(f"{_name(filename)}: {exc}") from exc
-

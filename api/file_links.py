@@ -58,7 +58,11 @@ class FileLinks:
         return hmac.new(self.secret, message, hashlib.sha256).hexdigest()
 
     def file_part(
-        self, organization_id: str, chat_id: str, part: dict[str, Any], attachment: Attachment | None
+        self,
+        organization_id: str,
+        chat_id: str,
+        part: dict[str, Any],
+        attachment: Attachment | None,
     ) -> dict[str, Any]:
         """A stored file part as a UIMessage `file` part: a signed `url`, and the attachment id in
         `providerMetadata.durachat` so a client can send it again by id."""

@@ -151,7 +151,8 @@ class RequestSizeLimitMiddleware:
 def _is_multipart(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
+            media_type: bytes = value.split(b";", 1)[0].strip().lower()
+            return media_type == b"multipart/form-data"
     return False
 
 

@@ -285,7 +285,8 @@ class SendMessageRequest(RequestBody):
     if_busy: IfBusy = Field(default=IfBusy.REJECT, alias="ifBusy", description=IF_BUSY_DESCRIPTION)
     file_ids: FileIds | None = Field(default=None, alias="fileIds")
     image: str | None = Field(
-        default=None, description="An image for the new message, base64-encoded (no `data:` prefix)."
+        default=None,
+        description="An image for the new message, base64-encoded (no `data:` prefix).",
     )
     image_mime_type: str | None = Field(
         default=None, alias="imageMimeType", max_length=100, description="The `image`'s type."

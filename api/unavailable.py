@@ -1,4 +1,4 @@
-"""Redis trouble as a 503 problem: an exhausted connection pool, or a Redis server that cannot be
+"""Redis and object store trouble as a 503 problem: an exhausted connection pool, or a Redis server that cannot be
 reached, answers at once with `Retry-After` instead of a hang or a 500. Must never import routers."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from redis.exceptions import ConnectionError, TimeoutError
 
 from api.problems import problem_response
 from core.errors import ServiceUnavailableError
+from storage.objects import ObjectStoreUnavailable
 from storage.redis import RedisPoolExhaustedError
 
 log = structlog.get_logger(__name__)
@@ -43,3 +44,30 @@ def install_redis_unavailable_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(ConnectionError, _redis_unavailable)
     app.add_exception_handler(TimeoutError, _redis_unavailable)
+
+
+# An object store restart, like a Redis one, takes seconds.
+OBJECT_STORE_DOWN_RETRY_AFTER_SECONDS = 5
+
+
+def install_object_store_unavailable_handler(app: FastAPI) -> None:
+    """An unreachable object store (uploads, file reads, sends carrying files) is a 503 with
+    `Retry-After`; what the request had stored so far is removed by the code that stored it."""
+
+    async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("api.object_store_unavailable", path=request.url.path, error=repr(exc))
+        retry_after = OBJECT_STORE_DOWN_RETRY_AFTER_SECONDS
+        error = ServiceUnavailableError(
+            "the object store is unreachable; retry shortly",
+            headers={"Retry-After": str(retry_after)},
+        )
+        return problem_response(
+            error.status_code,
+            error.title,
+            error.detail,
+            problem_type=error.problem_type,
+            extra={"retryAfter": retry_after},
+            headers=error.headers,
+        )
+
+    app.add_exception_handler(ObjectStoreUnavailable, _store_unavailable)

@@ -170,6 +170,28 @@ class StoreUserMessageInput:
 
 
 @dataclass
+class PrepareAttachmentsInput:
+    """Fetch a turn's remote files into the store and make its images model-ready, by id."""
+
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    model: str
+    attachment_ids: list[str]
+
+
+def attachment_ids_in(parts: list[dict[str, Any]]) -> list[str]:
+    """The attachments stored message parts refer to (`file` parts with an `attachmentId`), in
+    order, each once."""
+    ids: list[str] = []
+    for part in parts:
+        attachment_id = part.get("attachmentId") if part.get("type") == "file" else None
+        if isinstance(attachment_id, str) and attachment_id not in ids:
+            ids.append(attachment_id)
+    return ids
+
+
+@dataclass
 class GenerateReplyInput:
     organization_id: str
     chat_id: str
@@ -218,6 +240,8 @@ class PurgeDeletedChatsInput:
 
     retention_seconds: int
     organization_id: str | None = None
+    # Also delete files uploaded this long ago that no message carries (None: leave them).
+    unattached_file_retention_seconds: int | None = None
 
 
 @dataclass

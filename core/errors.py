@@ -19,6 +19,8 @@ class ErrorType:
     # An attachment that cannot be used: a remote file answering 4xx, refused by the outbound
     # guard, too large, or of a type not accepted. Final: the turn fails with its message.
     ATTACHMENT_REFUSED = "AttachmentRefused"
+    # A remote file's server or the network failed for now (5xx, timeout, reset): retried.
+    REMOTE_FILE_UNAVAILABLE = "RemoteFileUnavailable"
 
 
 class DurachatError(Exception):

@@ -11,7 +11,6 @@ from limits import parse_many
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
 # Images, PDFs and plain text formats; never SVG or HTML, which a browser would run as a page.
 DEFAULT_ATTACHMENT_TYPES = (
     "image/png",
@@ -25,7 +24,7 @@ DEFAULT_ATTACHMENT_TYPES = (
     "application/json",
 )
 # Signs file links outside production, where no secret need be configured.
-DEV_FILE_URL_SECRET = "durachat-development-file-links"
+DEV_FILE_URL_SECRET = "durachat-development-file-links"  # noqa: S105 - dev only, refused in production
 
 
 class Environment(StrEnum):
@@ -193,6 +192,9 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     # Files uploaded but never sent in a message are deleted this long after their upload.
     unattached_file_retention_seconds: int = Field(default=86400, ge=0)
+    # Outbound fetches of URLs users name refuse loopback, private, link-local and other
+    # non-global addresses; these host names, IPs or CIDRs (comma-separated) are let through.
+    outbound_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # A remote file (an https URL in a `file` part) must arrive within this long.
     remote_file_timeout_seconds: float = Field(default=30.0, gt=0)
 
@@ -228,9 +230,11 @@ class Settings(BaseSettings):
                 ) from exc
         return value
 
-    @field_validator("cors_origins", "attachment_allowed_types", mode="before")
+    @field_validator(
+        "cors_origins", "attachment_allowed_types", "outbound_allowed_hosts", mode="before"
+    )
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value

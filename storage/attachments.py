@@ -19,6 +19,8 @@ from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+# Re-exported: the storage layer's callers find every attachment helper here.
+from core.contracts import attachment_ids_in as attachment_ids_in
 from storage.models import Attachment, Chat, Message
 
 # Where a file's bytes are kept under its organization's prefix in the object store.
@@ -47,16 +49,6 @@ def file_part(attachment: Attachment) -> dict[str, Any]:
         "mediaType": attachment.media_type,
         "filename": attachment.filename,
     }
-
-
-def attachment_ids_in(parts: Iterable[dict[str, Any]]) -> list[str]:
-    """The attachments stored parts refer to, in order, each once."""
-    ids: list[str] = []
-    for part in parts:
-        attachment_id = part.get("attachmentId") if part.get("type") == "file" else None
-        if isinstance(attachment_id, str) and attachment_id not in ids:
-            ids.append(attachment_id)
-    return ids
 
 
 @dataclass(frozen=True)
@@ -118,6 +110,21 @@ async def mark_stored(
             variant_name=variant_name_for(attachment_id) if variant_media_type else None,
             variant_media_type=variant_media_type,
             error=None,
+            updated_at=func.now(),
+        )
+    )
+
+
+async def set_variant(
+    session: AsyncSession, organization_id: str, attachment_id: str, media_type: str
+) -> None:
+    """Record the model-ready copy of an image, stored under `variant_name_for(attachment_id)`."""
+    await session.execute(
+        update(Attachment)
+        .where(Attachment.id == attachment_id, Attachment.organization_id == organization_id)
+        .values(
+            variant_name=variant_name_for(attachment_id),
+            variant_media_type=media_type,
             updated_at=func.now(),
         )
     )
@@ -320,7 +327,10 @@ async def unreferenced_in_chat(session: AsyncSession, chat: Chat) -> list[Attach
             Message.organization_id == Attachment.organization_id,
             Message.chat_id == Attachment.chat_id,
             Message.parts.contains(
-                cast(func.jsonb_build_array(func.jsonb_build_object("attachmentId", Attachment.id)), JSONB)
+                cast(
+                    func.jsonb_build_array(func.jsonb_build_object("attachmentId", Attachment.id)),
+                    JSONB,
+                )
             ),
         )
         .exists()

@@ -25,6 +25,7 @@ from temporalio.exceptions import (
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
+    from activities.attachments import AttachmentActivities
     from activities.chat_session import ChatSessionActivities
     from activities.generation import GenerationActivities
     from core.contracts import (
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         GenerateReplyInput,
         MessageStatus,
         PersistAssistantMessageInput,
+        PrepareAttachmentsInput,
         StopTurnRequest,
         StoreUserMessageInput,
         TitleChatInput,
@@ -45,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         TurnInput,
         TurnResult,
         TurnStatus,
+        attachment_ids_in,
         turn_status_for,
         turn_workflow_id,
     )
@@ -77,6 +80,19 @@ GENERATION_RETRY = RetryPolicy(
 GENERATION_TIMEOUT = timedelta(minutes=10)
 # Short, so a dead worker's generation is retried elsewhere within seconds.
 GENERATION_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+
+# Preparing files retries network trouble, a remote server's 5xx and an unreachable object store
+# until the overall timeout; a file that cannot be used (4xx, refused type or address, too large)
+# is final at once.
+ATTACHMENTS_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    non_retryable_error_types=[ErrorType.ATTACHMENT_REFUSED],
+)
+ATTACHMENTS_ATTEMPT_TIMEOUT = timedelta(minutes=2)
+ATTACHMENTS_TIMEOUT = timedelta(minutes=10)
+ATTACHMENTS_HEARTBEAT_TIMEOUT = timedelta(seconds=20)
 
 # Titling a new chat is best effort: a few tries, then the chat stays untitled.
 TITLE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
@@ -166,7 +182,9 @@ class ChatTurnWorkflow:
             model=turn.model,
             attempts=0,
         )
-        if self._stop is None:
+        if self._stop is None and not await self._prepare_attachments(turn, claim.chat_id, outcome):
+            pass  # a file could not be used: `outcome` says why, and nothing is generated
+        elif self._stop is None:
             await self._generate(turn, claim.chat_id, user_message_id, outcome)
         else:
             outcome.status = MessageStatus.ABORTED
@@ -306,6 +324,37 @@ class ChatTurnWorkflow:
             # That turn's workflow has already ended: nothing to wake or stop.
             workflow.logger.info("turn %s has ended; signal not delivered", turn_id)
 
+    async def _prepare_attachments(
+        self, turn: TurnInput, chat_id: str, outcome: PersistAssistantMessageInput
+    ) -> bool:
+        """Fetch the turn's remote files and make its images model-ready; False when a file
+        cannot be used, which fails the turn (recorded in `outcome`). Only turns whose messages
+        carry files take this step, so histories of turns without files replay unchanged."""
+        attachment_ids = _attachment_ids(turn)
+        if not attachment_ids:
+            return True
+        try:
+            await workflow.execute_activity_method(
+                AttachmentActivities.prepare_attachments,
+                PrepareAttachmentsInput(
+                    organization_id=turn.organization_id,
+                    chat_id=chat_id,
+                    turn_id=turn.turn_id,
+                    model=turn.model,
+                    attachment_ids=attachment_ids,
+                ),
+                start_to_close_timeout=ATTACHMENTS_ATTEMPT_TIMEOUT,
+                schedule_to_close_timeout=ATTACHMENTS_TIMEOUT,
+                heartbeat_timeout=ATTACHMENTS_HEARTBEAT_TIMEOUT,
+                retry_policy=ATTACHMENTS_RETRY,
+            )
+        except ActivityError as err:
+            outcome.status = MessageStatus.FAILED
+            outcome.finish_reason = "error"
+            outcome.error = _describe_attachment_failure(err)
+            return False
+        return True
+
     async def _generate(
         self,
         turn: TurnInput,
@@ -414,6 +463,23 @@ def _claim_rejection(err: ActivityError) -> ApplicationError | None:
     if isinstance(cause, ApplicationError) and cause.type in CLAIM_REJECTIONS:
         return cause
     return None
+
+
+def _attachment_ids(turn: TurnInput) -> list[str]:
+    """The files the turn's new messages carry (its user message, and a new chat's seed)."""
+    ids = attachment_ids_in(turn.user_parts)
+    for seed in turn.history_seed:
+        ids += [item for item in attachment_ids_in(seed.parts) if item not in ids]
+    return ids
+
+
+def _describe_attachment_failure(err: ActivityError) -> str:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    if isinstance(cause, TimeoutError):
+        return "the turn's files could not be fetched and stored in time"
+    return "the turn's files could not be prepared"
 
 
 def _describe_failure(err: ActivityError) -> str:

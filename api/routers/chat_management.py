@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import structlog
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,8 +31,12 @@ from api.schemas import (
 from api.turns import stop_turn
 from core.errors import BadRequestError, NotFoundError
 from providers.base import UnknownModelError
-from storage import chats
+from storage import attachments, chats
 from storage.models import Chat, Turn
+from storage.objects import ObjectStoreUnavailable
+from storage.purge import Purger
+
+log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
 
@@ -173,7 +178,15 @@ async def truncate_chat(
     chat = await _live_chat(session, principal, chat_id, for_update=True)
     await refuse_if_busy(session, chat, state.lost_turns)
     truncation = await chats.truncate_active_branch(session, chat, body.keep)
+    orphaned = await attachments.unreferenced_in_chat(session, chat)
     await session.commit()
+    # The files only deleted messages carried go too: objects, then rows. Should the store be
+    # away, the rows stay (no read shows them: no message refers to them) and the chat's purge
+    # deletes them with it.
+    try:
+        await Purger(state.sessions, state.objects).delete_attachments(orphaned)
+    except ObjectStoreUnavailable:
+        log.warning("truncate.files_kept", chat_id=chat.id, files=len(orphaned), exc_info=True)
     return TruncateOut(kept=truncation.kept, deleted=truncation.deleted)
 
 

@@ -11,8 +11,8 @@ from temporalio.client import WorkflowFailureError
 
 from api.chat_views import FileLinksDep, chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
-from api.file_links import FileLinks
 from api.file_intake import FileIntake, GivenFile, split_files
+from api.file_links import FileLinks
 from api.idempotency import IdempotencyDep, IdempotentRequest, repeatable_turn_id
 from api.limits import LIMIT_RESPONSES, SEND_LIMITS, STREAM_OPEN_LIMITS, limit_active_turns
 from api.relay import (

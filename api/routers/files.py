@@ -90,7 +90,10 @@ async def read_upload(
     if attachment.chat_id is not None:
         # Sent in (or uploaded to) a chat: it is read through the chat, whose deletion hides it.
         async with state.sessions() as session:
-            if await chats.get_live_chat(session, visibility_of(principal), attachment.chat_id) is None:
+            if (
+                await chats.get_live_chat(session, visibility_of(principal), attachment.chat_id)
+                is None
+            ):
                 raise NotFoundError("no such file")
     return await _file_response(state, attachment, range_header, if_none_match, inline=False)
 
@@ -134,12 +137,8 @@ async def read_chat_file(
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    attachment = await _readable(
-        state, links, chat_id, file_id, authorization, expires, signature
-    )
-    return await _file_response(
-        state, attachment, range_header, if_none_match, inline=False
-    )
+    attachment = await _readable(state, links, chat_id, file_id, authorization, expires, signature)
+    return await _file_response(state, attachment, range_header, if_none_match, inline=False)
 
 
 @router.get(
@@ -159,9 +158,7 @@ async def read_chat_image(
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    attachment = await _readable(
-        state, links, chat_id, file_id, authorization, expires, signature
-    )
+    attachment = await _readable(state, links, chat_id, file_id, authorization, expires, signature)
     if attachment.media_type not in IMAGE_TYPES:
         raise NotFoundError("no such image")
     return await _file_response(state, attachment, range_header, if_none_match, inline=True)
@@ -246,7 +243,9 @@ async def _file_response(
         # A stored file is never a page: scripts in it (a PDF's, say) run nowhere with our origin.
         "Content-Security-Policy": "default-src 'none'; sandbox",
         "Cache-Control": "private, max-age=300",
-        "Content-Disposition": _disposition("inline" if inline else "attachment", attachment.filename),
+        "Content-Disposition": _disposition(
+            "inline" if inline else "attachment", attachment.filename
+        ),
     }
     if if_none_match is not None and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers=headers)
