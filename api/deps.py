@@ -37,10 +37,12 @@ SessionDep = Annotated[AsyncSession, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dck_...`")
 
 
-async def get_principal(
-    state: StateDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+# The API key as sent, if one was: routes that also take another credential (signed file links)
+# resolve it with `get_principal` themselves.
+BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def get_principal(state: StateDep, credentials: BearerCredentials) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise UnauthorizedError("missing API key: send `Authorization: Bearer <key>`")
     # A short session of its own: streaming handlers must not hold a pooled connection for the

@@ -188,7 +188,8 @@ class FileIntake:
                 id=ids[where],
                 organization_id=self._principal.organization_id,
                 user_id=self._principal.user_id,
-                chat_id=chat_id,
+                # The chat may not exist yet: storing the message gives the file its chat.
+                chat_id=None,
                 filename=item.filename,
                 media_type=item.media_type,
             )
@@ -198,7 +199,7 @@ class FileIntake:
                 id=ids[where],
                 organization_id=self._principal.organization_id,
                 user_id=self._principal.user_id,
-                chat_id=chat_id,
+                chat_id=None,
                 filename=_remote_filename(given),
                 media_type=_declared(given.declared_type) or "application/octet-stream",
                 source_url=given.remote_url,

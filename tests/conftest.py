@@ -42,6 +42,12 @@ MOCK_MODELS = [
 ]
 
 
+# The loopback address the remote-file test server listens on, and the only private address the
+# outbound guard lets through in tests.
+REMOTE_FILES_HOST = "127.0.0.2"
+MAX_TEST_ATTACHMENT_BYTES = 2_000_000
+
+
 @pytest.fixture(scope="session")
 def provider_server() -> Iterator[OpenAICompatibleServer]:
     with OpenAICompatibleServer(api_key="sk-test-provider-key") as server:
@@ -68,6 +74,12 @@ def stack_settings(
         stream_ping_seconds=1,
         # A browser app's origin, for the CORS checks in tests/test_ai_sdk_chat.py.
         cors_origins=["http://app.durachat.test"],
+        # Remote files come from a test server on this loopback address; every other private
+        # address stays refused (tests/test_attachments.py).
+        outbound_allowed_hosts=[REMOTE_FILES_HOST],
+        # Small, so the refusals of tests/test_attachments.py need no large files.
+        max_attachment_bytes=MAX_TEST_ATTACHMENT_BYTES,
+        max_attachments_per_message=3,
     )
 
 
@@ -111,7 +123,8 @@ def process_environment(settings: Settings) -> dict[str, str]:
                     }
                     for provider, entry in value.items()
                 }
-            environment[key] = json.dumps(value) if name != "cors_origins" else ",".join(value)
+            # Lists of strings are comma-separated settings (NoDecode); mappings are JSON.
+            environment[key] = json.dumps(value) if isinstance(value, dict) else ",".join(value)
         elif name == "s3_secret_access_key":
             environment[key] = settings.s3_secret_access_key.get_secret_value()
         else:

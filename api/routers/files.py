@@ -12,7 +12,13 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from api.chat_views import FileLinksDep
-from api.deps import CurrentPrincipal, StateDep, get_principal, visibility_of
+from api.deps import (
+    BearerCredentials,
+    CurrentPrincipal,
+    StateDep,
+    get_principal,
+    visibility_of,
+)
 from api.file_intake import FileIntake
 from api.file_links import FileLinks, refuse_link
 from api.schemas import ChatId, UploadedFileOut
@@ -131,13 +137,13 @@ async def read_chat_file(
     filename: str,
     state: StateDep,
     links: FileLinksDep,
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: BearerCredentials,
     expires: Annotated[int | None, Query()] = None,
     signature: Annotated[str | None, Query(max_length=128)] = None,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    attachment = await _readable(state, links, chat_id, file_id, authorization, expires, signature)
+    attachment = await _readable(state, links, chat_id, file_id, credentials, expires, signature)
     return await _file_response(state, attachment, range_header, if_none_match, inline=False)
 
 
@@ -152,13 +158,13 @@ async def read_chat_image(
     file_id: FileId,
     state: StateDep,
     links: FileLinksDep,
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: BearerCredentials,
     expires: Annotated[int | None, Query()] = None,
     signature: Annotated[str | None, Query(max_length=128)] = None,
     range_header: Annotated[str | None, Header(alias="Range")] = None,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
-    attachment = await _readable(state, links, chat_id, file_id, authorization, expires, signature)
+    attachment = await _readable(state, links, chat_id, file_id, credentials, expires, signature)
     if attachment.media_type not in IMAGE_TYPES:
         raise NotFoundError("no such image")
     return await _file_response(state, attachment, range_header, if_none_match, inline=True)
@@ -197,18 +203,14 @@ async def _readable(
     links: FileLinks,
     chat_id: str,
     file_id: FileId,
-    authorization: str | None,
+    credentials: HTTPAuthorizationCredentials | None,
     expires: int | None,
     signature: str | None,
 ) -> Attachment:
     """The file, if the caller may read it: with an API key that sees the chat, or with a link
     signed for this chat and file that has not expired. Anything else is a 404 (401 with neither)."""
-    if authorization is not None:
-        scheme, _, credentials = authorization.partition(" ")
-        principal = await get_principal(
-            state, HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
-        )
-        visibility = visibility_of(principal)
+    if credentials is not None:
+        visibility = visibility_of(await get_principal(state, credentials))
     elif expires is not None and signature is not None:
         async with state.sessions() as session:
             owner = await attachments.get_owner(session, file_id)

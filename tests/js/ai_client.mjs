@@ -184,7 +184,7 @@ async function runChat(command) {
     }),
   });
   for (const action of command.actions) {
-    if (action.do === 'send') await chat.sendMessage({ text: action.text });
+    if (action.do === 'send') await chat.sendMessage({ text: action.text, ...(action.files ? { files: action.files } : {}) });
     else if (action.do === 'regenerate') await chat.regenerate(action.messageId ? { messageId: action.messageId } : undefined);
     else if (action.do === 'resume') await chat.resumeStream();
     else throw new Error(`unknown action ${JSON.stringify(action)}`);
