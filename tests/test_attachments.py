@@ -228,7 +228,7 @@ async def test_an_upload_is_sent_by_file_id_and_stays_behind_the_walls(
     sessions: async_sessionmaker[AsyncSession],
     provider_server: OpenAICompatibleServer,
 ) -> None:
-    notes = "# Notes\n\nThe launch code is swordfish.\n".encode()
+    notes = b"# Notes\n\nThe launch code is swordfish.\n"
     uploaded = await client.post(
         "/v1/files",
         files={"file": ("notes.md", notes, "text/markdown")},

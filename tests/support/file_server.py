@@ -31,7 +31,7 @@ class FileServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 with server._lock:
                     server.requests.append(self.path)
                     route = server._routes.get(self.path)
@@ -55,7 +55,7 @@ class FileServer:
                 self.end_headers()
                 self.wfile.write(route.body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
