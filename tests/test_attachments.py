@@ -635,3 +635,39 @@ async def test_a_turn_waits_for_the_store_and_completes(
     assert sent.json()["status"] == "completed"
     [request] = requests_saying(provider_server, marker)
     assert len(request.images()) == 1
+
+
+async def test_an_edit_keeps_the_original_files_unless_it_names_its_own(
+    client: httpx.AsyncClient, tenant: Tenant, provider_server: OpenAICompatibleServer
+) -> None:
+    image = {"type": "file", "mediaType": "image/png", "url": data_url(png(30, 20), "image/png")}
+    first = await send_json(
+        client,
+        tenant,
+        {"model": ECHO, "messages": [user_message(image, {"type": "text", "text": "first"})]},
+    )
+    assert first.status_code == 200, first.text
+    chat_id = first.json()["chatId"]
+    user_id = (await get_chat(client, tenant.headers, chat_id))["messages"][0]["id"]
+
+    kept_marker = f"edited-{uuid.uuid4().hex[:8]}"
+    kept = await send_json(
+        client,
+        tenant,
+        {"content": kept_marker, "model": ECHO},
+        path=f"/v1/chats/{chat_id}/messages/{user_id}/edit",
+    )
+    assert kept.status_code == 200, kept.text
+    [request] = requests_saying(provider_server, kept_marker)
+    assert len(request.images()) == 1
+
+    dropped_marker = f"no-files-{uuid.uuid4().hex[:8]}"
+    dropped = await send_json(
+        client,
+        tenant,
+        {"content": dropped_marker, "model": ECHO, "fileIds": []},
+        path=f"/v1/chats/{chat_id}/messages/{user_id}/edit",
+    )
+    assert dropped.status_code == 200, dropped.text
+    [request] = requests_saying(provider_server, dropped_marker)
+    assert request.images() == []

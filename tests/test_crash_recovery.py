@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,10 +32,11 @@ from devstack.ports import free_port_block
 from devstack.stack import ServiceStack
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
-from storage.models import Message, Turn
-from tests.conftest import Tenant, make_tenant, process_environment
+from storage.models import Attachment, Message, Turn
+from tests.conftest import REMOTE_FILES_HOST, Tenant, make_tenant, process_environment
 from tests.support.ai_client import run_ai_client
 from tests.support.chat_api import stored_text
+from tests.support.file_server import FileServer
 from tests.support.processes import ServiceProcess, wait_until_ready
 from tests.support.sse import SseEvent, iter_sse, text_of
 
@@ -122,8 +125,10 @@ def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack
         embedded_redis_port=free_port_block(),
         embedded_temporal_port=free_port_block((0, 10, 11)),
         embedded_temporal_ui=False,
+        embedded_s3_port=free_port_block(tuple(range(10))),
         temporal_task_queue=f"durachat-crash-{uuid.uuid4().hex[:8]}",
         stream_ping_seconds=1,
+        outbound_allowed_hosts=[REMOTE_FILES_HOST],
     )
     services = ServiceStack(settings, redis_persistent=False)
     services.start()
@@ -136,6 +141,7 @@ def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack
                 "database_url": endpoints.database_url,
                 "redis_url": endpoints.redis_url,
                 "temporal_address": endpoints.temporal_address,
+                "s3_endpoint_url": endpoints.s3_endpoint_url,
             }
         )
         stack = CrashStack(settings, services, tmp_path_factory.mktemp("crash-logs"))
@@ -850,3 +856,73 @@ async def test_redis_restarted_without_persistence_mid_turn(
     assert _stored_message_or_clear_error(late, stored), _describe(late)
     if late.done and late.chunks[-1]["type"] == "finish":
         await assert_ai_client_assembles(late.chunks, answer, from_start=False)
+
+
+# --- 5. worker killed while it fetches a remote file ----------------------------------------------
+
+
+async def test_worker_killed_during_a_fetch_retries_it_without_duplicates(
+    crash_stack: CrashStack,
+    crash_tenant: Tenant,
+    crash_sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> None:
+    photo = io.BytesIO()
+    Image.effect_noise((600, 400), 64).convert("RGB").save(photo, format="PNG")
+    body = photo.getvalue()
+    with FileServer(REMOTE_FILES_HOST) as files:
+        # About 0.2 s a 64 KiB piece: the download is still running when the worker dies.
+        url = files.serve_slowly("/slow/photo.png", body, "image/png", piece_delay=0.2)
+        sending = asyncio.create_task(
+            http.post(
+                f"{crash_stack.api_url}/v1/chats?stream=false",
+                json={
+                    "model": "local/echo",
+                    "providerOptions": {"local": {"delayMs": 0}},
+                    "messages": [
+                        {
+                            "id": f"m_{uuid.uuid4().hex[:8]}",
+                            "role": "user",
+                            "parts": [
+                                {"type": "file", "mediaType": "image/png", "url": url},
+                                {"type": "text", "text": "what is this"},
+                            ],
+                        }
+                    ],
+                },
+                headers=crash_tenant.headers,
+                timeout=120,
+            )
+        )
+        deadline = time.monotonic() + 30
+        while not files.requests:
+            assert time.monotonic() < deadline, crash_stack.logs()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        old_worker = crash_stack.worker
+        assert old_worker is not None
+        old_worker.kill()
+        crash_stack.start_worker()
+        sent = await sending
+        assert sent.status_code == 200, sent.text + crash_stack.logs()
+        fetches = len(files.requests)
+    answer = sent.json()
+    assert answer["status"] == "completed"
+    assert "[image: image/jpeg" in stored_text(answer["message"])
+    async with crash_sessions() as session:
+        rows = (
+            (
+                await session.execute(
+                    select(Attachment).where(
+                        Attachment.organization_id == crash_tenant.organization_id
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+    [attachment] = rows
+    assert (attachment.status, attachment.size) == ("stored", len(body))
+    assert attachment.variant_name is not None
+    report("worker SIGKILL during a fetch", fetches=fetches)
+    assert fetches == 2

@@ -34,6 +34,8 @@ from tests.support.sse import SseEvent, iter_sse
 
 LOW_LIMITS: dict[str, Any] = {
     "max_request_bytes": 4096,
+    # Sends may carry files (`data:` URLs), so their bodies are bounded by the upload limit.
+    "max_upload_request_bytes": 4096,
     "max_message_chars": 1000,
     "send_rate_limit": "6/minute",
     "stream_open_rate_limit": "6/minute",

@@ -198,6 +198,7 @@ def test_production_needs_an_external_object_store() -> None:
         "database_url": "postgresql+asyncpg://u@db/durachat",
         "redis_url": "redis://redis:6379/0",
         "temporal_address": "temporal:7233",
+        "file_url_secret": "a-long-random-secret",
     }
     with pytest.raises(ValueError, match="DURACHAT_S3_ENDPOINT_URL"):
         Settings.model_validate(external)

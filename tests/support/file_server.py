@@ -1,13 +1,14 @@
 """A local HTTP server serving files by path, for tests of remote attachments and the outbound guard.
 
 Runs `http.server` in a background thread on a free port of the given address. `serve(path, body,
-content_type)` publishes a file; `redirect(path, location)` answers 302; `fail(path, status, times)`
+content_type)` publishes a file (`serve_slowly` trickles it); `redirect(path, location)` answers 302; `fail(path, status, times)`
 answers `status` for the first `times` requests. Every request's path is recorded (`requests`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -21,6 +22,8 @@ class _Route:
     location: str | None = None
     fail_status: int | None = None
     fail_times: int = 0
+    # Seconds between 64 KiB pieces of the body: a download that takes a while.
+    piece_delay: float = 0.0
 
 
 class FileServer:
@@ -53,7 +56,14 @@ class FileServer:
                 self.send_header("Content-Type", route.content_type)
                 self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
-                self.wfile.write(route.body)
+                try:
+                    for start in range(0, len(route.body), 65536):
+                        self.wfile.write(route.body[start : start + 65536])
+                        self.wfile.flush()
+                        if route.piece_delay:
+                            time.sleep(route.piece_delay)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away mid-download
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -72,6 +82,10 @@ class FileServer:
 
     def serve(self, path: str, body: bytes, content_type: str) -> str:
         self._routes[path] = _Route(body=body, content_type=content_type)
+        return self.base_url + path
+
+    def serve_slowly(self, path: str, body: bytes, content_type: str, piece_delay: float) -> str:
+        self._routes[path] = _Route(body=body, content_type=content_type, piece_delay=piece_delay)
         return self.base_url + path
 
     def redirect(self, path: str, location: str) -> str:
