@@ -204,3 +204,17 @@ def test_production_needs_an_external_object_store() -> None:
         Settings.model_validate(external)
     settings = Settings.model_validate({**external, "s3_endpoint_url": "https://s3.internal"})
     assert settings.resolved_s3_endpoint_url == "https://s3.internal"
+
+
+def test_production_needs_a_file_link_secret() -> None:
+    external = {
+        "environment": "production",
+        "database_url": "postgresql+asyncpg://u@db/durachat",
+        "redis_url": "redis://redis:6379/0",
+        "temporal_address": "temporal:7233",
+        "s3_endpoint_url": "https://s3.internal",
+    }
+    with pytest.raises(ValueError, match="DURACHAT_FILE_URL_SECRET"):
+        Settings.model_validate(external)
+    settings = Settings.model_validate({**external, "file_url_secret": "s3cret-" * 6})
+    assert settings.file_url_signing_key == ("s3cret-" * 6).encode()

@@ -20,7 +20,12 @@ from workflows.chat_turn import ChatTurnWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
 
-# One turn per path through the workflow: completed, retried then completed, failed.
+# A 2x2 PNG, for a turn whose message carries a file (it takes the prepare-attachments step).
+TINY_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
+)
+
+# One turn per path through the workflow: completed, retried then completed, failed, with a file.
 SCENARIOS = {
     "completed": {"message": "replay me", "providerOptions": {"local": {"delayMs": 0}}},
     "retried": {
@@ -28,6 +33,12 @@ SCENARIOS = {
         "providerOptions": {"local": {"delayMs": 0, "failAfterWords": 1, "failTimes": 1}},
     },
     "failed": {"message": "no", "model": "mock/fail-400"},
+    "with-file": {
+        "message": "what is this",
+        "image": TINY_PNG,
+        "imageMimeType": "image/png",
+        "providerOptions": {"local": {"delayMs": 0}},
+    },
 }
 
 
