@@ -21,9 +21,7 @@ from workflows.chat_turn import ChatTurnWorkflow
 HISTORIES = Path(__file__).parent / "histories"
 
 # A 2x2 PNG, for a turn whose message carries a file (it takes the prepare-attachments step).
-TINY_PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
-)
+TINY_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGP8z8DAwMDAxMDAwMDAAAANHQEDasKb6QAAAABJRU5ErkJggg=="
 
 # One turn per path through the workflow: completed, retried then completed, failed, with a file.
 SCENARIOS = {
