@@ -22,7 +22,14 @@ from core.contracts import PrepareAttachmentsInput, attachment_ids_in
 from core.errors import ErrorType
 from media.documents import DocumentRefused, pdf_text
 from media.images import ImageRefused, normalize_image
-from media.types import IMAGE_TYPES, SNIFF_BYTES, TextCheck, UnsupportedMediaType, identify
+from media.types import (
+    IMAGE_TYPES,
+    SNIFF_BYTES,
+    TEXT_TYPES,
+    TextCheck,
+    UnsupportedMediaType,
+    identify,
+)
 from outbound.guard import GuardedHttpClient, OutboundRefused
 from providers.base import DocumentInput, ImageInput, InputKind, PromptInput
 from providers.registry import ProviderRegistry
@@ -145,9 +152,7 @@ class AttachmentActivities:
                     )
                 except UnsupportedMediaType as exc:
                     raise RemoteFileRefused(f"{url}: {exc}") from None
-                text_check = (
-                    TextCheck() if media_type not in IMAGE_TYPES | {"application/pdf"} else None
-                )
+                text_check = TextCheck() if media_type in TEXT_TYPES else None
 
                 async def checked() -> AsyncIterator[bytes]:
                     size = 0

@@ -20,7 +20,6 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception,
-    retry_if_exception_type,
     wait_exponential,
 )
 
@@ -377,28 +376,19 @@ class GenerationActivities:
         like a database outage (see DATABASE_WAIT)."""
         if not files:
             return {}
-        async for try_ in AsyncRetrying(
-            retry=retry_if_exception_type(ObjectStoreUnavailable),
-            wait=DATABASE_WAIT,
-            before_sleep=_heartbeat_while_waiting,
-            reraise=True,
-        ):
-            with try_:
-                return await self._model_inputs.for_branch(organization_id, branch, files, kinds)
-        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+        return await _waiting_out(
+            lambda error: isinstance(error, ObjectStoreUnavailable),
+            lambda: self._model_inputs.for_branch(organization_id, branch, files, kinds),
+        )
 
     async def _in_transaction(self, operation: Callable[[AsyncSession], Awaitable[T]]) -> T:
         """Run `operation` in a transaction, waiting out a Postgres outage (see DATABASE_WAIT)."""
-        async for try_ in AsyncRetrying(
-            retry=retry_if_exception(is_database_unavailable),
-            wait=DATABASE_WAIT,
-            before_sleep=_heartbeat_while_waiting,
-            reraise=True,
-        ):
-            with try_:
-                async with self._sessions.begin() as session:
-                    return await operation(session)
-        raise AssertionError("unreachable: AsyncRetrying either returns or raises")
+
+        async def in_transaction() -> T:
+            async with self._sessions.begin() as session:
+                return await operation(session)
+
+        return await _waiting_out(is_database_unavailable, in_transaction)
 
     async def _keep_partial_answer(
         self,
@@ -424,6 +414,22 @@ async def _heartbeat_until_stopped(publisher: ChunkPublisher) -> None:
             return
         except TimeoutError:
             pass
+
+
+async def _waiting_out(
+    is_outage: Callable[[BaseException], bool], operation: Callable[[], Awaitable[T]]
+) -> T:
+    """Run `operation` until it does not fail with an outage `is_outage` recognises, pausing
+    (DATABASE_WAIT) and heartbeating in between: the activity waits in place instead of failing."""
+    async for try_ in AsyncRetrying(
+        retry=retry_if_exception(is_outage),
+        wait=DATABASE_WAIT,
+        before_sleep=_heartbeat_while_waiting,
+        reraise=True,
+    ):
+        with try_:
+            return await operation()
+    raise AssertionError("unreachable: AsyncRetrying either returns or raises")
 
 
 def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:

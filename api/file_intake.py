@@ -27,7 +27,14 @@ import structlog
 from api.state import AppState
 from core.errors import BadRequestError, ContentTooLargeError, UnsupportedMediaTypeError
 from media.images import ImageRefused, inspect_image
-from media.types import IMAGE_TYPES, SNIFF_BYTES, TextCheck, UnsupportedMediaType, identify
+from media.types import (
+    IMAGE_TYPES,
+    SNIFF_BYTES,
+    TEXT_TYPES,
+    TextCheck,
+    UnsupportedMediaType,
+    identify,
+)
 from providers.base import InputKind
 from storage import attachments
 from storage.api_keys import Principal
@@ -112,7 +119,7 @@ class CheckedFile:
 
 
 @dataclass
-class MessageFiles:
+class GivenMessage:
     """The parts of one message, with the files it gives at the positions they were given."""
 
     parts: list[dict[str, Any]]
@@ -120,10 +127,10 @@ class MessageFiles:
     files: dict[int, GivenFile] = field(default_factory=dict)
 
 
-def split_files(parts: Sequence[dict[str, Any]], extra: Sequence[GivenFile] = ()) -> MessageFiles:
+def split_files(parts: Sequence[dict[str, Any]], extra: Sequence[GivenFile] = ()) -> GivenMessage:
     """A message's parts with its `file` parts taken out as given files; `extra` files (fileIds, a
     seed-style image) go first, where the AI SDK puts a message's files."""
-    message = MessageFiles(parts=[])
+    message = GivenMessage(parts=[])
     for given in extra:
         message.files[len(message.parts)] = given
         message.parts.append({})
@@ -147,7 +154,7 @@ class FileIntake:
 
     async def store_message_files(
         self,
-        messages: Sequence[MessageFiles],
+        messages: Sequence[GivenMessage],
         *,
         turn_id: str,
         chat_id: str | None,
@@ -228,7 +235,7 @@ class FileIntake:
         return parts, list(ids.values())
 
     async def _existing(
-        self, messages: Sequence[MessageFiles], chat_id: str | None
+        self, messages: Sequence[GivenMessage], chat_id: str | None
     ) -> dict[str, Attachment]:
         wanted = [
             given.attachment_id
@@ -281,7 +288,7 @@ class FileIntake:
         media_type = self._identify(data[:SNIFF_BYTES], declared_type, filename)
         if media_type in IMAGE_TYPES:
             await _inspect(data, filename)
-        elif not media_type.startswith("image/") and _is_text(media_type):
+        elif media_type in TEXT_TYPES:
             check = TextCheck()
             try:
                 check.feed(data)
@@ -350,7 +357,7 @@ class FileIntake:
         if media_type in IMAGE_TYPES:
             upload.seek(0)
             await _inspect(upload.read(), filename)
-        text_check = TextCheck() if _is_text(media_type) else None
+        text_check = TextCheck() if media_type in TEXT_TYPES else None
         attachment_id = str(uuid.uuid4())
         await self._record_pending(
             [
@@ -474,10 +481,6 @@ def _remote_filename(given: GivenFile) -> str:
 
 def _declared(media_type: str | None) -> str:
     return (media_type or "").split(";", 1)[0].strip().lower()
-
-
-def _is_text(media_type: str) -> bool:
-    return media_type.startswith("text/") or media_type == "application/json"
 
 
 def _name(filename: str | None) -> str:

@@ -20,6 +20,19 @@ POOL_EXHAUSTED_RETRY_AFTER_SECONDS = 1
 REDIS_DOWN_RETRY_AFTER_SECONDS = 5
 
 
+def unavailable_response(detail: str, retry_after: int) -> JSONResponse:
+    """A 503 problem telling the client when to try again."""
+    error = ServiceUnavailableError(detail, headers={"Retry-After": str(retry_after)})
+    return problem_response(
+        error.status_code,
+        error.title,
+        error.detail,
+        problem_type=error.problem_type,
+        extra={"retryAfter": retry_after},
+        headers=error.headers,
+    )
+
+
 def install_redis_unavailable_handlers(app: FastAPI) -> None:
     """Map redis-py's connection errors (pool exhaustion is one) to `ServiceUnavailableError`."""
 
@@ -32,15 +45,7 @@ def install_redis_unavailable_handlers(app: FastAPI) -> None:
             log.warning("api.redis_unavailable", path=request.url.path, error=repr(exc))
             retry_after = REDIS_DOWN_RETRY_AFTER_SECONDS
             detail = "Redis is unreachable; retry shortly"
-        error = ServiceUnavailableError(detail, headers={"Retry-After": str(retry_after)})
-        return problem_response(
-            error.status_code,
-            error.title,
-            error.detail,
-            problem_type=error.problem_type,
-            extra={"retryAfter": retry_after},
-            headers=error.headers,
-        )
+        return unavailable_response(detail, retry_after)
 
     app.add_exception_handler(ConnectionError, _redis_unavailable)
     app.add_exception_handler(TimeoutError, _redis_unavailable)
@@ -56,18 +61,8 @@ def install_object_store_unavailable_handler(app: FastAPI) -> None:
 
     async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
         log.warning("api.object_store_unavailable", path=request.url.path, error=repr(exc))
-        retry_after = OBJECT_STORE_DOWN_RETRY_AFTER_SECONDS
-        error = ServiceUnavailableError(
-            "the object store is unreachable; retry shortly",
-            headers={"Retry-After": str(retry_after)},
-        )
-        return problem_response(
-            error.status_code,
-            error.title,
-            error.detail,
-            problem_type=error.problem_type,
-            extra={"retryAfter": retry_after},
-            headers=error.headers,
+        return unavailable_response(
+            "the object store is unreachable; retry shortly", OBJECT_STORE_DOWN_RETRY_AFTER_SECONDS
         )
 
     app.add_exception_handler(ObjectStoreUnavailable, _store_unavailable)

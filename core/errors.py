@@ -119,6 +119,12 @@ class UnsupportedMediaTypeError(DurachatError):
     problem_type = "/problems/unsupported-media-type"
 
 
+class RangeNotSatisfiableError(DurachatError):
+    status_code = 416
+    title = "Range Not Satisfiable"
+    problem_type = "/problems/range-not-satisfiable"
+
+
 class TooManyRequestsError(DurachatError):
     """A rate limit or a concurrency cap refused the request; `Retry-After` says when to try again."""
 

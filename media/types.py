@@ -9,17 +9,6 @@ from pathlib import PurePosixPath
 
 import filetype
 
-DEFAULT_ALLOWED_TYPES: tuple[str, ...] = (
-    "image/png",
-    "image/jpeg",
-    "image/gif",
-    "image/webp",
-    "application/pdf",
-    "text/plain",
-    "text/markdown",
-    "text/csv",
-    "application/json",
-)
 IMAGE_TYPES: frozenset[str] = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 # The types identify() returns for text that decodes as UTF-8.
 TEXT_TYPES: frozenset[str] = frozenset(

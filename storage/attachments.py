@@ -97,7 +97,6 @@ async def mark_stored(
     media_type: str,
     size: int,
     sha256: str,
-    variant_media_type: str | None = None,
 ) -> None:
     await session.execute(
         update(Attachment)
@@ -107,8 +106,6 @@ async def mark_stored(
             media_type=media_type,
             size=size,
             sha256=sha256,
-            variant_name=variant_name_for(attachment_id) if variant_media_type else None,
-            variant_media_type=variant_media_type,
             error=None,
             updated_at=func.now(),
         )

@@ -46,7 +46,7 @@ class Purger:
                 )
             if not batch:
                 break
-            await self._delete(batch)
+            await self.delete_attachments(batch)
         async with self._sessions.begin() as session:
             return await chats.purge_deleted_chats(
                 session, deleted_before, organization_id=organization_id
@@ -62,14 +62,11 @@ class Purger:
                 )
             if not batch:
                 return swept
-            await self._delete(batch)
+            await self.delete_attachments(batch)
             swept += len(batch)
 
     async def delete_attachments(self, batch: list[Attachment]) -> None:
         """Delete these attachments' objects, then their rows."""
-        await self._delete(batch)
-
-    async def _delete(self, batch: list[Attachment]) -> None:
         by_organization: dict[str, list[Attachment]] = {}
         for attachment in batch:
             by_organization.setdefault(attachment.organization_id, []).append(attachment)

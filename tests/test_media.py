@@ -8,9 +8,10 @@ import io
 import pytest
 from PIL import Image
 
+from core.settings import DEFAULT_ATTACHMENT_TYPES as DEFAULT_ALLOWED_TYPES
 from media.documents import pdf_text
 from media.images import ImageRefused, inspect_image, normalize_image
-from media.types import DEFAULT_ALLOWED_TYPES, TextCheck, UnsupportedMediaType, identify
+from media.types import TextCheck, UnsupportedMediaType, identify
 from tests.test_attachments import pdf_with_text, png
 
 

@@ -23,7 +23,12 @@ from api.file_intake import FileIntake
 from api.file_links import FileLinks, refuse_link
 from api.schemas import ChatId, UploadedFileOut
 from api.state import AppState
-from core.errors import BadRequestError, DurachatError, NotFoundError, UnauthorizedError
+from core.errors import (
+    BadRequestError,
+    NotFoundError,
+    RangeNotSatisfiableError,
+    UnauthorizedError,
+)
 from media.types import IMAGE_TYPES
 from storage import attachments, chats
 from storage.api_keys import Principal
@@ -49,12 +54,6 @@ READ_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 FileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="A file id")]
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class RangeNotSatisfiableError(DurachatError):
-    status_code = 416
-    title = "Range Not Satisfiable"
-    problem_type = "/problems/range-not-satisfiable"
 
 
 @router.post(
@@ -87,20 +86,19 @@ async def read_upload(
 ) -> Response:
     async with state.sessions() as session:
         attachment = await attachments.get(session, principal.organization_id, file_id)
-    if (
-        attachment is None
-        or attachment.status != attachments.AttachmentStatus.STORED
-        or (principal.user_id is not None and attachment.user_id != principal.user_id)
-    ):
+        readable = (
+            attachment is not None
+            and attachment.status == attachments.AttachmentStatus.STORED
+            and (principal.user_id is None or attachment.user_id == principal.user_id)
+            # Sent in (or uploaded to) a chat, it is read as the chat's: deleting the chat hides it.
+            and (
+                attachment.chat_id is None
+                or await chats.get_live_chat(session, visibility_of(principal), attachment.chat_id)
+                is not None
+            )
+        )
+    if attachment is None or not readable:
         raise NotFoundError("no such file")
-    if attachment.chat_id is not None:
-        # Sent in (or uploaded to) a chat: it is read through the chat, whose deletion hides it.
-        async with state.sessions() as session:
-            if (
-                await chats.get_live_chat(session, visibility_of(principal), attachment.chat_id)
-                is None
-            ):
-                raise NotFoundError("no such file")
     return await _file_response(state, attachment, range_header, if_none_match, inline=False)
 
 
