@@ -563,6 +563,11 @@ class EmbeddedTemporal(EmbeddedService):
             "journal_mode=wal",
             "--sqlite-pragma",
             "synchronous=normal",
+            # The workflow task that accepts a turn schedules its generation; with eager execution
+            # the server hands that activity straight back to the completing worker instead of
+            # through a task-queue poll (open-source servers keep it off by default).
+            "--dynamic-config-value",
+            "system.enableActivityEagerExecution=true",
             "--namespace",
             self.namespace,
             "--log-level",

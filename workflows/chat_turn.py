@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -54,8 +55,15 @@ with workflow.unsafe.imports_passed_through():
     from core.errors import ErrorType
     from workflows import search_attributes
 
+# The session steps (claim, store the user message, persist the answer, drop a queued turn) are
+# short Postgres transactions, run as local activities: inside the workflow task that needs them,
+# with no round trip through the server. The turn is accepted after one workflow task, which also
+# schedules generation (the "early return" pattern). A worker that dies during one loses the
+# workflow task, and the next worker runs the step again: every step is idempotent.
+#
 # Postgres writes retry without an attempt limit: a database that is down for a while must delay the
-# turn, never lose it. Only a rejected claim is final.
+# turn, never lose it. Only a rejected claim is final. The retries stay local (each pause is under
+# the worker's local retry threshold, and the worker heartbeats the workflow task meanwhile).
 SESSION_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     backoff_coefficient=2.0,
@@ -103,6 +111,11 @@ TITLE_TIMEOUT = timedelta(seconds=30)
 QUEUE_RECHECK = timedelta(seconds=60)
 # Claim rejections that end the turn: the chat or message is not there, or the chat is busy.
 CLAIM_REJECTIONS = (ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY, ErrorType.MESSAGE_NOT_FOUND)
+# Runs recorded before the session steps were local activities replay with regular ones.
+LOCAL_SESSION_STEPS_PATCH = "local-session-steps"
+
+StepInput = TypeVar("StepInput")
+StepResult = TypeVar("StepResult")
 
 
 @workflow.defn(name=TURN_WORKFLOW_NAME)
@@ -115,13 +128,15 @@ class ChatTurnWorkflow:
         self._rejection: ApplicationError | None = None
         self._stop: StopTurnRequest | None = None
         self._chat_released = False
+        self._local_session_steps = False
 
     @workflow.run
     async def run(self, turn: TurnInput) -> TurnResult:
         info = workflow.info()
+        self._local_session_steps = workflow.patched(LOCAL_SESSION_STEPS_PATCH)
         try:
             claim = await self._claim(turn)
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:
             rejection = _claim_rejection(err)
             if rejection is None:
                 raise
@@ -129,7 +144,7 @@ class ChatTurnWorkflow:
             workflow.upsert_search_attributes(
                 [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
             )
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            await _all_handlers_finished()
             return TurnResult(
                 chat_id=turn.chat_id or "",
                 turn_id=turn.turn_id,
@@ -141,7 +156,7 @@ class ChatTurnWorkflow:
         if claim.queued:
             waited = await self._wait_in_queue(turn, claim)
             if isinstance(waited, TurnStatus):
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                await _all_handlers_finished()
                 return TurnResult(
                     chat_id=claim.chat_id,
                     turn_id=turn.turn_id,
@@ -150,7 +165,7 @@ class ChatTurnWorkflow:
                 )
             claim = waited
 
-        await workflow.execute_activity_method(
+        await self._session_step(
             ChatSessionActivities.store_user_message,
             StoreUserMessageInput(
                 turn=turn,
@@ -161,8 +176,6 @@ class ChatTurnWorkflow:
                 chat_created=claim.created,
                 answered_message_id=claim.answered_message_id,
             ),
-            start_to_close_timeout=SESSION_TIMEOUT,
-            retry_policy=SESSION_RETRY,
         )
         user_message_id = claim.answered_message_id or turn.user_message_id
         self._accepted = TurnAccepted(
@@ -191,11 +204,8 @@ class ChatTurnWorkflow:
             outcome.finish_reason = "other"
         outcome.duration_ms = int((workflow.now() - started).total_seconds() * 1000)
 
-        next_turn_id = await workflow.execute_activity_method(
-            ChatSessionActivities.persist_assistant_message,
-            outcome,
-            start_to_close_timeout=SESSION_TIMEOUT,
-            retry_policy=SESSION_RETRY,
+        next_turn_id = await self._session_step(
+            ChatSessionActivities.persist_assistant_message, outcome
         )
         status = turn_status_for(outcome.status)
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
@@ -204,7 +214,7 @@ class ChatTurnWorkflow:
         # Histories recorded before chats were titled replay without this step.
         if claim.created and workflow.patched("title-new-chats"):
             await self._title_chat(turn.organization_id, claim.chat_id)
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await _all_handlers_finished()
         # A failed turn closes its workflow as failed, so operators find it by execution status;
         # its outcome is stored and its stream ended by now. Histories recorded before this
         # completed such turns, and replay that way.
@@ -224,9 +234,24 @@ class ChatTurnWorkflow:
         )
 
     async def _claim(self, turn: TurnInput) -> ClaimSessionResult:
+        return await self._session_step(ChatSessionActivities.claim_session, turn)
+
+    async def _session_step(
+        self,
+        step: Callable[[ChatSessionActivities, StepInput], Awaitable[StepResult]],
+        argument: StepInput,
+    ) -> StepResult:
+        """Run a session step: a local activity, or a regular one in runs recorded before."""
+        if self._local_session_steps:
+            return await workflow.execute_local_activity_method(
+                step,
+                argument,
+                start_to_close_timeout=SESSION_TIMEOUT,
+                retry_policy=SESSION_RETRY,
+            )
         return await workflow.execute_activity_method(
-            ChatSessionActivities.claim_session,
-            turn,
+            step,
+            argument,
             start_to_close_timeout=SESSION_TIMEOUT,
             retry_policy=SESSION_RETRY,
         )
@@ -270,7 +295,7 @@ class ChatTurnWorkflow:
                 )
             try:
                 claim = await self._claim(again)
-            except ActivityError as err:
+            except (ActivityError, ApplicationError) as err:
                 rejection = _claim_rejection(err)
                 if rejection is None:
                     raise
@@ -281,7 +306,7 @@ class ChatTurnWorkflow:
     async def _drop(
         self, turn: TurnInput, chat_id: str, status: TurnStatus, reason: str
     ) -> TurnStatus:
-        next_turn_id = await workflow.execute_activity_method(
+        next_turn_id = await self._session_step(
             ChatSessionActivities.drop_queued_turn,
             DropQueuedTurnInput(
                 organization_id=turn.organization_id,
@@ -290,8 +315,6 @@ class ChatTurnWorkflow:
                 status=status,
                 reason=reason,
             ),
-            start_to_close_timeout=SESSION_TIMEOUT,
-            retry_policy=SESSION_RETRY,
         )
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
         if next_turn_id is not None:
@@ -457,9 +480,24 @@ class ChatTurnWorkflow:
             )
 
 
-def _claim_rejection(err: ActivityError) -> ApplicationError | None:
-    """The claim's refusal (no such chat or message, busy chat), or None for any other failure."""
-    cause = err.cause
+async def _all_handlers_finished() -> None:
+    """Wait until every update and signal handler has finished, so no caller is left without an
+    answer when the run returns. The SDK counts an update as in progress only once its handler task
+    has first run; an update delivered in the same activation as the step that ends the run (a claim
+    rejected at once) would otherwise be missed and its caller told the workflow had completed.
+    Yielding once lets those handler tasks start; it adds no command, so histories replay unchanged.
+    """
+    await asyncio.sleep(0)
+    await workflow.wait_condition(workflow.all_handlers_finished)
+
+
+def _claim_rejection(err: ActivityError | ApplicationError) -> ApplicationError | None:
+    """The claim's refusal (no such chat or message, busy chat), or None for any other failure.
+
+    The refusal usually arrives wrapped in an ActivityError; a claim refused on its first attempt
+    has also been seen to surface as the bare ApplicationError, so both forms are recognised.
+    """
+    cause = err.cause if isinstance(err, ActivityError) else err
     if isinstance(cause, ApplicationError) and cause.type in CLAIM_REJECTIONS:
         return cause
     return None

@@ -51,3 +51,11 @@ def chunks_of(events: list[SseEvent]) -> list[dict[str, Any]]:
 
 def text_of(chunks: list[dict[str, Any]]) -> str:
     return "".join(chunk["delta"] for chunk in chunks if chunk["type"] == "text-delta")
+
+
+def assembled_text(chunks: list[dict[str, Any]]) -> str:
+    """The answer's text as the AI SDK assembles it: a `reset-step` (a retried generation attempt)
+    drops what the step streamed before it. A turn has one step, so the text after the last reset."""
+    kinds = [chunk["type"] for chunk in chunks]
+    after_reset = len(kinds) - kinds[::-1].index("reset-step") if "reset-step" in kinds else 0
+    return text_of(chunks[after_reset:])
