@@ -20,6 +20,7 @@ from temporalio.client import (
     ScheduleUpdate,
 )
 from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.attachments import AttachmentActivities, AttachmentLimits, ModelInputs
 from activities.chat_session import ChatSessionActivities
@@ -114,6 +115,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 MaintenanceActivities(sessions, objects).purge_deleted_chats,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
+            # The sandbox re-imports a workflow's modules for every new run unless they are passed
+            # through; passing them all through took ~13% off the worker's CPU per turn (see
+            # docs/benchmarks.md). Its call restrictions stay, and the workflow modules keep no
+            # mutable module state, so runs cannot leak into each other; the replay tests guard it.
+            workflow_runner=SandboxedWorkflowRunner(
+                restrictions=SandboxRestrictions.default.with_passthrough_all_modules()
+            ),
             # Every live turn holds an activity slot while it generates; the SDK's default (100)
             # would make the 101st concurrent turn wait for a slot before its first token.
             max_concurrent_activities=settings.worker_max_concurrent_activities,
