@@ -1,9 +1,10 @@
-"""The two ways a benchmark turn is run and timed: the `local` provider in-process, and POST /v1/chats over HTTP.
+"""How a benchmark turn is run and timed: the `local` provider in-process, or POST /v1/chats over HTTP.
 
-Both arms record the same things with the same clock (`time.perf_counter`): when the turn was asked
-for, and when each text delta reached the caller. For the api arm "reached" means the SSE event was
-complete on the client (its terminating blank line was read), which is when a browser's EventSource
-or the AI SDK's parser would hand it on.
+Every arm records the same things with the same clock (`time.perf_counter`): when the turn was asked
+for, and when each text delta reached the caller. For an HTTP arm (`UiStreamArm`: durachat's api, and
+the peer servers of `benchmarks.peer_arms`) "reached" means the SSE event was complete on the client
+(its terminating blank line was read), which is when a browser's EventSource or the AI SDK's parser
+would hand it on.
 
 `StopArm` times a third thing on the same clock: a turn through the api stopped mid-answer with
 POST /v1/chats/{id}/stop, from the stop request to the `abort` chunk on the turn's open stream.
@@ -25,7 +26,18 @@ import httpx
 from providers.base import GenerationRequest, PromptMessage, TextDelta
 from providers.local import LOREM_MODEL, LocalProvider
 
-__all__ = ["ApiArm", "DirectArm", "Pace", "StopArm", "StopTiming", "TurnFailedError", "TurnTiming"]
+__all__ = [
+    "ApiArm",
+    "DirectArm",
+    "Pace",
+    "StopArm",
+    "StopTiming",
+    "TurnFailedError",
+    "TurnTiming",
+    "UiStreamArm",
+    "send_body",
+    "sse_data",
+]
 
 PROMPT: Final = "Benchmark turn: answer with lorem ipsum."
 
@@ -94,16 +106,28 @@ class DirectArm:
         await self._provider.aclose()
 
 
-class ApiArm:
-    """What a client gets: POST /v1/chats with `local/lorem`, reading the UI message stream."""
+class UiStreamArm:
+    """A turn as a client gets it from a server speaking the UI message stream: POST /v1/chats with
+    `local/lorem`, timed from the request to each complete `text-delta` event.
 
-    name = "through api"
+    Every HTTP arm (durachat's api and the peers of `benchmarks.peer_arms`) is timed by this one
+    reader, so they differ only in the server they talk to.
+    """
 
-    def __init__(self, api_url: str, api_key: str, *, max_connections: int, timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        max_connections: int,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
         self.timeout = timeout
         self._client = httpx.AsyncClient(
-            base_url=api_url,
-            headers={"Authorization": f"Bearer {api_key}"},
+            base_url=base_url,
+            headers=headers,
             # One kept-alive connection per concurrent client, as a long-lived client would hold,
             # so connection setup is not part of what is measured.
             limits=httpx.Limits(
@@ -114,21 +138,17 @@ class ApiArm:
         )
 
     async def run_turn(self, pace: Pace) -> TurnTiming:
-        body = {
-            "message": PROMPT,
-            "model": f"local/{LOREM_MODEL}",
-            "providerOptions": {"local": pace.provider_options()},
-        }
         timing = TurnTiming(asked_at=time.perf_counter())
-        async with self._client.stream("POST", "/v1/chats", json=body) as response:
+        async with self._client.stream("POST", "/v1/chats", json=send_body(pace)) as response:
             timing.accepted_at = time.perf_counter()
             if response.status_code != 200:
                 await response.aread()
                 raise TurnFailedError(
-                    f"POST /v1/chats answered {response.status_code}: {response.text[:500]}"
+                    f"{self.name}: POST /v1/chats answered {response.status_code}: "
+                    f"{response.text[:500]}"
                 )
             finished = False
-            async for data in _sse_data(response):
+            async for data in sse_data(response):
                 if data == "[DONE]":
                     break
                 chunk: dict[str, Any] = json.loads(data)
@@ -139,14 +159,36 @@ class ApiArm:
                     finished = True
                 elif kind in ("error", "abort", "reset-step"):
                     # A retried or failed attempt is not the turn being measured.
-                    raise TurnFailedError(f"the stream sent {kind}: {data[:500]}")
+                    raise TurnFailedError(f"{self.name}: the stream sent {kind}: {data[:500]}")
         if not finished:
-            raise TurnFailedError("the stream ended without a finish chunk")
+            raise TurnFailedError(f"{self.name}: the stream ended without a finish chunk")
         _check_complete(timing, pace)
         return timing
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class ApiArm(UiStreamArm):
+    """What a durachat client gets: the whole production path of a turn, behind an API key."""
+
+    def __init__(self, api_url: str, api_key: str, *, max_connections: int, timeout: float) -> None:
+        super().__init__(
+            "through api",
+            api_url,
+            max_connections=max_connections,
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
+
+
+def send_body(pace: Pace) -> dict[str, Any]:
+    """The JSON body of POST /v1/chats that asks `local/lorem` for an answer at `pace`."""
+    return {
+        "message": PROMPT,
+        "model": f"local/{LOREM_MODEL}",
+        "providerOptions": {"local": pace.provider_options()},
+    }
 
 
 @dataclass(frozen=True)
@@ -200,17 +242,12 @@ class StopArm:
 
     async def run_turn(self, pace: Pace, *, stop_after: int, verify: bool) -> StopTiming:
         """One turn stopped once `stop_after` text deltas have arrived; `verify` reads the message back."""
-        body = {
-            "message": PROMPT,
-            "model": f"local/{LOREM_MODEL}",
-            "providerOptions": {"local": pace.provider_options()},
-        }
         stop: asyncio.Task[tuple[float, float]] | None = None
         deltas: list[float] = []
         text: list[str] = []
         abort_at = finish_at = None
         done = False
-        async with self._streams.stream("POST", "/v1/chats", json=body) as response:
+        async with self._streams.stream("POST", "/v1/chats", json=send_body(pace)) as response:
             if response.status_code != 200:
                 await response.aread()
                 raise TurnFailedError(
@@ -219,7 +256,7 @@ class StopArm:
             chat_id = response.headers["X-Chat-Id"]
             turn_id: str | None = None
             try:
-                async for data in _sse_data(response):
+                async for data in sse_data(response):
                     now = time.perf_counter()
                     if data == "[DONE]":
                         done = True
@@ -309,7 +346,7 @@ class StopArm:
         await self._control.aclose()
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[str]:
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
     """The `data` of each complete Server-Sent Event, yielded when its terminating blank line arrives."""
     data: list[str] = []
     async for line in response.aiter_lines():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 __all__ = [
     "ArmFigures",
+    "ArmReport",
     "Percentiles",
     "machine_description",
     "percentiles",
@@ -53,15 +54,45 @@ class ArmFigures:
     turns_per_second: float
 
 
+@dataclass(frozen=True)
+class ArmReport:
+    """What the report prints of one arm in one case."""
+
+    name: str
+    figures: ArmFigures
+    # HTTP arms: the time until the response headers arrived.
+    accepted: Percentiles | None
+    # CPU milliseconds per turn of each process on this arm's path (`client` is the benchmark).
+    cpu_ms_per_turn: Mapping[str, float]
+
+    @property
+    def cpu_total(self) -> float:
+        return sum(self.cpu_ms_per_turn.values())
+
+
 def render_case(
-    title: str,
-    direct: ArmFigures,
-    api: ArmFigures,
-    api_accept: Percentiles,
-    api_cpu_ms_per_turn: Mapping[str, float],
+    title: str, arms: Sequence[ArmReport], reference: str, *, cpu_ratio_to: Sequence[str] = ()
 ) -> str:
-    """One case as a small table: both arms and their difference, TTFT and per-token delay side by side."""
-    label_width = 26
+    """One case as a small table: every arm, then what the `reference` arm (durachat's api) adds over
+    each other arm, TTFT and per-token delay side by side; then throughput, CPU per turn, and the
+    reference's CPU per turn as a multiple of each arm named in `cpu_ratio_to`."""
+    by_name = {arm.name: arm for arm in arms}
+    ref = by_name[reference]
+    others = [arm for arm in arms if arm.name != reference]
+    rows: list[tuple[str, Percentiles | None, Percentiles | None]] = [
+        (arm.name, arm.figures.time_to_first_token, arm.figures.token_delay) for arm in arms
+    ]
+    rows += [
+        (
+            f"added over {arm.name}",
+            ref.figures.time_to_first_token - arm.figures.time_to_first_token,
+            ref.figures.token_delay - arm.figures.token_delay,
+        )
+        for arm in others
+    ]
+    rows += [(f"headers: {arm.name}", arm.accepted, None) for arm in arms if arm.accepted]
+    label_width = max(26, *(len(label) for label, _, _ in rows))
+    name_width = max(len(arm.name) for arm in arms)
 
     def row(label: str, *groups: Percentiles | None) -> str:
         cells = "".join(
@@ -75,20 +106,24 @@ def render_case(
         title,
         f"  {'':<{label_width}}   {'time to first token (ms)':<24}   per-token delay (ms)",
         f"  {'':<{label_width}}{header_groups * 2}",
-        row("direct", direct.time_to_first_token, direct.token_delay),
-        row("through api", api.time_to_first_token, api.token_delay),
-        row(
-            "added (api - direct)",
-            api.time_to_first_token - direct.time_to_first_token,
-            api.token_delay - direct.token_delay,
+        *(row(label, *groups) for label, *groups in rows),
+        "  turns/s achieved: "
+        + ", ".join(f"{arm.name} {arm.figures.turns_per_second:.1f}" for arm in arms),
+        "  cpu per turn (ms):",
+        *(
+            f"    {arm.name:<{name_width}}  "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in arm.cpu_ms_per_turn.items())
+            + f"; total {arm.cpu_total:.1f}"
+            for arm in arms
         ),
-        row("api: turn accepted (hdrs)", api_accept),
-        f"  turns/s achieved: direct {direct.turns_per_second:.1f}, "
-        f"through api {api.turns_per_second:.1f}",
-        "  cpu per api turn (ms): "
-        + ", ".join(f"{name} {ms:.1f}" for name, ms in api_cpu_ms_per_turn.items())
-        + f"; total {sum(api_cpu_ms_per_turn.values()):.1f}",
     ]
+    ratios = [
+        f"{ref.cpu_total / arm.cpu_total:.1f}x {arm.name}"
+        for arm in others
+        if arm.name in cpu_ratio_to and arm.cpu_total > 0
+    ]
+    if ratios:
+        lines.append(f"  cpu per turn, {reference} / peer: " + ", ".join(ratios))
     return "\n".join(lines)
 
 

@@ -1,17 +1,21 @@
 """`python -m benchmarks.turn_latency` (`make bench`): what a turn through durachat adds to a direct provider stream.
 
-On a private stack (free ports, temporary data dir; see `benchmarks.rig`) it runs the same turns two ways
+On a private stack (free ports, temporary data dir; see `benchmarks.rig`) it runs the same turns four ways
 at the same pace and concurrency:
 
 - direct: the built-in `local` provider's stream, consumed in this process;
+- stateless: the same stream sent as the same UI message stream by a FastAPI + sse-starlette server
+  with nothing durable behind it (see `benchmarks.peer_arms`);
+- resumable (Node): the AI SDK's resumable-chat recipe (`ai` + `resumable-stream` on the rig's Redis,
+  messages in its Postgres), when Node and the peer's node_modules are installed;
 - through api: POST /v1/chats with `local/lorem` over real HTTP, i.e. auth, update-with-start of the turn
   workflow, the claim and store activities, the generation activity writing to a Redis Stream, and the
   api relaying that stream as SSE.
 
 For each it reports p50/p95/p99 of the time to the first text delta and of the gaps between successive
-deltas, the difference between the arms, the turns per second achieved and the CPU time each process of
-the stack spent per api turn. The arms run in
-alternating rounds, so a noisy moment of the machine lands on both rather than on one.
+deltas, what the api adds over each other arm, the turns per second achieved and the CPU time each
+process on an arm's path spent per turn. The arms run in alternating rounds, so a noisy moment of the
+machine lands on all of them rather than on one.
 
 A last case stops paced turns mid-answer (POST /v1/chats/{id}/stop from a second connection once a few
 deltas have arrived) and reports the time from the stop request to the `abort` chunk on the open stream.
@@ -41,8 +45,16 @@ from benchmarks.arms import (
     TurnTiming,
 )
 from benchmarks.cpu import CpuMeter
+from benchmarks.peer_arms import (
+    RESUMABLE_ARM,
+    STATELESS_ARM,
+    PeerServers,
+    node_versions,
+    resumable_unavailable,
+)
 from benchmarks.report import (
     ArmFigures,
+    ArmReport,
     Percentiles,
     machine_description,
     percentiles,
@@ -59,6 +71,8 @@ class Arm(Protocol):
     name: str
 
     async def run_turn(self, pace: Pace) -> TurnTiming: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ class ArmRun:
 
     timings: list[TurnTiming]
     elapsed: float = 0.0
-    # CPU seconds each process spent while this arm's blocks ran (api arm only).
+    # CPU seconds each measured process spent while this arm's blocks ran.
     cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     def figures(self) -> ArmFigures:
@@ -96,19 +110,25 @@ class ArmRun:
             turns_per_second=len(self.timings) / self.elapsed,
         )
 
-    def cpu_ms_per_turn(self) -> dict[str, float]:
+    def cpu_ms_per_turn(self, processes: Sequence[str]) -> dict[str, float]:
+        """CPU milliseconds per turn of the named processes (those on this arm's path)."""
         return {
-            name: seconds * MS_PER_S / len(self.timings)
-            for name, seconds in self.cpu_seconds.items()
+            name: self.cpu_seconds.get(name, 0.0) * MS_PER_S / len(self.timings)
+            for name in processes
         }
 
-    def accept_percentiles(self) -> Percentiles:
-        return percentiles(
-            [
-                accept * MS_PER_S
-                for timing in self.timings
-                if (accept := timing.time_to_accept) is not None
-            ]
+    def accept_percentiles(self) -> Percentiles | None:
+        """Time to the response headers, for an arm that has them (HTTP)."""
+        accepts = [
+            accept * MS_PER_S
+            for timing in self.timings
+            if (accept := timing.time_to_accept) is not None
+        ]
+        return percentiles(accepts) if accepts else None
+
+    def report(self, name: str, processes: Sequence[str]) -> ArmReport:
+        return ArmReport(
+            name, self.figures(), self.accept_percentiles(), self.cpu_ms_per_turn(processes)
         )
 
 
@@ -135,7 +155,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.turn_latency",
         description="Time to first token and per-token delay through durachat's api, "
-        "against the same provider stream consumed directly.",
+        "against the same provider stream consumed directly and served by two peer servers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--words", type=int, default=40, help="text deltas per answer")
@@ -163,7 +183,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=8, help="uncounted turns per arm before each case"
     )
     parser.add_argument(
-        "--rounds", type=int, default=4, help="alternating direct/api blocks per case"
+        "--rounds", type=int, default=4, help="rounds per case; each runs one block per arm"
     )
     parser.add_argument(
         "--turn-timeout", type=float, default=30.0, help="seconds before a turn counts as failed"
@@ -195,6 +215,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="read every Nth stopped chat back and check its last message is `aborted` with the "
         "streamed text; 0 never",
+    )
+    parser.add_argument(
+        "--no-peers",
+        dest="peers",
+        action="store_false",
+        help="skip the stateless and resumable (Node) peer arms",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the temporary data and log directory"
@@ -279,23 +305,23 @@ async def _run_clients(
 
 async def run_case(
     case: Case,
-    direct: Arm,
-    api: Arm,
+    arms: Sequence[Arm],
     meter: CpuMeter,
     *,
     warmup: int,
     rounds: int,
     turn_timeout: float,
-) -> tuple[ArmRun, ArmRun]:
-    # Warm-up fills the api's and the worker's caches and connection pools and lets the kept-alive
-    # client connections open at this case's concurrency; none of it is counted.
-    for arm in (direct, api):
+) -> dict[str, ArmRun]:
+    """Every arm's measured turns of `case`, by arm name."""
+    # Warm-up fills the servers' caches and connection pools and lets the kept-alive client
+    # connections open at this case's concurrency; none of it is counted.
+    for arm in arms:
         if warmup:
             await run_block(arm, case.pace, warmup, case.concurrency, turn_timeout)
-    runs = {direct.name: ArmRun([]), api.name: ArmRun([])}
+    runs = {arm.name: ArmRun([]) for arm in arms}
     for round_index, turns in enumerate(_split(case.turns, rounds)):
-        # Alternate which arm goes first, so neither always runs right after the other's load.
-        order = (direct, api) if round_index % 2 == 0 else (api, direct)
+        # Alternate the order every round, so no arm always runs right after the same other's load.
+        order = arms if round_index % 2 == 0 else list(reversed(arms))
         for arm in order:
             before = meter.sample()
             block = await run_block(arm, case.pace, turns, case.concurrency, turn_timeout)
@@ -305,7 +331,7 @@ async def run_case(
             run.elapsed += block.elapsed
             for name, seconds in spent.seconds.items():
                 run.cpu_seconds[name] = run.cpu_seconds.get(name, 0.0) + seconds
-    return runs[direct.name], runs[api.name]
+    return runs
 
 
 def plan_stop_case(options: argparse.Namespace) -> StopCase | None:
@@ -364,14 +390,21 @@ async def run_stop_case(
 
 
 async def measure(
-    rig: BenchRig, cases: list[Case], stop_case: StopCase | None, options: argparse.Namespace
+    rig: BenchRig,
+    peers: PeerServers | None,
+    cases: list[Case],
+    stop_case: StopCase | None,
+    options: argparse.Namespace,
 ) -> list[str]:
+    max_connections = max(case.concurrency for case in cases)
     direct = DirectArm()
     api = ApiArm(
-        rig.api_url,
-        rig.api_key,
-        max_connections=max(case.concurrency for case in cases),
-        timeout=options.turn_timeout,
+        rig.api_url, rig.api_key, max_connections=max_connections, timeout=options.turn_timeout
+    )
+    peer_arms = (
+        peers.arms(max_connections=max_connections, timeout=options.turn_timeout)
+        if peers is not None
+        else []
     )
     stop = StopArm(
         rig.api_url,
@@ -379,16 +412,27 @@ async def measure(
         max_connections=stop_case.concurrency if stop_case else 1,
         timeout=options.turn_timeout,
     )
-    meter = CpuMeter(rig.process_ids())
+    # Every arm goes through the client; each peer through its own server, Redis and Postgres (the
+    # stateless peer touches neither, and its figures show it); the api through the whole stack.
+    rig_processes = rig.process_ids()
+    peer_processes = peers.process_names() if peers is not None else {}
+    processes: dict[str, tuple[str, ...]] = {
+        direct.name: ("client",),
+        **{
+            arm: ("client", process, "postgres", "redis") for arm, process in peer_processes.items()
+        },
+        api.name: ("client", *rig_processes),
+    }
+    meter = CpuMeter({**rig_processes, **(peers.process_ids() if peers is not None else {})})
+    arms: list[Arm] = [direct, *peer_arms, api]
     tables = []
     total = len(cases) + (stop_case is not None)
     try:
         for index, case in enumerate(cases, start=1):
             _progress(f"[{index}/{total}] {case.title}")
-            direct_run, api_run = await run_case(
+            runs = await run_case(
                 case,
-                direct,
-                api,
+                arms,
                 meter,
                 warmup=options.warmup,
                 rounds=options.rounds,
@@ -397,10 +441,9 @@ async def measure(
             tables.append(
                 render_case(
                     case.title,
-                    direct_run.figures(),
-                    api_run.figures(),
-                    api_run.accept_percentiles(),
-                    api_run.cpu_ms_per_turn(),
+                    [runs[arm.name].report(arm.name, processes[arm.name]) for arm in arms],
+                    api.name,
+                    cpu_ratio_to=[arm.name for arm in peer_arms],
                 )
             )
         if stop_case is not None:
@@ -409,15 +452,15 @@ async def measure(
                 await run_stop_case(
                     stop_case,
                     stop,
-                    meter,
+                    CpuMeter(rig_processes),
                     warmup=options.warmup,
                     turn_timeout=options.turn_timeout,
                 )
             )
     finally:
         await stop.aclose()
-        await api.aclose()
-        await direct.aclose()
+        for arm in arms:
+            await arm.aclose()
     return tables
 
 
@@ -429,19 +472,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM takes the same way out as Ctrl-C, through the `finally` that stops the stack.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     rig = BenchRig(keep_work_dir=options.keep)
+    peers: PeerServers | None = None
+    resumable_skipped = resumable_unavailable() if options.peers else None
     tables: list[str] = []
     exit_code = 0
     try:
         _progress(f"starting a private stack in {rig.work_dir} ...")
         rig.start()
+        if options.peers:
+            if resumable_skipped is not None:
+                _progress(f"the resumable (Node) peer will not run: {resumable_skipped}")
+            peers = PeerServers(
+                redis_url=rig.settings.resolved_redis_url,
+                database_url=rig.settings.resolved_database_url,
+                log_path=rig.log_dir / "peers.log",
+                resumable=resumable_skipped is None,
+            )
+            peers.start()
         _progress(f"stack ready in {time.monotonic() - started:.1f}s; measuring")
-        tables = asyncio.run(measure(rig, cases, stop_case, options))
+        tables = asyncio.run(measure(rig, peers, cases, stop_case, options))
     except KeyboardInterrupt:
         _progress("interrupted")
         exit_code = 130
     except (TurnFailedError, RigError) as error:
         rig.failed = True
         _progress(f"benchmark failed: {error}\nlast lines of {rig.process_log}:\n{rig.log_tail()}")
+        if peers is not None:
+            _progress(f"last lines of {peers.log_path}:\n{peers.log_tail()}")
         exit_code = 1
     except BaseException:
         rig.failed = True
@@ -449,20 +506,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _progress("stopping the stack ...")
         with _signals_ignored():
+            # The peers first: they use the rig's Redis and Postgres.
+            if peers is not None:
+                peers.stop()
             rig.stop()
         if rig.failed or options.keep:
             _progress(f"data and logs kept in {rig.work_dir}")
     if tables:
-        _print_report(tables, options, time.monotonic() - started)
+        _print_report(tables, options, time.monotonic() - started, resumable_skipped)
     return exit_code
 
 
-def _print_report(tables: list[str], options: argparse.Namespace, elapsed: float) -> None:
+def _print_report(
+    tables: list[str],
+    options: argparse.Namespace,
+    elapsed: float,
+    resumable_skipped: str | None,
+) -> None:
+    if not options.peers:
+        peer_line = "none (--no-peers)"
+    else:
+        resumable = (
+            f"{RESUMABLE_ARM}: ai + resumable-stream on node:http ({node_versions()})"
+            if resumable_skipped is None
+            else f"{RESUMABLE_ARM} did not run: {resumable_skipped}"
+        )
+        peer_line = f"{STATELESS_ARM}: FastAPI + sse-starlette, nothing durable; {resumable}"
+    compared = (
+        "direct provider stream, peer servers," if options.peers else "direct provider stream"
+    )
     header = [
-        "durachat turn latency: direct provider stream vs the same turn through the api",
+        f"durachat turn latency: {compared} and the same turn through the api",
         f"machine   {machine_description()}",
         f"versions  {versions()}",
         "stack     embedded Temporal dev server, Postgres, Valkey; 1 api, 1 worker; all on this machine",
+        f"peers     {peer_line}",
         f"run       {elapsed / 60:.1f} min in total; {options.warmup} warm-up turns per arm and case, "
         f"{options.rounds} alternating rounds",
         "",
