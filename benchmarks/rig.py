@@ -5,19 +5,23 @@ it writes (service data, api/worker output, the launcher's own log lines) stays 
 directory, kept only when asked or when the run failed, so a benchmark's terminal shows its report.
 
 Stop order mirrors `durachat dev`: api and worker first (they drain against live services), then
-Temporal, Redis and Postgres. Every child sits in its own process group and gets SIGTERM if this
-process dies (see `devstack._process`), so a Ctrl-C or a crash leaves nothing running.
+Temporal, Redis, SeaweedFS and Postgres. Every child sits in its own process group and gets SIGTERM if
+this process dies (see `devstack._process`), so a Ctrl-C or a crash leaves nothing running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +31,7 @@ import httpx
 import structlog
 
 from core.settings import Environment, Settings
-from devstack.embedded import EmbeddedTemporal
+from devstack.embedded import EmbeddedSeaweedFS, EmbeddedTemporal
 from devstack.ports import free_port_block
 from devstack.stack import ServiceStack, StackEndpoints
 from devstack.supervisor import ProcessSupervisor
@@ -52,6 +56,7 @@ class RigPorts:
     postgres: int
     redis: int
     temporal: int
+    s3: int
     api: int
 
     @classmethod
@@ -67,6 +72,8 @@ class RigPorts:
             postgres=free_port_block(taken=taken),
             redis=free_port_block(taken=taken),
             temporal=free_port_block(temporal_offsets, taken=taken),
+            # SeaweedFS binds nine more ports after its S3 port.
+            s3=free_port_block((0, *EmbeddedSeaweedFS.INTERNAL_PORT_OFFSETS.values()), taken=taken),
             api=free_port_block(taken=taken),
         )
 
@@ -75,10 +82,15 @@ class BenchRig:
     """Start a complete durachat stack in a temporary directory; `stop()` (or the `with` exit) removes it all.
 
     Use it from the main thread: the children are tied to the thread that spawns them.
+    `environment` adds `DURACHAT_*` settings of the api and the worker over the rig's own (a load
+    benchmark raises the worker's concurrency, say).
     """
 
-    def __init__(self, *, keep_work_dir: bool = False) -> None:
+    def __init__(
+        self, *, keep_work_dir: bool = False, environment: Mapping[str, str] | None = None
+    ) -> None:
         self.keep_work_dir = keep_work_dir
+        self.extra_environment = dict(environment or {})
         self.work_dir = Path(tempfile.mkdtemp(prefix="durachat-bench-"))
         self.log_dir = self.work_dir / "logs"
         self.log_dir.mkdir()
@@ -91,17 +103,22 @@ class BenchRig:
             database_url=None,
             redis_url=None,
             temporal_address=None,
+            s3_endpoint_url=None,
             embedded_postgres_port=self.ports.postgres,
             embedded_redis_port=self.ports.redis,
             embedded_temporal_port=self.ports.temporal,
             embedded_temporal_ui=False,
+            embedded_s3_port=self.ports.s3,
             api_port=self.ports.api,
             temporal_task_queue=f"durachat-bench-{uuid.uuid4().hex[:8]}",
         )
         self.api_url = f"http://{self.settings.api_host}:{self.ports.api}"
         self.api_key = ""
         self._stack = ServiceStack(self.settings, redis_persistent=False)
-        self._supervisor: ProcessSupervisor | None = None
+        # The worker has a supervisor of its own, so `restart_worker` can replace it alone.
+        self._api_supervisor: ProcessSupervisor | None = None
+        self._worker_supervisor: ProcessSupervisor | None = None
+        self._process_environment: dict[str, str] = {}
         self._process_output: IO[str] | None = None
         self._stopped = False
         self.failed = False
@@ -130,9 +147,10 @@ class BenchRig:
             return
         self._stopped = True
         try:
-            if self._supervisor is not None:
-                self._supervisor.close()
-                self._supervisor = None
+            for supervisor in (self._api_supervisor, self._worker_supervisor):
+                if supervisor is not None:
+                    supervisor.close()
+            self._api_supervisor = self._worker_supervisor = None
             if self._process_output is not None:
                 self._process_output.close()
                 self._process_output = None
@@ -145,10 +163,29 @@ class BenchRig:
 
     def process_ids(self) -> dict[str, int]:
         """The pid of every server and service process this rig runs, by name, in a turn's path order."""
-        pids = dict(self._supervisor.pids) if self._supervisor is not None else {}
+        pids: dict[str, int] = {}
+        for supervisor in (self._api_supervisor, self._worker_supervisor):
+            if supervisor is not None:
+                pids.update(supervisor.pids)
         pids.update((service.name, service.pid) for service in self._stack.services if service.pid)
-        order = ("api", "worker", "temporal", "postgres", "redis")
+        order = ("api", "worker", "temporal", "postgres", "redis", "s3")
         return dict(sorted(pids.items(), key=lambda item: order.index(item[0])))
+
+    def restart_worker(self, *, kill: bool = True) -> int:
+        """Replace the worker: SIGKILL it (a crash: its activities are lost until their heartbeat
+        times out) or, with `kill=False`, SIGTERM it (a graceful shutdown), wait until it is gone,
+        then start a new one. Returns the new worker's pid. Call it from the thread that started
+        the rig.
+        """
+        if self._worker_supervisor is None:
+            raise RigError("the rig is not running")
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._worker_supervisor.pids["worker"], signal.SIGKILL)
+        # SIGTERMs what is still alive, waits for it and reaps it.
+        self._worker_supervisor.close()
+        self._worker_supervisor = self._start_role("worker")
+        return self._worker_supervisor.pids["worker"]
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -172,7 +209,7 @@ class BenchRig:
         self.stop()
 
     def _start_processes(self, endpoints: StackEndpoints) -> None:
-        environment = {
+        self._process_environment = {
             **endpoints.as_environment(),
             "DURACHAT_ENVIRONMENT": self.settings.environment.value,
             "DURACHAT_DATA_DIR": str(self.settings.data_dir),
@@ -185,15 +222,23 @@ class BenchRig:
             "DURACHAT_STREAM_OPEN_RATE_LIMIT": "",
             "DURACHAT_MAX_OPEN_STREAMS_PER_KEY": "0",
             "DURACHAT_MAX_ACTIVE_TURNS_PER_ORGANIZATION": "0",
+            **self.extra_environment,
         }
         # Line-buffered: the supervisor writes whole lines, and a reader of the file during a run
         # (tail -f) should see them as they come.
         self._process_output = self.process_log.open("a", buffering=1, encoding="utf-8")
-        self._supervisor = ProcessSupervisor(output=self._process_output)
-        for role in ("worker", "api"):
-            self._supervisor.start(
-                role, [sys.executable, "-m", "cli", role], env=environment, cwd=REPO_ROOT
-            )
+        self._worker_supervisor = self._start_role("worker")
+        self._api_supervisor = self._start_role("api")
+
+    def _start_role(self, role: str) -> ProcessSupervisor:
+        supervisor = ProcessSupervisor(output=self._process_output)
+        supervisor.start(
+            role,
+            [sys.executable, "-m", "cli", role],
+            env=self._process_environment,
+            cwd=REPO_ROOT,
+        )
+        return supervisor
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS

@@ -1,9 +1,10 @@
-"""The `durachat` command: dev stack, embedded services, api, worker, migrations and keys."""
+"""The `durachat` command: dev stack, embedded services, api, worker, migrations, keys and the load benchmark."""
 
 from __future__ import annotations
 
 import click
 
+from cli.bench import bench
 from cli.chats import chats_group
 from cli.keys import keys
 from core.logging import configure_logging
@@ -60,6 +61,7 @@ def migrate(revision: str) -> None:
 
 cli.add_command(keys)
 cli.add_command(chats_group)
+cli.add_command(bench)
 
 
 def main() -> None:
