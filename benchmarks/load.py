@@ -12,22 +12,19 @@ By default it runs on a private stack (`benchmarks.rig.BenchRig`, as `make bench
 and `--api-key` it loads any deployment, and then only the client's own CPU is measured.
 
 This module also holds what `benchmarks.many_streams` and `benchmarks.recovery` share with it: the
-turn client that counts failures instead of raising them (`TurnClient`) and the way a benchmark runs
-on a rig (`run_benchmark`).
+turn client that counts failures instead of raising them (`TurnClient`) and the plain tables
+(`render_table`); how each runs on a rig is `benchmarks.running`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
-import signal
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import pairwise
@@ -37,18 +34,16 @@ import httpx
 
 from benchmarks.arms import Pace, send_body, sse_data
 from benchmarks.cpu import CpuMeter, CpuSample
-from benchmarks.report import machine_description, percentiles, versions
+from benchmarks.report import percentiles
 from benchmarks.rig import BenchRig, RigError
+from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
 
 __all__ = [
     "Failure",
     "StreamedTurn",
     "TurnClient",
     "main",
-    "progress",
     "render_table",
-    "run_benchmark",
-    "stack_description",
 ]
 
 MS_PER_S = 1000.0
@@ -545,82 +540,6 @@ def _p99(values: Sequence[float]) -> str:
     return f"{percentiles(values).p99:.1f}" if values else "-"
 
 
-def run_benchmark(
-    rig: BenchRig | None,
-    measure: Callable[[list[str]], Coroutine[Any, Any, int]],
-    header: Callable[[], list[str]],
-) -> int:
-    """Start `rig` (if any), run `measure`, stop the rig whatever happens, print the report; the exit code.
-
-    `measure` appends the report's sections as they become final, so a run cut short by Ctrl-C or a
-    failure still prints what it measured, and returns the exit code (1 when a check failed).
-    SIGTERM takes the same way out as Ctrl-C.
-    """
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    started = time.monotonic()
-    sections: list[str] = []
-    exit_code = 0
-    try:
-        if rig is not None:
-            progress(f"starting a private stack in {rig.work_dir} ...")
-            rig.start()
-            progress(f"stack ready in {time.monotonic() - started:.1f}s; measuring")
-        exit_code = asyncio.run(measure(sections))
-    except KeyboardInterrupt:
-        progress("interrupted")
-        exit_code = 130
-    except RigError as error:
-        progress(f"benchmark failed: {error}")
-        exit_code = 1
-        if rig is not None:
-            rig.failed = True
-            progress(f"last lines of {rig.process_log}:\n{rig.log_tail()}")
-    except BaseException:
-        if rig is not None:
-            rig.failed = True
-        raise
-    finally:
-        if rig is not None:
-            progress("stopping the stack ...")
-            with _signals_ignored():
-                rig.stop()
-            if rig.failed or rig.keep_work_dir:
-                progress(f"data and logs kept in {rig.work_dir}")
-    if sections:
-        lines = [*header(), f"run       {(time.monotonic() - started) / 60:.1f} min in total", ""]
-        sys.stdout.write("\n".join(lines) + "\n" + "\n\n".join(sections) + "\n")
-        sys.stdout.flush()
-    return exit_code
-
-
-def stack_description(rig: BenchRig | None, url: str | None = None) -> str:
-    if rig is None:
-        return f"stack     the deployment at {url}; its processes are not measured"
-    return (
-        "stack     private: embedded Temporal dev server, Postgres, Valkey, SeaweedFS; 1 api, "
-        "1 worker; all on this machine"
-    )
-
-
-def progress(message: str) -> None:
-    # Progress goes to stderr, so stdout holds only the report (`make bench-load > report.txt`).
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let the stack stop: a second Ctrl-C must not abandon half-stopped servers."""
-    previous = {
-        signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def _positive_floats(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
@@ -643,17 +562,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
         # Failed turns are figures here, counted in the report, not a failed run.
         return 0
 
-    def header() -> list[str]:
-        return [
+    def header() -> ReportHeader:
+        return ReportHeader(
             f"durachat open-loop load: {options.words} words @ {options.delay_ms:g} ms per turn, "
             f"a new chat every 1/rate s, {options.step_seconds:g} s of arrivals per step",
-            f"machine   {machine_description()}",
-            f"versions  {versions()}",
             stack_description(rig, options.url),
-            f"limits    max {options.max_in_flight} turns in flight, {options.turn_timeout:g} s per "
-            f"turn; saturated below {options.min_achieved:.0%} of the offered rate or past a "
-            f"{options.max_ttft_p99:g} s TTFT p99",
-        ]
+            [
+                f"limits    max {options.max_in_flight} turns in flight, {options.turn_timeout:g} s "
+                f"per turn; saturated below {options.min_achieved:.0%} of the offered rate or past "
+                f"a {options.max_ttft_p99:g} s TTFT p99"
+            ],
+        )
 
     return run_benchmark(rig, run, header)
 

@@ -29,18 +29,10 @@ import psutil
 
 from benchmarks.arms import Pace
 from benchmarks.cpu import CpuMeter, CpuSample
-from benchmarks.load import (
-    CLIENT_BUSY_WARNING,
-    MS_PER_S,
-    StreamedTurn,
-    TurnClient,
-    progress,
-    render_table,
-    run_benchmark,
-    stack_description,
-)
-from benchmarks.report import machine_description, percentiles, versions
+from benchmarks.load import CLIENT_BUSY_WARNING, MS_PER_S, StreamedTurn, TurnClient, render_table
+from benchmarks.report import percentiles
 from benchmarks.rig import BenchRig, RigError
+from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
 
 # Connections to Redis are counted with this many streams live, and again with all of them.
 FIRST_MARK = 100
@@ -396,15 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment={"DURACHAT_WORKER_MAX_CONCURRENT_ACTIVITIES": str(2 * options.streams + 100)},
     )
 
-    def header() -> list[str]:
-        return [
+    def header() -> ReportHeader:
+        return ReportHeader(
             f"durachat many live streams: {options.streams} streams of {options.words} words @ "
             f"{options.delay_ms:g} ms ({MS_PER_S / options.delay_ms:g} tokens/s), "
             f"opened at {options.ramp:g}/s",
-            f"machine   {machine_description()}",
-            f"versions  {versions()}",
             stack_description(rig),
-        ]
+        )
 
     return run_benchmark(rig, lambda sections: measure(rig, options, sections), header)
 

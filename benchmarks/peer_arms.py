@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import httpx
 from sqlalchemy.engine import make_url
 
 from benchmarks.arms import UiStreamArm
-from benchmarks.rig import RigError
+from benchmarks.rig import RigError, answers_readyz, log_tail
 from devstack._process import spawn, stop_child
 from devstack.ports import free_port_block
 
@@ -203,11 +202,7 @@ class PeerServers:
         ]
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def _spawn(
         self,
@@ -240,11 +235,8 @@ class PeerServers:
                     f"the {peer.arm_name} peer exited with code {peer.process.returncode}; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
-            try:
-                if httpx.get(f"{peer.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if answers_readyz(peer.url):
+                return
             time.sleep(0.2)
         raise PeerStartError(
             f"the {peer.arm_name} peer was not ready within {READY_TIMEOUT_SECONDS:.0f}s; "

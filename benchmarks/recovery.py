@@ -18,16 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from benchmarks.arms import Pace
-from benchmarks.load import (
-    StreamedTurn,
-    TurnClient,
-    progress,
-    render_table,
-    run_benchmark,
-    stack_description,
-)
-from benchmarks.report import machine_description, versions
+from benchmarks.load import StreamedTurn, TurnClient, render_table
 from benchmarks.rig import BenchRig, RigError
+from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
 from workflows.chat_turn import GENERATION_HEARTBEAT_TIMEOUT, GENERATION_RETRY
 
 # The Temporal SDK sends at most one heartbeat per this share of the heartbeat timeout (its throttle).
@@ -189,13 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     rig = BenchRig(keep_work_dir=options.keep)
 
-    def header() -> list[str]:
-        return [
+    def header() -> ReportHeader:
+        return ReportHeader(
             "durachat worker crash recovery: time from SIGKILL to the next text delta on the open stream",
-            f"machine   {machine_description()}",
-            f"versions  {versions()}",
             stack_description(rig),
-        ]
+        )
 
     return run_benchmark(rig, lambda sections: measure(rig, options, sections), header)
 

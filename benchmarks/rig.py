@@ -39,7 +39,7 @@ from storage import api_keys
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
 
-__all__ = ["BenchRig", "RigError"]
+__all__ = ["BenchRig", "RigError", "answers_readyz", "log_tail"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_SECONDS = 60.0
@@ -188,11 +188,7 @@ class BenchRig:
         return self._worker_supervisor.pids["worker"]
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.process_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.rstrip().splitlines()[-lines:])
+        return log_tail(self.process_log, lines)
 
     def __enter__(self) -> Self:
         self.start()
@@ -243,16 +239,30 @@ class BenchRig:
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if answers_readyz(self.api_url):
+                return
             time.sleep(0.2)
         raise RigError(
             f"the api was not ready within {READY_TIMEOUT_SECONDS:.0f}s; "
             f"last lines of {self.process_log}:\n{self.log_tail()}"
         )
+
+
+def answers_readyz(url: str) -> bool:
+    """Whether the server at `url` answers GET /readyz with 200; not answering at all is a no."""
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a log file, or "" when there is none yet."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 async def _create_api_key(database_url: str) -> str:

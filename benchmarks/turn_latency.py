@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,13 +53,12 @@ from benchmarks.report import (
     ArmFigures,
     ArmReport,
     Percentiles,
-    machine_description,
     percentiles,
     render_case,
     render_stop,
-    versions,
 )
-from benchmarks.rig import BenchRig, RigError
+from benchmarks.rig import BenchRig
+from benchmarks.running import ReportHeader, progress, run_benchmark
 
 MS_PER_S = 1000.0
 
@@ -429,7 +425,7 @@ async def measure(
     total = len(cases) + (stop_case is not None)
     try:
         for index, case in enumerate(cases, start=1):
-            _progress(f"[{index}/{total}] {case.title}")
+            progress(f"[{index}/{total}] {case.title}")
             runs = await run_case(
                 case,
                 arms,
@@ -447,7 +443,7 @@ async def measure(
                 )
             )
         if stop_case is not None:
-            _progress(f"[{total}/{total}] {stop_case.title}")
+            progress(f"[{total}/{total}] {stop_case.title}")
             tables.append(
                 await run_stop_case(
                     stop_case,
@@ -468,61 +464,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     cases = plan_cases(options)
     stop_case = plan_stop_case(options)
-    started = time.monotonic()
-    # SIGTERM takes the same way out as Ctrl-C, through the `finally` that stops the stack.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     rig = BenchRig(keep_work_dir=options.keep)
-    peers: PeerServers | None = None
     resumable_skipped = resumable_unavailable() if options.peers else None
-    tables: list[str] = []
-    exit_code = 0
-    try:
-        _progress(f"starting a private stack in {rig.work_dir} ...")
-        rig.start()
+    peers: PeerServers | None = None
+
+    def beside_rig() -> PeerServers | None:
+        nonlocal peers
         if options.peers:
             if resumable_skipped is not None:
-                _progress(f"the resumable (Node) peer will not run: {resumable_skipped}")
+                progress(f"the resumable (Node) peer will not run: {resumable_skipped}")
             peers = PeerServers(
                 redis_url=rig.settings.resolved_redis_url,
                 database_url=rig.settings.resolved_database_url,
                 log_path=rig.log_dir / "peers.log",
                 resumable=resumable_skipped is None,
             )
-            peers.start()
-        _progress(f"stack ready in {time.monotonic() - started:.1f}s; measuring")
-        tables = asyncio.run(measure(rig, peers, cases, stop_case, options))
-    except KeyboardInterrupt:
-        _progress("interrupted")
-        exit_code = 130
-    except (TurnFailedError, RigError) as error:
-        rig.failed = True
-        _progress(f"benchmark failed: {error}\nlast lines of {rig.process_log}:\n{rig.log_tail()}")
-        if peers is not None:
-            _progress(f"last lines of {peers.log_path}:\n{peers.log_tail()}")
-        exit_code = 1
-    except BaseException:
-        rig.failed = True
-        raise
-    finally:
-        _progress("stopping the stack ...")
-        with _signals_ignored():
-            # The peers first: they use the rig's Redis and Postgres.
-            if peers is not None:
-                peers.stop()
-            rig.stop()
-        if rig.failed or options.keep:
-            _progress(f"data and logs kept in {rig.work_dir}")
-    if tables:
-        _print_report(tables, options, time.monotonic() - started, resumable_skipped)
-    return exit_code
+        return peers
+
+    async def run(sections: list[str]) -> int:
+        # The tables are printed only when every case ran: a run cut short prints none.
+        sections[:] = await measure(rig, peers, cases, stop_case, options)
+        return 0
+
+    return run_benchmark(
+        rig, run, lambda: report_header(options, resumable_skipped), servers=beside_rig
+    )
 
 
-def _print_report(
-    tables: list[str],
-    options: argparse.Namespace,
-    elapsed: float,
-    resumable_skipped: str | None,
-) -> None:
+def report_header(options: argparse.Namespace, resumable_skipped: str | None) -> ReportHeader:
     if not options.peers:
         peer_line = "none (--no-peers)"
     else:
@@ -535,37 +504,12 @@ def _print_report(
     compared = (
         "direct provider stream, peer servers," if options.peers else "direct provider stream"
     )
-    header = [
+    return ReportHeader(
         f"durachat turn latency: {compared} and the same turn through the api",
-        f"machine   {machine_description()}",
-        f"versions  {versions()}",
         "stack     embedded Temporal dev server, Postgres, Valkey; 1 api, 1 worker; all on this machine",
-        f"peers     {peer_line}",
-        f"run       {elapsed / 60:.1f} min in total; {options.warmup} warm-up turns per arm and case, "
-        f"{options.rounds} alternating rounds",
-        "",
-    ]
-    sys.stdout.write("\n".join(header) + "\n" + "\n\n".join(tables) + "\n")
-    sys.stdout.flush()
-
-
-def _progress(message: str) -> None:
-    # Progress goes to stderr, so stdout holds only the report (`make bench > report.txt`).
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Let the stack stop: a second Ctrl-C must not abandon half-stopped servers."""
-    previous = {
-        signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        [f"peers     {peer_line}"],
+        f"{options.warmup} warm-up turns per arm and case, {options.rounds} alternating rounds",
+    )
 
 
 def _split(total: int, parts: int) -> list[int]:

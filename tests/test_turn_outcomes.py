@@ -4,6 +4,8 @@ provider rejections, retried failures with a stream reset, and what operators se
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -127,19 +129,27 @@ async def test_operators_find_the_turn_by_search_attributes(
         "DurachatProvider": "local",
         "DurachatStatus": "completed",
     }
-    # The activities are visible by name in the turn's history.
+    # The activities are visible by name in the turn's history: generation and titling as
+    # activity tasks, the session steps as local activity markers.
     history = await handle.fetch_history()
-    names = {
+    activities = {
         event.activity_task_scheduled_event_attributes.activity_type.name
         for event in history.events
         if event.HasField("activity_task_scheduled_event_attributes")
     }
-    assert names == {
+    assert activities == {"generate_reply", "title_chat"}
+    local_activities = {
+        json.loads(event.marker_recorded_event_attributes.details["data"].payloads[0].data)[
+            "activity_type"
+        ]
+        for event in history.events
+        if event.HasField("marker_recorded_event_attributes")
+        and event.marker_recorded_event_attributes.marker_name == "core_local_activity"
+    }
+    assert local_activities == {
         "claim_session",
         "store_user_message",
-        "generate_reply",
         "persist_assistant_message",
-        "title_chat",
     }
 
 
