@@ -38,7 +38,7 @@ from tests.support.ai_client import run_ai_client
 from tests.support.chat_api import stored_text
 from tests.support.file_server import FileServer
 from tests.support.processes import ServiceProcess, wait_until_ready
-from tests.support.sse import SseEvent, iter_sse, text_of
+from tests.support.sse import SseEvent, assembled_text, iter_sse, text_of
 
 WORDS = 80
 # 80 words, 50 ms apart: a turn of about 4 s, long enough to break something in the middle of it.
@@ -331,12 +331,6 @@ def entry_seconds(event: SseEvent) -> float:
     return int(event.id.rpartition(":")[2].partition("-")[0]) / 1000
 
 
-def text_after_last_reset(chunks: list[dict[str, Any]]) -> str:
-    types = [chunk["type"] for chunk in chunks]
-    start = len(types) - types[::-1].index("reset-step") if "reset-step" in types else 0
-    return text_of(chunks[start:])
-
-
 def turn_id_of(chunks: list[dict[str, Any]]) -> str:
     turn_id: str = chunks[0]["messageMetadata"]["turnId"]
     return turn_id
@@ -514,7 +508,7 @@ async def test_worker_killed_mid_generation_turn_resumes_on_another_worker(
 
     stored = stored_text(worker_crash.answer)
     assert worker_crash.answer["status"] == "complete"
-    assert text_after_last_reset(sender.chunks) == stored, "the full answer after the reset"
+    assert assembled_text(sender.chunks) == stored, "the full answer after the reset"
     assert len(stored.split()) == WORDS
 
     reset = sender.first("reset-step", after=worker_crash.killed_at)
@@ -538,7 +532,7 @@ async def test_worker_killed_mid_generation_connected_client_stays_connected(
     connected = worker_crash.connected
     assert connected.drops == [], drops_since(connected, worker_crash.killed_at)
     assert connected.done
-    assert text_after_last_reset(connected.chunks) == stored_text(worker_crash.answer)
+    assert assembled_text(connected.chunks) == stored_text(worker_crash.answer)
 
 
 # --- 2. api killed mid-stream ---------------------------------------------------------------------
@@ -677,7 +671,7 @@ def assert_completed_after_outage(outage: PostgresOutage) -> None:
     assert outage.turn.status == "completed"
     assert reader.done
     assert reader.types[-1] == "finish"
-    assert text_after_last_reset(reader.chunks) == stored_text(answer)
+    assert assembled_text(reader.chunks) == stored_text(answer)
 
 
 async def test_postgres_down_for_a_while_mid_turn(
@@ -794,9 +788,7 @@ def _stored_message_or_clear_error(reader: StreamReader, stored: str) -> bool:
     chunks = reader.chunks
     if any(chunk["type"] == "error" for chunk in chunks):
         return True
-    return (
-        reader.done and chunks[-1]["type"] == "finish" and text_after_last_reset(chunks) == stored
-    )
+    return reader.done and chunks[-1]["type"] == "finish" and assembled_text(chunks) == stored
 
 
 async def test_redis_restarted_without_persistence_mid_turn(

@@ -144,7 +144,7 @@ class ChatTurnWorkflow:
             workflow.upsert_search_attributes(
                 [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
             )
-            await _all_handlers_finished()
+            await workflow.wait_condition(workflow.all_handlers_finished)
             return TurnResult(
                 chat_id=turn.chat_id or "",
                 turn_id=turn.turn_id,
@@ -156,7 +156,7 @@ class ChatTurnWorkflow:
         if claim.queued:
             waited = await self._wait_in_queue(turn, claim)
             if isinstance(waited, TurnStatus):
-                await _all_handlers_finished()
+                await workflow.wait_condition(workflow.all_handlers_finished)
                 return TurnResult(
                     chat_id=claim.chat_id,
                     turn_id=turn.turn_id,
@@ -214,7 +214,7 @@ class ChatTurnWorkflow:
         # Histories recorded before chats were titled replay without this step.
         if claim.created and workflow.patched("title-new-chats"):
             await self._title_chat(turn.organization_id, claim.chat_id)
-        await _all_handlers_finished()
+        await workflow.wait_condition(workflow.all_handlers_finished)
         # A failed turn closes its workflow as failed, so operators find it by execution status;
         # its outcome is stored and its stream ended by now. Histories recorded before this
         # completed such turns, and replay that way.
@@ -478,17 +478,6 @@ class ChatTurnWorkflow:
                 type=ErrorType.IDEMPOTENCY_KEY_REUSED,
                 non_retryable=True,
             )
-
-
-async def _all_handlers_finished() -> None:
-    """Wait until every update and signal handler has finished, so no caller is left without an
-    answer when the run returns. The SDK counts an update as in progress only once its handler task
-    has first run; an update delivered in the same activation as the step that ends the run (a claim
-    rejected at once) would otherwise be missed and its caller told the workflow had completed.
-    Yielding once lets those handler tasks start; it adds no command, so histories replay unchanged.
-    """
-    await asyncio.sleep(0)
-    await workflow.wait_condition(workflow.all_handlers_finished)
 
 
 def _claim_rejection(err: ActivityError | ApplicationError) -> ApplicationError | None:
