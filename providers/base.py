@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Final, Literal, Protocol
 
@@ -101,8 +102,15 @@ class ReasoningDelta:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    input_tokens: int
-    output_tokens: int
+    """What the provider billed for one call, as it reported it."""
+
+    input_tokens: int  # every prompt token, including those read from or written to a cache
+    output_tokens: int  # every completion token, reasoning tokens included
+    cached_input_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to the prompt cache
+    reasoning_tokens: int = 0  # of output_tokens, spent on reasoning
+    # The charge the provider itself reported (OpenRouter's `usage.cost`), in USD; most report none.
+    reported_cost_usd: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

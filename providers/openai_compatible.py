@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import math
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, Final
 
 import openai
@@ -30,12 +28,12 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
+from providers.failures import parse_retry_after, scrub, status_failure
 
 # Sent when a provider is configured without a key (Ollama, vLLM, LM Studio): the SDK refuses to
 # build a client with no key, and such servers ignore the header.
 KEYLESS_API_KEY: Final = "no-key"
 
-_MAX_MESSAGE_CHARS: Final = 600
 _INLINE_ENCODE_BYTES: Final = 1_000_000
 
 _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
@@ -193,13 +191,9 @@ class OpenAICompatibleProvider:
             status = error.status_code
             detail = _error_detail(error.body) or error.message
             message = self._scrub(f"{where}: HTTP {status}: {detail}")
-            if status in (408, 429) or status >= 500:
-                return ProviderError.unavailable(
-                    message,
-                    status_code=status,
-                    retry_after=parse_retry_after(error.response.headers),
-                )
-            return ProviderError.rejected(message, status_code=status)
+            return status_failure(
+                message, status, retry_after=parse_retry_after(error.response.headers)
+            )
         if isinstance(error, openai.APITimeoutError):
             return ProviderError.unavailable(f"{where}: request timed out")
         if isinstance(error, openai.APIConnectionError):
@@ -215,12 +209,7 @@ class OpenAICompatibleProvider:
         return ProviderError.unavailable(message, status_code=code)
 
     def _scrub(self, text: str) -> str:
-        # Some gateways quote the credential they rejected back in the error message. Truncate
-        # only after redacting, so a cut cannot leave part of a key behind; the limit is for
-        # proxies in front of the model that answer with a whole HTML page.
-        if len(self._api_key) >= 4:
-            text = text.replace(self._api_key, "[redacted]")
-        return text[:_MAX_MESSAGE_CHARS]
+        return scrub(text, self._api_key)
 
 
 def sampling_params(options: Mapping[str, Any], *, provider: str) -> dict[str, Any]:
@@ -235,36 +224,6 @@ def sampling_params(options: Mapping[str, Any], *, provider: str) -> dict[str, A
             raise ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
         params[wire] = value
     return params
-
-
-def parse_retry_after(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from `retry-after-ms` or `Retry-After` (delta-seconds or an HTTP date)."""
-    milliseconds = _finite_non_negative(headers.get("retry-after-ms"))
-    if milliseconds is not None:
-        return milliseconds / 1000
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    seconds = _finite_non_negative(value)
-    if seconds is not None:
-        return seconds
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:  # RFC 9110 dates are GMT; some servers drop the zone
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def _finite_non_negative(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        return None
-    return number if math.isfinite(number) and number >= 0 else None
 
 
 def _reasoning_text(delta: ChoiceDelta) -> str | None:

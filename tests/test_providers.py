@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
@@ -22,16 +22,17 @@ from providers.base import (
     InputKind,
     PromptMessage,
     ProviderError,
-    ProviderEvent,
     ReasoningDelta,
     TextDelta,
     UnknownModelError,
     Usage,
 )
+from providers.failures import parse_retry_after
 from providers.local import LocalOptions, LocalProvider
-from providers.openai_compatible import OpenAICompatibleProvider, parse_retry_after
+from providers.openai_compatible import OpenAICompatibleProvider
 from providers.registry import ProviderRegistry
 from tests.support.openai_server import OpenAICompatibleServer, RecordedRequest, Script
+from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
 
 API_KEY = "sk-test-0123456789abcdef"
 PROMPT = [
@@ -53,33 +54,6 @@ def request(
         options=options,
         attempt=attempt,
     )
-
-
-async def collect(stream: AsyncGenerator[ProviderEvent, None]) -> list[ProviderEvent]:
-    async with aclosing(stream):
-        return [event async for event in stream]
-
-
-def text_of(events: list[ProviderEvent]) -> str:
-    return "".join(event.text for event in events if isinstance(event, TextDelta))
-
-
-def reasoning_of(events: list[ProviderEvent]) -> str:
-    return "".join(event.text for event in events if isinstance(event, ReasoningDelta))
-
-
-async def collect_failure(
-    stream: AsyncGenerator[ProviderEvent, None],
-) -> tuple[list[ProviderEvent], ProviderError]:
-    """The events a stream yielded before it raised ProviderError, and the error."""
-    seen: list[ProviderEvent] = []
-    try:
-        async with aclosing(stream):
-            async for event in stream:
-                seen.append(event)
-    except ProviderError as error:
-        return seen, error
-    raise AssertionError(f"the stream finished without failing: {seen}")
 
 
 async def wait_for(flag: threading.Event) -> bool:

@@ -1,0 +1,35 @@
+"""Reading a provider adapter's event stream in tests: every event, the text, the reasoning, the failure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from providers.base import ProviderError, ProviderEvent, ReasoningDelta, TextDelta
+
+
+async def collect(stream: AsyncGenerator[ProviderEvent, None]) -> list[ProviderEvent]:
+    async with aclosing(stream):
+        return [event async for event in stream]
+
+
+def text_of(events: list[ProviderEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, TextDelta))
+
+
+def reasoning_of(events: list[ProviderEvent]) -> str:
+    return "".join(event.text for event in events if isinstance(event, ReasoningDelta))
+
+
+async def collect_failure(
+    stream: AsyncGenerator[ProviderEvent, None],
+) -> tuple[list[ProviderEvent], ProviderError]:
+    """The events a stream yielded before it raised ProviderError, and the error."""
+    seen: list[ProviderEvent] = []
+    try:
+        async with aclosing(stream):
+            async for event in stream:
+                seen.append(event)
+    except ProviderError as error:
+        return seen, error
+    raise AssertionError(f"the stream finished without failing: {seen}")
