@@ -34,20 +34,19 @@ import asyncio
 import base64
 import json
 import re
-import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.support.background_app import BackgroundApp
 
 _PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
 
@@ -206,9 +205,7 @@ class OpenAICompatibleServer:
         self._attempts: dict[str, int] = {}
         self._requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
-        self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundApp | None = None
         self.port = 0
 
     @property
@@ -248,53 +245,20 @@ class OpenAICompatibleServer:
         return json.dumps({name: entry})
 
     def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        self._socket = sock
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app(),
-            loop="asyncio",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            # Slow streams still open at shutdown must not hold the test run for a minute.
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="openai-test-server", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the OpenAI-compatible test server did not start")
-            time.sleep(0.01)
+        self._background = BackgroundApp(self._app(), name="OpenAI-compatible test server")
+        self._background.start()
+        self.port = self._background.port
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout=5)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
 
     def __enter__(self) -> OpenAICompatibleServer:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def _app(self) -> Starlette:
