@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -14,6 +15,8 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
     String,
     Text,
     func,
@@ -46,6 +49,8 @@ class Organization(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # "provider/model" for turns that name no model, under the user's own default.
+    default_model: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _now()
 
 
@@ -170,6 +175,19 @@ class Turn(Base):
     # True when the provider reported no usage before the turn ended (a stop): the token counts
     # are estimated from the prompt and the text streamed.
     usage_estimated: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Of input_tokens: read from and written to the provider's prompt cache. Of output_tokens:
+    # spent on reasoning. All summed over every attempt the provider billed.
+    cached_input_tokens: Mapped[int | None] = mapped_column(Integer)
+    cache_write_tokens: Mapped[int | None] = mapped_column(Integer)
+    reasoning_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Exact USD from the usage and the catalog's prices (or the provider's own reported charge).
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
+    # How the model was chosen: {"requested", "model", "reason", "fallbacks"}.
+    model_choice: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # One entry per generation attempt: model, outcome, tokens and cost.
+    attempt_log: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    # Messages of the history left out so the prompt fits the model's context window.
+    messages_left_out: Mapped[int | None] = mapped_column(Integer)
     # A SHA-256 of the request that started the turn under an `Idempotency-Key`: a later request
     # with the same key must be the same request.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
@@ -238,4 +256,70 @@ class Attachment(Base):
             "created_at",
             postgresql_where=text("message_id IS NULL"),
         ),
+    )
+
+
+class UserPreference(Base):
+    """A user's own settings within an organization."""
+
+    __tablename__ = "user_preference"
+
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organization.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    default_model: Mapped[str | None] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = _now()
+
+
+# The `budget.user_id` of an organization's own budget (a user's budget names the user).
+ORGANIZATION_BUDGET = ""
+
+
+class Budget(Base):
+    """Spending limits in USD: the organization's (user_id "") or one user's; NULL is no limit."""
+
+    __tablename__ = "budget"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(String(200))
+    weekly_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
+    per_chat_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (PrimaryKeyConstraint("organization_id", "user_id"),)
+
+
+class UsageEntry(Base):
+    """The usage ledger: one row per turn, reserved when the turn is accepted, settled when it ends.
+
+    Keyed by turn, so every crash, retry and replay writes the same row: a turn's spend counts
+    exactly once. Chats are not referenced: deleting a chat must not refund what it spent.
+    """
+
+    __tablename__ = "usage_ledger"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    turn_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    chat_id: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    # reserved (the turn runs; `reserved_usd` counts against budgets), settled (`cost_usd` does),
+    # or released (the turn never ran; nothing counts)
+    state: Mapped[str] = mapped_column(String(16))
+    reserved_usd: Mapped[Decimal] = mapped_column(Numeric(20, 10))
+    cost_usd: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
+    input_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cached_input_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    output_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    reasoning_tokens: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    settled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "turn_id"),
+        Index(None, "organization_id", "created_at"),
+        Index(None, "organization_id", "user_id", "created_at"),
+        Index(None, "organization_id", "chat_id"),
     )

@@ -18,7 +18,17 @@ from storage.db import create_engine
 from storage.migrations import alembic_config, downgrade_database, upgrade_database
 from storage.models import Base
 
-SCHEMA_TABLES = {"organization", "api_key", "chat", "message", "turn", "attachment"}
+SCHEMA_TABLES = {
+    "organization",
+    "api_key",
+    "chat",
+    "message",
+    "turn",
+    "attachment",
+    "user_preference",
+    "budget",
+    "usage_ledger",
+}
 
 
 def asyncpg_dsn(url: URL) -> str:
