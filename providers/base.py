@@ -21,8 +21,9 @@ class InputKind(StrEnum):
     DOCUMENT = "document"  # a PDF given to the model as a document
 
 
-# The media types an input may carry: what every provider with image or PDF input accepts. They are
-# also spelled into data URLs, so nothing else may reach an adapter.
+# The media types an input may carry: what providers with image or PDF input accept (an adapter
+# converts where its provider differs, as Gemini's does for GIF). They are also spelled into data
+# URLs, so nothing else may reach an adapter.
 IMAGE_MEDIA_TYPES: Final = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 DOCUMENT_MEDIA_TYPES: Final = frozenset({"application/pdf"})
 

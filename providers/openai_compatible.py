@@ -1,4 +1,11 @@
-"""OpenAI-compatible chat completions adapter. Never imports temporalio/fastapi/sqlalchemy/redis."""
+"""OpenAI-compatible chat completions adapter, Groq and OpenRouter included. Never imports temporalio/fastapi/sqlalchemy/redis.
+
+Groq and OpenRouter speak the same wire format with a few additions of their own, so each is a
+dialect of this adapter rather than an adapter of its own: Groq reports usage in `x_groq.usage`
+and answers 498 when its flex tier is out of capacity (worth retrying); OpenRouter reports the
+call's cost in `usage.cost`, sends `: OPENROUTER PROCESSING` keep-alive comments (the SDK skips
+them) and relays upstream failures as an error chunk inside a 200 stream.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,18 @@ import asyncio
 import base64
 import math
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Any, Final
 
 import openai
-from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionContentPartParam,
+    ChatCompletionMessageParam,
+)
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.completion_usage import CompletionUsage
 
 from providers.base import (
     DocumentInput,
@@ -29,6 +43,26 @@ from providers.base import (
     refuse_unaccepted_inputs,
 )
 from providers.failures import parse_retry_after, scrub, status_failure
+
+OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
+GROQ_BASE_URL: Final = "https://api.groq.com/openai/v1"
+OPENROUTER_BASE_URL: Final = "https://openrouter.ai/api/v1"
+
+
+class OpenAIDialect(StrEnum):
+    """Which service's additions to the OpenAI wire format an endpoint speaks."""
+
+    OPENAI = "openai"  # OpenAI itself and every plain compatible server (vLLM, LM Studio, ...)
+    GROQ = "groq"
+    OPENROUTER = "openrouter"
+
+
+# Groq's 498 `capacity_exceeded`: its flex tier is full for now, documented as worth retrying.
+_ALSO_RETRYABLE: Final[Mapping[OpenAIDialect, frozenset[int]]] = {
+    OpenAIDialect.OPENAI: frozenset(),
+    OpenAIDialect.GROQ: frozenset({498}),
+    OpenAIDialect.OPENROUTER: frozenset(),
+}
 
 # Sent when a provider is configured without a key (Ollama, vLLM, LM Studio): the SDK refuses to
 # build a client with no key, and such servers ignore the header.
@@ -97,8 +131,11 @@ class OpenAICompatibleProvider:
         timeout_seconds: float,
         image_models: Sequence[str] | None = None,
         document_models: Sequence[str] = (),
+        dialect: OpenAIDialect = OpenAIDialect.OPENAI,
     ) -> None:
         self.name = name
+        self.dialect = OpenAIDialect(dialect)
+        self._also_retryable = _ALSO_RETRYABLE[self.dialect]
         self._models = list(models)
         # ProviderEntry semantics: no image list means every model takes images.
         takes_images = set(self._models if image_models is None else image_models)
@@ -145,6 +182,7 @@ class OpenAICompatibleProvider:
         else:
             messages = _message_params(request.messages)
         usage: Usage | None = None
+        groq_usage: Usage | None = None  # used only when no standard usage arrives
         finish: FinishReason = "other"  # a server that never sends finish_reason
         try:
             chunks = await self._client.chat.completions.create(
@@ -159,11 +197,9 @@ class OpenAICompatibleProvider:
             async with chunks:
                 async for chunk in chunks:
                     if chunk.usage is not None:
-                        # `or 0`: the SDK does not validate, and some servers send nulls here.
-                        usage = Usage(
-                            input_tokens=chunk.usage.prompt_tokens or 0,
-                            output_tokens=chunk.usage.completion_tokens or 0,
-                        )
+                        usage = self._usage(chunk.usage)
+                    if self.dialect is OpenAIDialect.GROQ:
+                        groq_usage = _groq_usage(chunk) or groq_usage
                     for choice in chunk.choices:
                         if choice.index != 0:  # we never ask for n > 1
                             continue
@@ -172,12 +208,19 @@ class OpenAICompatibleProvider:
                             yield ReasoningDelta(reasoning)
                         if choice.delta.content:
                             yield TextDelta(choice.delta.content)
+                        if choice.finish_reason == "error":
+                            # OpenRouter's failure chunk comes with a top-level `error`, which
+                            # the SDK raises on; this is the same failure without its details.
+                            raise ProviderError.unavailable(
+                                f"{self.name}/{request.model}: the answer ended with an error"
+                            )
                         if choice.finish_reason is not None:
                             finish = _FINISH_REASONS.get(choice.finish_reason, "other")
         except openai.APIError as error:
             # `from None`: SDK messages can echo request details, and a chained cause would
             # travel into workflow history; only the scrubbed translation leaves this module.
             raise self._translate(error, request.model) from None
+        usage = usage or groq_usage
         if usage is not None:
             yield usage
         yield Finish(finish)
@@ -192,7 +235,10 @@ class OpenAICompatibleProvider:
             detail = _error_detail(error.body) or error.message
             message = self._scrub(f"{where}: HTTP {status}: {detail}")
             return status_failure(
-                message, status, retry_after=parse_retry_after(error.response.headers)
+                message,
+                status,
+                retry_after=parse_retry_after(error.response.headers),
+                also_retryable=self._also_retryable,
             )
         if isinstance(error, openai.APITimeoutError):
             return ProviderError.unavailable(f"{where}: request timed out")
@@ -201,12 +247,22 @@ class OpenAICompatibleProvider:
             reason = f"{type(cause).__name__}: {cause}" if cause is not None else error.message
             return ProviderError.unavailable(self._scrub(f"{where}: connection failed: {reason}"))
         # An error event inside a 200 stream (OpenRouter and others relay upstream failures this
-        # way). Its `code` is sometimes an HTTP status; a 4xx one means retrying cannot help.
-        message = self._scrub(f"{where}: error in stream: {error.message}")
+        # way). Its `code` is sometimes an HTTP status (OpenRouter's 402 is out of credit), and
+        # then it is classified as that status would be; otherwise ("server_error", none) the
+        # failure happened mid-generation and a later attempt may succeed.
+        detail = _error_detail(error.body) or error.message
+        message = self._scrub(f"{where}: error in stream: {detail}")
         code = _error_code_status(error.body)
-        if code is not None and 400 <= code < 500 and code not in (408, 429):
-            return ProviderError.rejected(message, status_code=code)
+        if code is not None and 400 <= code < 500:
+            return status_failure(message, code, also_retryable=self._also_retryable)
         return ProviderError.unavailable(message, status_code=code)
+
+    def _usage(self, usage: CompletionUsage) -> Usage:
+        # Only OpenRouter's `cost` is known to be a charge in USD (its credits are dollars).
+        cost = None
+        if self.dialect is OpenAIDialect.OPENROUTER:
+            cost = _reported_cost((usage.model_extra or {}).get("cost"))
+        return _usage(usage, reported_cost=cost)
 
     def _scrub(self, text: str) -> str:
         return scrub(text, self._api_key)
@@ -283,13 +339,69 @@ def data_url(media_type: str, data: bytes) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+def _usage(usage: CompletionUsage, *, reported_cost: Decimal | None = None) -> Usage:
+    # The SDK does not validate chunks, and some servers send nulls or nothing for these.
+    prompt = usage.prompt_tokens_details
+    completion = usage.completion_tokens_details
+    return Usage(
+        input_tokens=_count(usage.prompt_tokens),
+        output_tokens=_count(usage.completion_tokens),
+        cached_input_tokens=_count(prompt.cached_tokens if prompt else None),
+        cache_write_tokens=_count(prompt.cache_write_tokens if prompt else None),
+        reasoning_tokens=_count(completion.reasoning_tokens if completion else None),
+        reported_cost_usd=reported_cost,
+    )
+
+
+def _groq_usage(chunk: ChatCompletionChunk) -> Usage | None:
+    # Groq reports usage in the final chunk's `x_groq.usage` (OpenAI's fields plus timings),
+    # which the SDK keeps as an untyped extra.
+    x_groq = (chunk.model_extra or {}).get("x_groq")
+    raw = x_groq.get("usage") if isinstance(x_groq, Mapping) else None
+    if not isinstance(raw, Mapping):
+        return None
+    return _usage(CompletionUsage.construct(**{str(key): value for key, value in raw.items()}))
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _reported_cost(value: object) -> Decimal | None:
+    """OpenRouter's `usage.cost` as an exact Decimal, or None when absent or not a cost."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    # From the value's string, never Decimal(float): the JSON number arrived as a float, whose
+    # repr is the shortest decimal that reads back as it (0.95 stays 0.95), while the float's
+    # exact binary value (0.9499999999999999555910790149937) would be billed.
+    try:
+        cost = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return cost if cost.is_finite() and cost >= 0 else None
+
+
 def _error_detail(body: object) -> str | None:
     # Status errors carry OpenAI's `{"error": {"message": ...}}`, already unwrapped by the SDK.
+    # OpenRouter adds `metadata`: which upstream failed, and why moderation flagged the input.
     if isinstance(body, Mapping):
         inner = body.get("error", body)
         if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
+            return str(inner["message"]) + _metadata_detail(inner.get("metadata"))
     return None
+
+
+def _metadata_detail(metadata: object) -> str:
+    if not isinstance(metadata, Mapping):
+        return ""
+    notes = []
+    provider = metadata.get("provider_name")
+    if isinstance(provider, str) and provider:
+        notes.append(f"provider: {provider}")
+    reasons = metadata.get("reasons")
+    if isinstance(reasons, list) and reasons and all(isinstance(r, str) for r in reasons):
+        notes.append(f"reasons: {', '.join(reasons)}")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _error_code_status(body: object) -> int | None:

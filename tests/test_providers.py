@@ -273,7 +273,11 @@ async def test_reasoning_streams_before_text_from_either_field_name(
     assert text_of(events) == "forty two"
     kinds = [type(event) for event in events]
     assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
-    assert events[-2:] == [Usage(input_tokens=6, output_tokens=7), Finish("stop")]
+    # The server reports the reasoning words in completion_tokens_details.reasoning_tokens.
+    assert events[-2:] == [
+        Usage(input_tokens=6, output_tokens=7, reasoning_tokens=5),
+        Finish("stop"),
+    ]
 
 
 async def test_reasoning_model_named_by_convention(provider: OpenAICompatibleProvider) -> None:

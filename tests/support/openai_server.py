@@ -18,8 +18,22 @@ Behaviour follows the model name (`script_for_model`), or a `Script` registered 
     flaky-<n>[-<tag>]     503 for the first <n> requests to this exact model name, then echo;
                           a unique <tag> per test avoids sharing the count (or call reset())
     midstream-error       3 chunks, then an `{"error": ...}` event inside the 200 stream
+    midstream-<code>      the same with that error `code` (an int if digits: midstream-402,
+                          midstream-server_error), in the dialect's shape
+    error-finish          3 chunks, then finish_reason "error" with no error object
     drop                  3 chunks, then the connection is cut without a terminating chunk
     anything else         404 model_not_found, as OpenAI answers an unknown model
+
+`dialect=` makes the server speak as Groq or OpenRouter do on top of that (default "openai"):
+
+    groq          the first chunk carries `x_groq.id`, the finishing one `x_groq.usage` (with
+                  timings); no standard usage chunk unless a Script asks for "both"; reasoning-<words>
+                  sends `reasoning`; fail-498 is capacity_exceeded
+    openrouter    `: OPENROUTER PROCESSING` comments before the first chunk and the finishing
+                  one; usage always comes last, with `cost` and cache token details; errors are
+                  `{"error": {"code": <int>, "message", "metadata"}}`, and a midstream error is a
+                  chunk with a top-level `error` and finish_reason "error"; reasoning-<words>
+                  sends `reasoning`
 
 `max_tokens` / `max_completion_tokens` cap the reply in words and finish it with "length".
 Every request is recorded (`requests`), with whether its stream finished or the client left early;
@@ -39,6 +53,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from starlette.applications import Starlette
@@ -58,9 +73,38 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     408: ("timeout", None, "Request timed out."),
     422: ("invalid_request_error", None, "Unprocessable request."),
     429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests."),
+    # Groq's flex tier when it has no capacity left.
+    498: (
+        "capacity_exceeded",
+        "capacity_exceeded",
+        "Flex tier capacity exceeded, try again later.",
+    ),
     500: ("server_error", None, "The server had an error while processing your request."),
     502: ("server_error", None, "Bad gateway."),
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+
+# OpenRouter's messages, with the `metadata` it adds to some.
+_OPENROUTER_ERRORS: dict[int, tuple[str, dict[str, Any] | None]] = {
+    400: ("Invalid request.", None),
+    401: ("No auth credentials found", None),
+    402: ("Insufficient credits. Add more using https://openrouter.ai/credits", None),
+    403: ("Input was flagged by moderation.", {"reasons": ["harassment"], "provider_name": None}),
+    404: ("No endpoints found for {model}.", None),
+    408: ("Request timed out.", None),
+    429: ("Rate limit exceeded.", None),
+    502: ("Provider returned error", {"provider_name": "TestUpstream", "raw": "upstream down"}),
+    503: ("No instances available.", None),
+}
+
+Dialect = Literal["openai", "groq", "openrouter"]
+UsagePlacement = Literal["dialect", "chunk", "x_groq", "both"]
+KEEPALIVE = b": OPENROUTER PROCESSING\n\n"
+# OpenRouter always reports usage in a final chunk; Groq in the finishing chunk's x_groq.
+_DIALECT_USAGE: dict[Dialect, UsagePlacement] = {
+    "openai": "chunk",
+    "groq": "x_groq",
+    "openrouter": "chunk",
 }
 
 
@@ -79,10 +123,18 @@ class Script:
     retry_after: str | None = None  # `Retry-After` sent with failures
     retry_after_ms: str | None = None  # `retry-after-ms` sent with failures
     error_after_chunks: int | None = None  # send an in-stream error event after n chunks
+    error_code: int | str = 502  # the `code` of that error
     drop_after_chunks: int | None = None  # cut the connection after n chunks
+    # Where streamed usage goes: "dialect" is as the server's dialect does it; "chunk" a final
+    # chunk with `"choices": []` (asked for with stream_options, except on OpenRouter), "x_groq"
+    # the finishing chunk's `x_groq.usage`, "both" the two.
+    usage_placement: UsagePlacement = "dialect"
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
+    cache_write_tokens: int = 0  # usage.prompt_tokens_details.cache_write_tokens
+    cost: float | str | None = None  # OpenRouter's usage.cost; None: priced from the counts
 
 
-def script_for_model(model: str) -> Script | None:
+def script_for_model(model: str, *, dialect: Dialect = "openai") -> Script | None:
     """The Script a model name asks for, or None for an unknown model."""
     name, _, argument = model.partition("-")
     words = argument.replace("-", " ")
@@ -93,7 +145,11 @@ def script_for_model(model: str) -> Script | None:
     if name == "reply" and argument:
         return Script(reply=words)
     if name == "reasoning" and argument:
-        return Script(reply=words, reasoning=f"The user wants {words}. I will answer.")
+        return Script(
+            reply=words,
+            reasoning=f"The user wants {words}. I will answer.",
+            reasoning_field="reasoning_content" if dialect == "openai" else "reasoning",
+        )
     if name == "length" and argument:
         return Script(reply=words, finish_reason="length")
     if model == "slow" or (name == "slow" and argument.isdigit()):
@@ -106,6 +162,11 @@ def script_for_model(model: str) -> Script | None:
         return Script(fail_status=503, fail_first=int(failures))
     if model == "midstream-error":
         return Script(reply="this answer breaks off early", error_after_chunks=3)
+    if name == "midstream" and argument:
+        code = int(argument) if argument.isdigit() else argument
+        return Script(reply="this answer breaks off early", error_after_chunks=3, error_code=code)
+    if model == "error-finish":
+        return Script(reply="this answer ends in an error", finish_reason="error")
     if model == "drop":
         return Script(reply="this answer is cut off by a dropped connection", drop_after_chunks=3)
     return None
@@ -199,8 +260,9 @@ class _DroppedConnection(Exception):
 class OpenAICompatibleServer:
     """`with OpenAICompatibleServer() as server:` then point a client at `server.base_url`."""
 
-    def __init__(self, *, api_key: str | None = None) -> None:
+    def __init__(self, *, api_key: str | None = None, dialect: Dialect = "openai") -> None:
         self.api_key = api_key  # when set, other bearer tokens get OpenAI's 401
+        self.dialect: Dialect = dialect
         self._scripts: dict[str, Script] = {}
         self._attempts: dict[str, int] = {}
         self._requests: list[RecordedRequest] = []
@@ -243,6 +305,22 @@ class OpenAICompatibleServer:
         if key:
             entry["api_key"] = key
         return json.dumps({name: entry})
+
+    def providers_entry(self, models: list[str], *, api_key: str | None = None) -> dict[str, Any]:
+        """One `DURACHAT_PROVIDERS` entry configuring this server.
+
+        The entry's name picks the dialect: name it `groq` or `openrouter` for those presets
+        (`base_url` then points them here); any other name is a plain OpenAI-compatible server.
+        """
+        entry: dict[str, Any] = {
+            "type": "openai-compatible",
+            "base_url": self.base_url,
+            "models": models,
+        }
+        key = api_key if api_key is not None else self.api_key
+        if key:
+            entry["api_key"] = key
+        return entry
 
     def start(self) -> None:
         self._background = BackgroundApp(self._app(), name="OpenAI-compatible test server")
@@ -288,19 +366,19 @@ class OpenAICompatibleServer:
         with self._lock:
             self._requests.append(record)
         if not isinstance(body, dict):
-            return _error(400, message="We could not parse the JSON body of your request.")
+            return self._error(400, message="We could not parse the JSON body of your request.")
 
         bad_image = _bad_image_url(record)
         if bad_image is not None:
-            return _error(400, message=bad_image)
+            return self._error(400, message=bad_image)
         model = record.model
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
-            return _error(401, key=_bearer(record))
+            return self._error(401, key=_bearer(record))
         with self._lock:
-            script = self._scripts.get(model) or script_for_model(model)
+            script = self._scripts.get(model) or script_for_model(model, dialect=self.dialect)
             self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
         if script is None:
-            return _error(404, model=model)
+            return self._error(404, model=model)
         if script.fail_status is not None and (
             script.fail_first is None or attempt <= script.fail_first
         ):
@@ -309,7 +387,9 @@ class OpenAICompatibleServer:
                 headers["retry-after"] = script.retry_after
             if script.retry_after_ms is not None:
                 headers["retry-after-ms"] = script.retry_after_ms
-            return _error(script.fail_status, model=model, key=_bearer(record), headers=headers)
+            return self._error(
+                script.fail_status, model=model, key=_bearer(record), headers=headers
+            )
 
         reply = script.reply if script.reply is not None else _last_user_text(record.messages)
         if script.titles:
@@ -323,12 +403,21 @@ class OpenAICompatibleServer:
         prompt_tokens = sum(len(_text(m.get("content")).split()) for m in record.messages)
         reasoning_tokens = len(script.reasoning.split())
         completion_tokens = len("".join(pieces).split()) + reasoning_tokens
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
         }
+        if script.cached_tokens or script.cache_write_tokens or self.dialect == "openrouter":
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": script.cached_tokens,
+                "cache_write_tokens": script.cache_write_tokens,
+            }
+        if self.dialect == "openrouter":
+            usage["cost"] = script.cost if script.cost is not None else _price(usage)
+            usage["cost_details"] = {"upstream_inference_cost": None}
+            usage["is_byok"] = False
 
         if body.get("stream") is not True:
             return JSONResponse(
@@ -346,14 +435,46 @@ class OpenAICompatibleServer:
             )
         stream_options = body.get("stream_options")
         include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage")
+        placement = script.usage_placement
+        if placement == "dialect":
+            placement = _DIALECT_USAGE[self.dialect]
+        # OpenRouter always reports usage, stream_options or not.
+        in_chunk = placement in ("chunk", "both") and (
+            include_usage or self.dialect == "openrouter"
+        )
+        in_x_groq = placement in ("x_groq", "both")
         events = _stream_events(
-            script, model, reasoning, pieces, finish_reason, usage if include_usage else None
+            script,
+            model,
+            reasoning,
+            pieces,
+            finish_reason,
+            usage if in_chunk else None,
+            usage if in_x_groq else None,
+            self.dialect,
         )
         return StreamingResponse(
             self._paced(record, script, events),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
         )
+
+    def _error(
+        self,
+        status: int,
+        *,
+        model: str = "",
+        key: str = "",
+        headers: dict[str, str] | None = None,
+        message: str | None = None,
+    ) -> JSONResponse:
+        if self.dialect != "openrouter":
+            return _error(status, model=model, key=key, headers=headers, message=message)
+        template, metadata = _OPENROUTER_ERRORS.get(status, ("Error.", None))
+        error: dict[str, Any] = {"code": status, "message": message or template.format(model=model)}
+        if metadata is not None:
+            error["metadata"] = metadata
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
 
     async def _paced(
         self, record: RecordedRequest, script: Script, events: list[bytes | None]
@@ -379,29 +500,64 @@ def _stream_events(
     pieces: list[str],
     finish_reason: str,
     usage: dict[str, Any] | None,
+    x_groq_usage: dict[str, Any] | None,
+    dialect: Dialect,
 ) -> list[bytes | None]:
     """The SSE byte strings of one streamed answer; None marks where the connection drops."""
     envelope = _envelope(model, "chat.completion.chunk")
     extra: dict[str, Any] = {"usage": None} if usage is not None else {}
+    request_id = f"req_{uuid.uuid4().hex[:26]}"
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return _sse({**envelope, "choices": [choice], **extra})
+        return _sse({**envelope, "choices": [choice], **extra, **more})
 
-    events: list[bytes | None] = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    first: dict[str, Any] = {"x_groq": {"id": request_id}} if dialect == "groq" else {}
+    events: list[bytes | None] = [KEEPALIVE] if dialect == "openrouter" else []
+    events.append(chunk({"role": "assistant", "content": "", "refusal": None}, **first))
     events += [chunk({script.reasoning_field: piece}) for piece in reasoning]
     for count, piece in enumerate(pieces):
         if count == script.error_after_chunks:
-            error = {"message": "Upstream provider error.", "type": "server_error", "code": 502}
-            return [*events, _sse({"error": error})]
+            return [*events, _midstream_error(script.error_code, envelope, dialect)]
         if count == script.drop_after_chunks:
             return [*events, None]
         events.append(chunk({"content": piece}))
-    events.append(chunk({}, finish_reason))
+    if dialect == "openrouter":
+        events.append(KEEPALIVE)
+    last: dict[str, Any] = {}
+    if x_groq_usage is not None:
+        timings = {"queue_time": 0.01, "prompt_time": 0.002, "completion_time": 0.02}
+        last["x_groq"] = {
+            "id": request_id,
+            "usage": {**x_groq_usage, **timings, "total_time": 0.032},
+        }
+    events.append(chunk({}, finish_reason, **last))
     if usage is not None:
         events.append(_sse({**envelope, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+def _midstream_error(code: int | str, envelope: dict[str, Any], dialect: Dialect) -> bytes:
+    if dialect == "openrouter":
+        # A chunk like any other, with a top-level error and the choice finished by "error".
+        error = {
+            "code": code,
+            "message": "Provider returned error",
+            "metadata": {"provider_name": "TestUpstream"},
+        }
+        choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+        return _sse({**envelope, "error": error, "choices": [choice]})
+    error = {"message": "Upstream provider error.", "type": "server_error", "code": code}
+    return _sse({"error": error})
+
+
+def _price(usage: dict[str, Any]) -> float:
+    # $1.50 per million prompt tokens and $2 per million completion tokens, sent as a JSON
+    # number as OpenRouter does; computed in decimal so the number is exactly what a test expects.
+    cost = Decimal("0.0000015") * usage["prompt_tokens"]
+    cost += Decimal("0.000002") * usage["completion_tokens"]
+    return float(cost)
 
 
 def _envelope(model: str, kind: str) -> dict[str, Any]:

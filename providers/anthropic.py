@@ -1,0 +1,458 @@
+"""Anthropic Messages API adapter, streamed. Never imports temporalio/fastapi/sqlalchemy/redis."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import anthropic
+import httpx2
+from anthropic import Omit, omit
+from anthropic import types as wire
+
+from providers.base import (
+    DocumentInput,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    ImageInput,
+    InputKind,
+    PromptInput,
+    PromptMessage,
+    ProviderError,
+    ProviderEvent,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+    refuse_unaccepted_inputs,
+)
+from providers.failures import parse_retry_after, scrub, status_failure
+
+DEFAULT_BASE_URL: Final = "https://api.anthropic.com"
+
+# Sent when a provider is configured without a key (an Anthropic-compatible gateway on the local
+# network): the SDK refuses to send a request with no credential at all, and an empty one would
+# make it fall back to ANTHROPIC_API_KEY.
+KEYLESS_API_KEY: Final = "no-key"
+
+# The API requires max_tokens and has no default. 8192 is an output every current Claude model
+# allows and a long answer fits in; callers wanting more (the newest models allow 128k) say so in
+# providerOptions. Extended thinking spends its budget out of max_tokens, so a thinking budget
+# given without max_tokens is added on top rather than eating the answer.
+DEFAULT_MAX_TOKENS: Final = 8192
+
+_INLINE_ENCODE_BYTES: Final = 1_000_000
+
+_FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool-calls",
+    "refusal": "content-filter",
+}
+
+# `error.type` values of an error event inside a 200 stream that a later attempt may get past. Any
+# other type (invalid_request_error, authentication_error, billing_error, ...) will fail again.
+_RETRYABLE_ERROR_TYPES: Final = frozenset(
+    {"overloaded_error", "api_error", "rate_limit_error", "timeout_error"}
+)
+
+_EFFORTS: Final = ("low", "medium", "high", "xhigh", "max")
+_THINKING_DISPLAYS: Final = ("summarized", "omitted")
+_THINKING_KEYS: Final = frozenset({"type", "budgetTokens", "budget_tokens", "display"})
+
+# providerOptions come from API callers, so only these pass, each checked: anything else could
+# change the wire contract this adapter parses (`stream`, `tools`) or bill differently
+# (`service_tier`, `speed`). temperature, top_p and top_k are left out on purpose: API version
+# 2026-10-21, which SDK 2.x sends, answers any of them with 400. AI SDK clients spell options in
+# camelCase; the snake_case wire names are accepted too.
+_MAX_TOKENS_KEYS: Final = ("maxTokens", "max_tokens")
+_STOP_SEQUENCES_KEYS: Final = ("stopSequences", "stop_sequences")
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """The allow-listed providerOptions, as Messages API parameters."""
+
+    max_tokens: int
+    thinking: wire.ThinkingConfigParam | Omit = omit
+    stop_sequences: list[str] | Omit = omit
+    output_config: wire.OutputConfigParam | Omit = omit
+
+
+class AnthropicProvider:
+    """One configured endpoint speaking Anthropic's Messages API, streamed."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str,
+        models: Sequence[str],
+        timeout_seconds: float,
+        image_models: Sequence[str] | None = None,
+        document_models: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self._models = list(models)
+        # ProviderEntry semantics: no image list means every model takes images.
+        takes_images = set(self._models if image_models is None else image_models)
+        takes_documents = set(document_models)
+        self._input_kinds = {
+            model: frozenset(
+                kind
+                for kind, takes in (
+                    (InputKind.IMAGE, takes_images),
+                    (InputKind.DOCUMENT, takes_documents),
+                )
+                if model in takes
+            )
+            for model in self._models
+        }
+        self._api_key = api_key
+        # Every setting is passed explicitly: given a key and a base URL, the SDK reads none of
+        # ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, ANTHROPIC_BASE_URL or a credentials profile.
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key or KEYLESS_API_KEY,
+            base_url=base_url,
+            # Temporal owns retries: every attempt is then visible in the workflow history, and a
+            # retried stream tells clients to drop the failed attempt's output first.
+            max_retries=0,
+            timeout=timeout_seconds,
+            # Given an option, the SDK ignores ANTHROPIC_OPEN_TELEMETRY_*, one of which would copy
+            # prompts into spans; durachat exports no traces, and sends no trace context outside.
+            open_telemetry={"traces": False, "propagation": False},
+        )
+        # ANTHROPIC_CUSTOM_HEADERS is merged into every request with no constructor argument to
+        # refuse it; it could carry another credential, or override ours, to whatever endpoint is
+        # configured. Settings are the only configuration.
+        self._client._custom_headers = {}
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def input_kinds(self, model: str) -> frozenset[InputKind]:
+        return self._input_kinds.get(model, frozenset())
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
+        options = message_options(request.options, provider=self.name)
+        refuse_unaccepted_inputs(self.name, request, self.input_kinds(request.model))
+        # Built once, before the call: inputs are base64-encoded here and nowhere else. Encoding
+        # 20 MB takes about 0.1 s, so large inputs are encoded off the event loop.
+        input_bytes = sum(len(item.data) for m in request.messages for item in m.inputs)
+        if input_bytes > _INLINE_ENCODE_BYTES:
+            system, messages = await asyncio.to_thread(_conversation, request.messages)
+        else:
+            system, messages = _conversation(request.messages)
+        where = f"{self.name}/{request.model}"
+        reader = _MessageReader()
+        try:
+            events = await self._client.messages.create(
+                model=request.model,
+                max_tokens=options.max_tokens,
+                messages=messages,
+                system=system,
+                stop_sequences=options.stop_sequences,
+                thinking=options.thinking,
+                output_config=options.output_config,
+                stream=True,
+            )
+            # Leaving this block any way (end, error, aclose of this generator, task
+            # cancellation) closes the HTTP response, so the server stops generating.
+            async with events:
+                async for event in events:
+                    delta = reader.read(event)
+                    if delta is not None:
+                        yield delta
+        # `from None` on each: SDK and transport messages can echo request details, and a chained
+        # cause would travel into workflow history; only the scrubbed translation leaves here.
+        except anthropic.APIError as error:
+            raise self._translate(error, where) from None
+        except httpx2.TimeoutException:
+            # Raised bare by the SDK once the stream has started (it wraps only the opening call).
+            raise ProviderError.unavailable(f"{where}: request timed out") from None
+        except httpx2.RequestError as error:
+            raise ProviderError.unavailable(
+                self._scrub(f"{where}: connection failed: {type(error).__name__}: {error}")
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ProviderError.unavailable(f"{where}: malformed event in the stream") from None
+        if not reader.stopped:
+            # Anthropic always ends a message with message_stop: without it the answer is cut
+            # short (a proxy closed the stream), and a later attempt may get all of it.
+            raise ProviderError.unavailable(f"{where}: the stream ended before message_stop")
+        usage = reader.usage()
+        if usage is not None:
+            yield usage
+        yield Finish(reader.finish)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _translate(self, error: anthropic.APIError, where: str) -> ProviderError:
+        if isinstance(error, anthropic.APIStatusError):
+            detail = error.api_message or error.message
+            if error.request_id:
+                detail = f"{detail} (request-id {error.request_id})"
+            status = error.status_code
+            if 200 <= status < 300:
+                return self._stream_error_failure(error.type, detail, where)
+            message = self._scrub(f"{where}: HTTP {status}: {detail}")
+            return status_failure(
+                message, status, retry_after=parse_retry_after(error.response.headers)
+            )
+        if isinstance(error, anthropic.APITimeoutError):
+            return ProviderError.unavailable(f"{where}: request timed out")
+        if isinstance(error, anthropic.APIConnectionError):
+            cause = error.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause is not None else error.message
+            return ProviderError.unavailable(self._scrub(f"{where}: connection failed: {reason}"))
+        return ProviderError.unavailable(self._scrub(f"{where}: {error.message}"))
+
+    def _stream_error_failure(
+        self, error_type: str | None, detail: str, where: str
+    ) -> ProviderError:
+        # An `event: error` inside a 200 stream: the SDK raises it with the stream's status, 200,
+        # so only the body's `error.type` tells an overload from a request the API refuses.
+        # An error event without a readable type says nothing against the request itself: it is
+        # treated like a broken stream.
+        message = self._scrub(f"{where}: error in stream: {error_type or 'unknown'}: {detail}")
+        if error_type is None or error_type in _RETRYABLE_ERROR_TYPES:
+            return ProviderError.unavailable(message)
+        return ProviderError.rejected(message)
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._api_key)
+
+
+class _MessageReader:
+    """Turns one streamed message's events into deltas, and keeps its usage and stop reason.
+
+    The SDK builds events without validating them: an event type it does not know arrives as some
+    other event class with that `type`, and absent fields are None whatever their annotation. So
+    events are told apart by `type`, and every count is checked before it is used.
+    """
+
+    def __init__(self) -> None:
+        self.finish: FinishReason = "other"  # a message_delta without a stop_reason
+        self.stopped = False
+        self._counts: dict[str, int] = {}
+
+    def read(self, event: wire.RawMessageStreamEvent) -> TextDelta | ReasoningDelta | None:
+        match event.type:
+            case "content_block_delta" if isinstance(event, wire.RawContentBlockDeltaEvent):
+                return _delta_event(event.delta)
+            case "content_block_start" if isinstance(event, wire.RawContentBlockStartEvent):
+                # Anthropic starts blocks empty; some compatible gateways put the first text here.
+                return _block_start_event(event.content_block)
+            case "message_start" if isinstance(event, wire.RawMessageStartEvent):
+                self._count(getattr(event.message, "usage", None))
+            case "message_delta" if isinstance(event, wire.RawMessageDeltaEvent):
+                self._count(event.usage)
+                reason = getattr(event.delta, "stop_reason", None)
+                if isinstance(reason, str):
+                    self.finish = _FINISH_REASONS.get(reason, "other")
+            case "message_stop":
+                self.stopped = True
+        return None
+
+    def _count(self, usage: object) -> None:
+        # message_delta repeats the counts so far rather than adding to them, so each overwrites.
+        for name in (
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ):
+            value = _count_of(getattr(usage, name, None))
+            if value is not None:
+                self._counts[name] = value
+        details = getattr(usage, "output_tokens_details", None)
+        thinking = _count_of(getattr(details, "thinking_tokens", None))
+        if thinking is not None:
+            self._counts["thinking_tokens"] = thinking
+
+    def usage(self) -> Usage | None:
+        if not self._counts:
+            return None
+        cache_read = self._counts.get("cache_read_input_tokens", 0)
+        cache_write = self._counts.get("cache_creation_input_tokens", 0)
+        return Usage(
+            # Anthropic's input_tokens leaves out the cached part; ours counts every prompt token.
+            input_tokens=self._counts.get("input_tokens", 0) + cache_read + cache_write,
+            output_tokens=self._counts.get("output_tokens", 0),
+            cached_input_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            reasoning_tokens=self._counts.get("thinking_tokens", 0),
+        )
+
+
+def _delta_event(delta: wire.RawContentBlockDelta) -> TextDelta | ReasoningDelta | None:
+    # Signatures, tool-argument JSON and citations have no place in the event contract.
+    match delta.type:
+        case "text_delta" if text := _text_of(getattr(delta, "text", None)):
+            return TextDelta(text)
+        case "thinking_delta" if thinking := _text_of(getattr(delta, "thinking", None)):
+            return ReasoningDelta(thinking)
+    return None
+
+
+def _block_start_event(block: object) -> TextDelta | ReasoningDelta | None:
+    match getattr(block, "type", None):
+        case "text" if text := _text_of(getattr(block, "text", None)):
+            return TextDelta(text)
+        case "thinking" if thinking := _text_of(getattr(block, "thinking", None)):
+            return ReasoningDelta(thinking)
+    return None
+
+
+def _text_of(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _count_of(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def message_options(options: Mapping[str, Any], *, provider: str) -> MessageOptions:
+    """The allow-listed providerOptions as Messages API parameters; rejects ill-typed values."""
+
+    def given(*keys: str) -> tuple[str, object] | None:
+        for key in keys:
+            if options.get(key) is not None:
+                return key, options[key]
+        return None
+
+    def refuse(key: str, expected: str) -> ProviderError:
+        return ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
+
+    thinking: wire.ThinkingConfigParam | Omit = omit
+    budget = 0
+    if (found := given("thinking")) is not None:
+        thinking, budget = _thinking(found[1], f"providerOptions.{provider}.thinking")
+
+    max_tokens = DEFAULT_MAX_TOKENS + budget
+    if (found := given(*_MAX_TOKENS_KEYS)) is not None:
+        key, value = found
+        tokens = _count_of(value)
+        if not tokens:
+            raise refuse(key, "a positive integer")
+        max_tokens = tokens
+
+    stop_sequences: list[str] | Omit = omit
+    if (found := given(*_STOP_SEQUENCES_KEYS)) is not None:
+        key, value = found
+        if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+            raise refuse(key, "a list of strings")
+        stop_sequences = list(value)
+
+    output_config: wire.OutputConfigParam | Omit = omit
+    if (found := given("effort")) is not None:
+        key, value = found
+        if value not in _EFFORTS:
+            raise refuse(key, f"one of {', '.join(_EFFORTS)}")
+        config: wire.OutputConfigParam = {"effort": value}
+        output_config = config
+
+    return MessageOptions(
+        max_tokens=max_tokens,
+        thinking=thinking,
+        stop_sequences=stop_sequences,
+        output_config=output_config,
+    )
+
+
+def _thinking(value: object, where: str) -> tuple[wire.ThinkingConfigParam, int]:
+    """Anthropic's `thinking` from the AI SDK's spelling (or the wire's), and its token budget."""
+    if not isinstance(value, Mapping):
+        raise ProviderError.rejected(f"{where} must be an object")
+    unknown = sorted(str(key) for key in value if key not in _THINKING_KEYS)
+    if unknown:
+        raise ProviderError.rejected(f"{where} has unknown fields: {', '.join(unknown)}")
+    raw_budget = value.get("budgetTokens", value.get("budget_tokens"))
+    budget = _count_of(raw_budget)
+    display = value.get("display")
+    if display is not None and display not in _THINKING_DISPLAYS:
+        raise ProviderError.rejected(f"{where}.display must be summarized or omitted")
+    shown = cast(Literal["summarized", "omitted"] | None, display)
+    match value.get("type"):
+        case "enabled":
+            if not budget:
+                raise ProviderError.rejected(f"{where}.budgetTokens must be a positive integer")
+            enabled: wire.ThinkingConfigEnabledParam = {"type": "enabled", "budget_tokens": budget}
+            if shown is not None:
+                enabled["display"] = shown
+            return enabled, budget
+        case "adaptive" if raw_budget is None:
+            adaptive: wire.ThinkingConfigAdaptiveParam = {"type": "adaptive"}
+            if shown is not None:
+                adaptive["display"] = shown
+            return adaptive, 0
+        case "disabled" if raw_budget is None and shown is None:
+            return {"type": "disabled"}, 0
+        case "adaptive" | "disabled":
+            raise ProviderError.rejected(f"{where} takes a budget or display only when enabled")
+    raise ProviderError.rejected(f"{where}.type must be enabled, adaptive or disabled")
+
+
+def _conversation(
+    messages: Sequence[PromptMessage],
+) -> tuple[str | list[wire.TextBlockParam] | Omit, list[wire.MessageParam]]:
+    """The Messages API's `system` and `messages` for a prompt."""
+    system = [message.content for message in messages if message.role == "system"]
+    system = [text for text in system if text]
+    conversation: list[wire.MessageParam] = []
+    for message in messages:
+        match message.role:
+            case "user" if message.inputs:
+                conversation.append({"role": "user", "content": _content_blocks(message)})
+            # The API refuses empty text, and a message with nothing in it tells the model
+            # nothing: a stopped turn can leave an empty assistant message in the history.
+            case "user" if message.content:
+                conversation.append({"role": "user", "content": message.content})
+            case "assistant" if message.content:
+                conversation.append({"role": "assistant", "content": message.content})
+    if not system:
+        return omit, conversation
+    if len(system) == 1:
+        return system[0], conversation
+    return [{"type": "text", "text": text} for text in system], conversation
+
+
+def _content_blocks(message: PromptMessage) -> list[wire.ContentBlockParam]:
+    # The text first, then the inputs in order; a message of inputs alone sends no empty text,
+    # which the API would refuse.
+    blocks: list[wire.ContentBlockParam] = []
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    blocks.extend(_input_block(item) for item in message.inputs)
+    return blocks
+
+
+def _input_block(item: PromptInput) -> wire.ContentBlockParam:
+    data = base64.b64encode(item.data).decode("ascii")
+    match item:
+        case ImageInput():
+            # ImageInput admits only the four media types the API takes.
+            media_type = cast(
+                Literal["image/jpeg", "image/png", "image/gif", "image/webp"], item.media_type
+            )
+            return {
+                "type": "image",
+                "source": {"type": "base64", "media_type": media_type, "data": data},
+            }
+        case DocumentInput():
+            # The title is shown to the model, so it can tell the user's files apart.
+            return {
+                "type": "document",
+                "source": {"type": "base64", "media_type": "application/pdf", "data": data},
+                "title": item.filename,
+            }

@@ -1,0 +1,264 @@
+"""Native Ollama adapter (`/api/chat`, NDJSON) on the `ollama` SDK. Never imports temporalio/fastapi/sqlalchemy/redis."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from typing import Any, Final
+
+import httpx
+import ollama
+import pydantic
+
+from providers.base import (
+    DocumentInput,
+    Finish,
+    FinishReason,
+    GenerationRequest,
+    ImageInput,
+    InputKind,
+    PromptInput,
+    PromptMessage,
+    ProviderError,
+    ProviderEvent,
+    ReasoningDelta,
+    TextDelta,
+    Usage,
+    refuse_unaccepted_inputs,
+)
+from providers.failures import scrub, status_failure
+
+DEFAULT_BASE_URL: Final = "http://127.0.0.1:11434"
+
+# `load` and `unload` answer requests that only (un)load a model; a chat never ends that way.
+_FINISH_REASONS: Final[Mapping[str, FinishReason]] = {"stop": "stop", "length": "length"}
+
+# What `think` takes besides a boolean; GPT-OSS models take only these levels.
+THINK_LEVELS: Final = frozenset({"low", "medium", "high", "max"})
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stop(value: object) -> bool:
+    return isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value)
+    )
+
+
+# providerOptions come from API callers, so only sampling knobs reach Ollama's `options`: the
+# others there (num_gpu, use_mmap, num_thread, ...) reconfigure the server's model runner. AI SDK
+# clients spell options in camelCase; Ollama's own names are accepted too.
+_OPTIONS: Final[Mapping[str, tuple[str, Callable[[object], bool], str]]] = {
+    alias: (wire, check, expected)
+    for wire, aliases, check, expected in (
+        ("temperature", ("temperature",), _number, "a number"),
+        ("top_p", ("top_p", "topP"), _number, "a number"),
+        ("top_k", ("top_k", "topK"), _integer, "an integer"),
+        ("num_ctx", ("num_ctx", "numCtx"), _integer, "an integer"),
+        ("num_predict", ("num_predict", "numPredict", "maxTokens"), _integer, "an integer"),
+        ("seed", ("seed",), _integer, "an integer"),
+        ("stop", ("stop",), _stop, "a string or a list of strings"),
+    )
+    for alias in aliases
+}
+
+
+class OllamaProvider:
+    """One Ollama server (a local one, or ollama.com with a key), through its native chat API."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        api_key: str,
+        models: Sequence[str],
+        timeout_seconds: float,
+        image_models: Sequence[str] | None = None,
+        document_models: Sequence[str] = (),
+    ) -> None:
+        if document_models:
+            raise ValueError(
+                f"provider {name!r}: Ollama takes no document inputs, so document_models must be "
+                "empty (PDFs reach its models as extracted text)"
+            )
+        if not base_url:
+            # The SDK would fall back to OLLAMA_HOST; settings are the only configuration.
+            raise ValueError(f"provider {name!r}: an Ollama base_url is required")
+        self.name = name
+        self._models = list(models)
+        # ProviderEntry semantics: no image list means every model takes images.
+        takes_images = set(self._models if image_models is None else image_models)
+        self._input_kinds = {
+            model: frozenset({InputKind.IMAGE}) if model in takes_images else frozenset()
+            for model in self._models
+        }
+        self._api_key = api_key
+        credentials: dict[str, Any]
+        if api_key:
+            # An explicit header also keeps the SDK from adding OLLAMA_API_KEY's.
+            credentials = {"headers": {"Authorization": f"Bearer {api_key}"}}
+        else:
+            credentials = {"event_hooks": {"request": [_drop_ambient_credentials]}}
+        self._client = ollama.AsyncClient(
+            host=base_url,
+            # The SDK's default is no timeout at all: a stalled server would hold the activity
+            # until its own timeout. httpx applies this to the connect and to every read, so a
+            # long answer is fine as long as lines keep arriving. The SDK never retries, which
+            # leaves retries to Temporal, as for every provider.
+            timeout=timeout_seconds,
+            **credentials,
+        )
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def input_kinds(self, model: str) -> frozenset[InputKind]:
+        return self._input_kinds.get(model, frozenset())
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
+        options, think = ollama_options(request.options, provider=self.name)
+        refuse_unaccepted_inputs(self.name, request, self.input_kinds(request.model))
+        # Images are handed over as bytes, which the SDK base64-encodes while it builds the body
+        # (about 0.2 s of the event loop for 20 MB); its public API offers no way to do that
+        # elsewhere, and pre-encoded strings are exactly what must never be passed.
+        messages = [_message(message) for message in request.messages]
+        where = f"{self.name}/{request.model}"
+        usage: Usage | None = None
+        finish: FinishReason | None = None
+        try:
+            parts = await self._client.chat(
+                model=request.model,
+                messages=messages,
+                stream=True,
+                think=think,
+                options=options or None,
+            )
+            try:
+                async for part in parts:
+                    if part.message.thinking:
+                        yield ReasoningDelta(part.message.thinking)
+                    if part.message.content:
+                        yield TextDelta(part.message.content)
+                    if part.done:
+                        # Counts are omitted when zero; Ollama reports no cached tokens.
+                        usage = Usage(
+                            input_tokens=part.prompt_eval_count or 0,
+                            output_tokens=part.eval_count or 0,
+                        )
+                        finish = _FINISH_REASONS.get(part.done_reason or "", "other")
+            finally:
+                # Leaving the loop any way (end, error, aclose of this generator, cancellation)
+                # closes the SDK's generator and with it the HTTP response, which is how Ollama
+                # learns to stop generating.
+                if isinstance(parts, AsyncGenerator):
+                    await parts.aclose()
+        # `from None`: a chained cause would carry request details into workflow history; only
+        # the scrubbed translation leaves this module.
+        except ollama.ResponseError as error:
+            raise self._response_failure(error, where) from None
+        except ollama.RequestError as error:
+            raise ProviderError.rejected(self._scrub(f"{where}: {error.error}")) from None
+        except httpx.TimeoutException:
+            raise ProviderError.unavailable(f"{where}: request timed out") from None
+        except (httpx.RequestError, ConnectionError) as error:
+            # A streamed call raises httpx's own errors (refused, reset, a cut-off body); the
+            # SDK turns a refused connection into the builtin ConnectionError elsewhere.
+            reason = f"{type(error).__name__}: {error}"
+            raise ProviderError.unavailable(
+                self._scrub(f"{where}: connection failed: {reason}")
+            ) from None
+        except (json.JSONDecodeError, pydantic.ValidationError):
+            # Not Ollama's NDJSON: a proxy answering for it, or a line cut short.
+            raise ProviderError.unavailable(f"{where}: the server sent a malformed line") from None
+        if finish is None:
+            # Ollama always ends with a `done` line; without it the answer may be cut short.
+            raise ProviderError.unavailable(f"{where}: the stream ended before its final line")
+        if usage is not None:
+            yield usage
+        yield Finish(finish)
+
+    async def aclose(self) -> None:
+        await self._client.close()  # type: ignore[no-untyped-call]  # unannotated in the SDK
+
+    def _response_failure(self, error: ollama.ResponseError, where: str) -> ProviderError:
+        detail = _error_detail(error.error)
+        if error.status_code < 100:
+            # The SDK's -1: an `{"error": ...}` line inside a 200 stream. Ollama validates a
+            # request (model, options, think, images) before it answers 200, so what fails
+            # after that is the run itself (the runner crashing or running out of memory, an
+            # upstream cloud model failing), which a later attempt may survive. Always
+            # retryable, then, rather than guessed from the message's text; the activity's
+            # retry policy bounds the attempts.
+            return ProviderError.unavailable(self._scrub(f"{where}: error in stream: {detail}"))
+        # Ollama sends no retry-after, and the SDK keeps no headers to read one from.
+        return status_failure(
+            self._scrub(f"{where}: HTTP {error.status_code}: {detail}"), error.status_code
+        )
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._api_key)
+
+
+def ollama_options(
+    options: Mapping[str, Any], *, provider: str
+) -> tuple[dict[str, Any], bool | str | None]:
+    """The allow-listed providerOptions as Ollama `options`, and `think`; rejects ill-typed values."""
+    selected: dict[str, Any] = {}
+    think: bool | str | None = None
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "think":
+            if not (isinstance(value, bool) or value in THINK_LEVELS):
+                levels = ", ".join(f"{level!r}" for level in sorted(THINK_LEVELS))
+                raise ProviderError.rejected(
+                    f"providerOptions.{provider}.think must be true, false or one of {levels}"
+                )
+            think = value
+            continue
+        spec = _OPTIONS.get(key)
+        if spec is None:
+            continue
+        wire, check, expected = spec
+        if not check(value):
+            raise ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
+        # Ollama's `stop` is a list; one string is one stop sequence.
+        selected[wire] = [value] if wire == "stop" and isinstance(value, str) else value
+    return selected, think
+
+
+def _message(message: PromptMessage) -> ollama.Message:
+    images = [_image(item) for item in message.inputs]
+    return ollama.Message(role=message.role, content=message.content, images=images or None)
+
+
+def _image(item: PromptInput) -> ollama.Image:
+    match item:
+        case ImageInput():
+            # Bytes, never a string: the SDK reads a string naming an existing file from disk
+            # and uploads that file. Bytes it base64-encodes as they are.
+            return ollama.Image(value=item.data)
+        case DocumentInput():
+            # refuse_unaccepted_inputs has refused these already; never drop one silently.
+            raise ProviderError.rejected("Ollama takes no document inputs")
+
+
+async def _drop_ambient_credentials(request: httpx.Request) -> None:
+    # With no key configured the SDK sends OLLAMA_API_KEY's from the environment to whatever
+    # host this is; settings are the only configuration, so a keyless provider sends none.
+    request.headers.pop("authorization", None)
+
+
+def _error_detail(error: object) -> str:
+    # The SDK unwraps Ollama's `{"error": "..."}`; a proxy in front may nest an object instead.
+    if isinstance(error, Mapping) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    return str(error)

@@ -1,0 +1,573 @@
+"""A local server speaking the Gemini API's streamed generateContent wire format, scripted by model name.
+
+The production adapter runs against it unchanged, through the real `google-genai` SDK. It runs
+uvicorn in a background thread on a free 127.0.0.1 port (`BackgroundApp`), so a worker started as a
+separate process can be pointed at it too (`server.providers_entry(models)` is a ready
+`DURACHAT_PROVIDERS` entry).
+
+It answers `POST /{v1|v1beta}/models/{model}:streamGenerateContent?alt=sse` only, authenticated by
+the `x-goog-api-key` header (a missing key is Google's 403, a wrong one its 400 API_KEY_INVALID).
+The SDK mixes camelCase and snake_case keys in one body (`inlineData` holding `mime_type`), and
+Google accepts both, so bodies are recorded as sent and also normalised to camelCase, which is what
+`RecordedRequest` reads. Behaviour follows the model name (`script_for_model`), or a `Script`
+registered with `script()`:
+
+    echo                  streams the last user message's text back, word by word
+    reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
+    thinking-<words>      thought parts (`"thought": true`) first, then the reply; as Gemini does,
+                          thoughts are sent only when thinkingConfig.includeThoughts is true, are
+                          counted in thoughtsTokenCount either way, and a thinkingBudget of 0 turns
+                          thinking off
+    max-tokens-<words>    the reply, finished with finishReason MAX_TOKENS
+    safety-<words>        the reply, finished with finishReason SAFETY (the rest was blocked)
+    blocked               a prompt blocked before any answer: promptFeedback.blockReason SAFETY
+                          and no candidates
+    slow / slow-<ms>      1000 words, one chunk per 50 ms (or <ms>): for stop and timeout tests
+    fail-<status>         always that HTTP status with Google's error JSON; fail-429 adds a
+                          RetryInfo of "30s" and `retry-after: 2`; fail-401 and fail-403 quote the
+                          key back (Google's "Consumer 'api_key:...' has been suspended" does)
+    flaky-<n>[-<tag>]     503 for the first <n> requests to this exact model name, then echo;
+                          a unique <tag> per test avoids sharing the count (or call reset())
+    midstream-error       3 chunks, then a `data: {"error": {...}}` 503 event inside the 200 stream
+    drop                  3 chunks, then the connection is cut
+    truncated             3 chunks, then the body ends cleanly without a finishReason
+    garbage               3 chunks, then a `data:` line that is not JSON
+    anything else         404 NOT_FOUND, as Gemini answers an unknown model
+
+Every chunk is `data: <GenerateContentResponse JSON>` and a blank line; the last one carries the
+finishReason and usageMetadata. generationConfig.maxOutputTokens caps the reply in words and
+finishes it with MAX_TOKENS. As Gemini does, the server refuses a content with a role other than
+user or model, an empty text part and inline data of a type Gemini does not take (image/gif among
+them). Every request is recorded (`requests`), with whether its stream finished or the client left
+early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support.background_app import BackgroundApp
+
+_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
+_SNAKE = re.compile(r"_([a-z0-9])")
+
+API_VERSIONS = ("v1", "v1beta")
+
+# What Gemini takes as inline data; anything else is its 400 "Unsupported MIME type".
+INLINE_MEDIA_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/webp",
+        "image/heic",
+        "image/heif",
+        "application/pdf",
+        "text/plain",
+    }
+)
+
+CONTENT_FILTER_REASONS = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII"}
+)
+
+MIDSTREAM_ERROR = "The model is overloaded. Please try again later."
+
+_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("INVALID_ARGUMENT", "Request contains an invalid argument."),
+    401: (
+        "UNAUTHENTICATED",
+        "Request had invalid authentication credentials for api_key:{key}.",
+    ),
+    403: ("PERMISSION_DENIED", "Permission denied: Consumer 'api_key:{key}' has been suspended."),
+    404: (
+        "NOT_FOUND",
+        "models/{model} is not found for API version {version}, or is not supported for "
+        "generateContent. Call ListModels to see the list of available models and their "
+        "supported methods.",
+    ),
+    429: (
+        "RESOURCE_EXHAUSTED",
+        "You exceeded your current quota, please check your plan and billing details.",
+    ),
+    500: (
+        "INTERNAL",
+        "An internal error has occurred. Please retry or report in "
+        "https://developers.generativeai.google/guide/troubleshooting",
+    ),
+    503: ("UNAVAILABLE", MIDSTREAM_ERROR),
+    504: ("DEADLINE_EXCEEDED", "Deadline expired before operation could complete."),
+}
+
+_BLOCKED_RATINGS = [
+    {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}
+]
+
+
+@dataclass(frozen=True)
+class Script:
+    """How the server answers one model."""
+
+    reply: str | None = None  # None: echo the last user message's text
+    thoughts: str = ""  # thought parts, sent when includeThoughts is true
+    thoughts_unasked: bool = False  # send the thought parts even without includeThoughts
+    finish_reason: str | None = "STOP"  # None: the stream ends without one
+    chunk_delay: float = 0.0  # seconds between chunks
+    fail_status: int | None = None
+    fail_first: int | None = None  # with fail_status: fail only the first n requests
+    retry_after: str | None = None  # `retry-after` header sent with failures
+    retry_delay: str | None = None  # RetryInfo.retryDelay in the error's details
+    error_after_chunks: int | None = None  # an in-stream error event after n chunks
+    error_status: int = 503  # that event's code
+    drop_after_chunks: int | None = None  # cut the connection after n chunks
+    garbage_after_chunks: int | None = None  # send a line that is not JSON after n chunks
+    block_reason: str | None = None  # promptFeedback.blockReason: no candidates at all
+    cached_tokens: int = 0  # reported as cachedContentTokenCount, and inside promptTokenCount
+
+
+def script_for_model(model: str) -> Script | None:
+    """The Script a model name asks for, or None for an unknown model."""
+    name, _, argument = model.partition("-")
+    words = argument.replace("-", " ")
+    if model == "echo":
+        return Script()
+    if name == "reply" and argument:
+        return Script(reply=words)
+    if name == "thinking" and argument:
+        return Script(reply=words, thoughts=f"The user wants {words}. I will answer.")
+    if model.startswith("max-tokens-"):
+        return Script(
+            reply=model.removeprefix("max-tokens-").replace("-", " "), finish_reason="MAX_TOKENS"
+        )
+    if name == "safety" and argument:
+        return Script(reply=words, finish_reason="SAFETY")
+    if model == "blocked":
+        return Script(block_reason="SAFETY")
+    if model == "slow" or (name == "slow" and argument.isdigit()):
+        delay = int(argument) / 1000 if argument else 0.05
+        return Script(reply=" ".join(f"w{index}" for index in range(1000)), chunk_delay=delay)
+    if name == "fail" and argument.isdigit():
+        if argument == "429":
+            return Script(fail_status=429, retry_after="2", retry_delay="30s")
+        return Script(fail_status=int(argument))
+    failures, _, _tag = argument.partition("-")
+    if name == "flaky" and failures.isdigit():
+        return Script(fail_status=503, fail_first=int(failures))
+    broken = "this answer breaks off early"
+    if model == "midstream-error":
+        return Script(reply=broken, error_after_chunks=3)
+    if model == "drop":
+        return Script(reply=broken, drop_after_chunks=3)
+    if model == "truncated":
+        return Script(reply="this answer ends without a reason", finish_reason=None)
+    if model == "garbage":
+        return Script(reply=broken, garbage_after_chunks=3)
+    return None
+
+
+def camel_keys(value: Any) -> Any:
+    """`value` with every object key in camelCase (`mime_type` -> `mimeType`), as Google reads it."""
+    if isinstance(value, dict):
+        return {_camel(str(key)): camel_keys(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [camel_keys(item) for item in value]
+    return value
+
+
+def _camel(key: str) -> str:
+    return key if key.startswith("@") else _SNAKE.sub(lambda match: match[1].upper(), key)
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received, as it arrived."""
+
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-cased names
+    raw_body: Any  # the JSON as sent, keys spelled however the client spelled them
+    body: dict[str, Any]  # the same with camelCase keys
+    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
+    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
+
+    @property
+    def version(self) -> str:
+        return self.path.strip("/").split("/", 1)[0]
+
+    @property
+    def model(self) -> str:
+        target = self.path.split("/models/", 1)[-1]
+        return target.rpartition(":")[0] or target
+
+    @property
+    def api_key(self) -> str | None:
+        return self.headers.get("x-goog-api-key")
+
+    @property
+    def contents(self) -> list[dict[str, Any]]:
+        contents = self.body.get("contents")
+        return [c for c in contents if isinstance(c, dict)] if isinstance(contents, list) else []
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        config = self.body.get("generationConfig")
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def system_instruction(self) -> str | None:
+        """The text of systemInstruction's parts, one per line; None when there is none."""
+        instruction = self.body.get("systemInstruction")
+        if not isinstance(instruction, dict):
+            return None
+        return "\n".join(_texts(instruction))
+
+    def roles(self) -> list[str]:
+        return [str(content.get("role", "")) for content in self.contents]
+
+    def user_parts(self) -> list[dict[str, Any]]:
+        """The parts of the last user content."""
+        for content in reversed(self.contents):
+            if content.get("role", "user") == "user":
+                return _parts(content)
+        return []
+
+    def inline_data(self) -> list[tuple[str, bytes]]:
+        """Media type and decoded bytes of every inlineData part in the contents, in order."""
+        return [
+            (str(part["inlineData"].get("mimeType")), decode_bytes(part["inlineData"]["data"]))
+            for content in self.contents
+            for part in _parts(content)
+            if isinstance(part.get("inlineData"), dict)
+        ]
+
+
+def decode_bytes(value: object) -> bytes:
+    """A JSON `bytes` field: base64 in either alphabet, as Google's JSON parsing takes it (the SDK
+    sends the URL-safe one)."""
+    text = str(value).replace("-", "+").replace("_", "/")
+    return base64.b64decode(text, validate=True)
+
+
+def _parts(content: dict[str, Any]) -> list[dict[str, Any]]:
+    parts = content.get("parts")
+    return [part for part in parts if isinstance(part, dict)] if isinstance(parts, list) else []
+
+
+def _texts(content: dict[str, Any]) -> list[str]:
+    return [str(part["text"]) for part in _parts(content) if isinstance(part.get("text"), str)]
+
+
+def _refusal(body: dict[str, Any]) -> str | None:
+    """Gemini's 400 message for a body it would refuse, or None."""
+    contents = body.get("contents")
+    if not isinstance(contents, list) or not contents:
+        return "* GenerateContentRequest.contents: contents is not specified"
+    for index, content in enumerate(contents):
+        where = f"GenerateContentRequest.contents[{index}]"
+        if not isinstance(content, dict):
+            return f"* {where}: must be an object"
+        if content.get("role", "user") not in ("user", "model"):
+            return "Please use a valid role: user, model."
+        parts = _parts(content)
+        if not parts:
+            return f"* {where}.parts: contents.parts must not be empty."
+        for part in parts:
+            if "text" in part and not part["text"]:
+                return (
+                    "Unable to submit request because it has an empty text parameter. "
+                    "Add a value to the parameter and try again."
+                )
+            inline = part.get("inlineData")
+            if inline is None:
+                continue
+            media_type = inline.get("mimeType") if isinstance(inline, dict) else None
+            if media_type not in INLINE_MEDIA_TYPES:
+                return f"Unsupported MIME type: {media_type}"
+            try:
+                decode_bytes(inline.get("data", ""))
+            except (binascii.Error, ValueError):
+                return f"* {where}: Invalid value at 'inline_data.data' (TYPE_BYTES), Base64 decoding failed"
+    return None
+
+
+class _DroppedConnection(Exception):
+    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
+
+
+class GeminiServer:
+    """`with GeminiServer(api_key=...) as server:` then point a client at `server.base_url`."""
+
+    def __init__(self, *, api_key: str) -> None:
+        self.api_key = api_key
+        self._scripts: dict[str, Script] = {}
+        self._attempts: dict[str, int] = {}
+        self._requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        self._background: BackgroundApp | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        # The SDK appends the API version itself.
+        return f"http://127.0.0.1:{self.port}"
+
+    def script(self, model: str, script: Script) -> None:
+        """Answer `model` with `script`, taking precedence over the model-name conventions."""
+        with self._lock:
+            self._scripts[model] = script
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return list(self._requests)
+
+    def requests_for(self, model: str) -> list[RecordedRequest]:
+        return [request for request in self.requests if request.model == model]
+
+    def reset(self) -> None:
+        """Forget recorded requests and flaky-model counters (scripts stay)."""
+        with self._lock:
+            self._requests.clear()
+            self._attempts.clear()
+
+    def providers_entry(self, models: list[str]) -> dict[str, Any]:
+        """A `DURACHAT_PROVIDERS` entry configuring this server as a Google provider."""
+        return {
+            "type": "google",
+            "base_url": self.base_url,
+            "api_key": self.api_key,
+            "models": models,
+        }
+
+    def start(self) -> None:
+        self._background = BackgroundApp(self._app(), name="Gemini test server")
+        self._background.start()
+        self.port = self._background.port
+
+    def stop(self) -> None:
+        if self._background is not None:
+            self._background.stop()
+            self._background = None
+
+    def __enter__(self) -> GeminiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _app(self) -> Starlette:
+        return Starlette(
+            routes=[Route("/{version}/models/{target:path}", self._models, methods=["POST"])]
+        )
+
+    async def _models(self, request: Request) -> Response:
+        version = request.path_params["version"]
+        model, _, method = str(request.path_params["target"]).rpartition(":")
+        try:
+            raw_body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw_body = None
+        body = camel_keys(raw_body) if isinstance(raw_body, dict) else {}
+        record = RecordedRequest(
+            path=request.url.path,
+            query=dict(request.query_params),
+            headers={key.lower(): value for key, value in request.headers.items()},
+            raw_body=raw_body,
+            body=body,
+        )
+        with self._lock:
+            self._requests.append(record)
+
+        if version not in API_VERSIONS or method != "streamGenerateContent" or not model:
+            return _error(404, message=f"Method not found: {request.url.path}")
+        key = record.api_key
+        if not key:
+            return _error(
+                403,
+                message="Method doesn't allow unregistered callers (callers without established "
+                "identity). Please use API Key or other form of API consumer identity to call "
+                "this API.",
+            )
+        if key != self.api_key:
+            return _error(
+                400,
+                message="API key not valid. Please pass a valid API key.",
+                details=[
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "API_KEY_INVALID",
+                        "domain": "googleapis.com",
+                        "metadata": {"service": "generativelanguage.googleapis.com"},
+                    }
+                ],
+            )
+        if record.query.get("alt") != "sse":
+            return _error(400, message="This test server answers only streams with alt=sse.")
+        if not isinstance(raw_body, dict):
+            return _error(400, message="Invalid JSON payload received.")
+        refusal = _refusal(body)
+        if refusal is not None:
+            return _error(400, message=refusal)
+
+        with self._lock:
+            script = self._scripts.get(model) or script_for_model(model)
+            self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
+        if script is None:
+            return _error(404, model=model, version=version)
+        if script.fail_status is not None and (
+            script.fail_first is None or attempt <= script.fail_first
+        ):
+            details = []
+            if script.retry_delay is not None:
+                details.append(
+                    {
+                        "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                        "retryDelay": script.retry_delay,
+                    }
+                )
+            headers = {"retry-after": script.retry_after} if script.retry_after else None
+            return _error(
+                script.fail_status,
+                model=model,
+                version=version,
+                key=key,
+                details=details,
+                headers=headers,
+            )
+
+        events = _stream_events(script, model, record)
+        return StreamingResponse(
+            self._paced(record, script, events),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache"},
+        )
+
+    async def _paced(
+        self, record: RecordedRequest, script: Script, events: list[bytes | None]
+    ) -> AsyncIterator[bytes]:
+        try:
+            for index, event in enumerate(events):
+                if event is None:
+                    raise _DroppedConnection
+                if index and script.chunk_delay:
+                    await asyncio.sleep(script.chunk_delay)
+                yield event
+            record.finished.set()
+        finally:
+            # Starlette cancels this generator when the client disconnects mid-stream.
+            if not record.finished.is_set():
+                record.disconnected.set()
+
+
+def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[bytes | None]:
+    """The SSE byte strings of one streamed answer; None marks where the connection drops."""
+    envelope = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
+    prompt_tokens = script.cached_tokens + sum(
+        len(text.split())
+        for content in [*record.contents, record.body.get("systemInstruction") or {}]
+        for text in _texts(content)
+    )
+    if script.block_reason is not None:
+        feedback = {"blockReason": script.block_reason, "safetyRatings": _BLOCKED_RATINGS}
+        counts = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
+        return [_sse({"promptFeedback": feedback, "usageMetadata": counts, **envelope})]
+
+    def chunk(parts: list[dict[str, Any]]) -> bytes:
+        candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
+        return _sse({"candidates": [candidate], **envelope})
+
+    config = record.generation_config
+    thinking = config.get("thinkingConfig")
+    thinking = thinking if isinstance(thinking, dict) else {}
+    thinks = bool(script.thoughts) and thinking.get("thinkingBudget") != 0
+    shown = thinking.get("includeThoughts") or script.thoughts_unasked
+    thoughts = _PIECE.findall(script.thoughts) if thinks and shown else []
+    reply = script.reply if script.reply is not None else _last_user_text(record)
+    pieces = _PIECE.findall(reply)
+    finish_reason = script.finish_reason
+    cap = config.get("maxOutputTokens")
+    if isinstance(cap, int) and len(pieces) > cap:
+        pieces, finish_reason = pieces[:cap], "MAX_TOKENS"
+
+    events: list[bytes | None] = [chunk([{"text": piece, "thought": True}]) for piece in thoughts]
+    for count, piece in enumerate(pieces):
+        if count == script.error_after_chunks:
+            status, message = _ERRORS.get(script.error_status, ("UNKNOWN", "Error."))
+            error = {"code": script.error_status, "message": message, "status": status}
+            return [*events, _sse({"error": error})]
+        if count == script.drop_after_chunks:
+            return [*events, None]
+        if count == script.garbage_after_chunks:
+            return [*events, b"data: <html><body>Bad gateway</body></html>\n\n"]
+        events.append(chunk([{"text": piece}]))
+    if finish_reason is None:
+        return events
+
+    thought_tokens = len(script.thoughts.split()) if thinks else 0
+    candidate_tokens = len("".join(pieces).split())
+    usage: dict[str, Any] = {
+        "promptTokenCount": prompt_tokens,
+        "candidatesTokenCount": candidate_tokens,
+        "totalTokenCount": prompt_tokens + candidate_tokens + thought_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt_tokens}],
+    }
+    if thought_tokens:
+        usage["thoughtsTokenCount"] = thought_tokens
+    if script.cached_tokens:
+        usage["cachedContentTokenCount"] = script.cached_tokens
+    last: dict[str, Any] = {"finishReason": finish_reason, "index": 0}
+    if finish_reason in CONTENT_FILTER_REASONS:
+        last["safetyRatings"] = _BLOCKED_RATINGS
+    else:
+        last["content"] = {"role": "model", "parts": [{"text": ""}]}
+    events.append(_sse({"candidates": [last], "usageMetadata": usage, **envelope}))
+    return events
+
+
+def _last_user_text(record: RecordedRequest) -> str:
+    return " ".join(_texts({"parts": record.user_parts()}))
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _error(
+    status: int,
+    *,
+    model: str = "",
+    version: str = "",
+    key: str = "",
+    message: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    status_name, template = _ERRORS.get(status, ("UNKNOWN", "Unknown error."))
+    error: dict[str, Any] = {
+        "code": status,
+        "message": message or template.format(model=model, version=version, key=key),
+        "status": status_name,
+    }
+    if details:
+        error["details"] = details
+    # Google pretty-prints its error bodies, over several lines.
+    return Response(
+        json.dumps({"error": error}, indent=2),
+        status_code=status,
+        media_type="application/json; charset=UTF-8",
+        headers=headers,
+    )
