@@ -19,9 +19,10 @@ from core.contracts import (
 )
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks, unrun_turn_chunks, usage_metadata
-from storage import chats
+from storage import budgets, chats, turn_usage
 from storage.lost_turns import LostTurns
 from storage.streams import TurnStreams
+from storage.turn_usage import TurnTotals, usd_text
 
 
 class ChatSessionActivities:
@@ -91,7 +92,13 @@ class ChatSessionActivities:
         await self._streams.publish_opening(
             turn.organization_id,
             turn.turn_id,
-            opening_chunks(turn.assistant_message_id, request.chat_id, turn.turn_id, turn.model),
+            opening_chunks(
+                turn.assistant_message_id,
+                request.chat_id,
+                turn.turn_id,
+                turn.model,
+                turn.model_choice,
+            ),
         )
 
     @activity.defn
@@ -104,10 +111,24 @@ class ChatSessionActivities:
             message = await chats.get_message(
                 session, outcome.organization_id, outcome.assistant_message_id
             )
+            totals = await turn_usage.turn_totals(session, outcome.organization_id, outcome.turn_id)
             # What generation stored with the message (the usage of a cancelled attempt) stays
-            # unless the outcome says otherwise.
-            metadata = {**(message.message_metadata if message else {}), **finish_metadata(outcome)}
-            next_turn_id = await chats.finish_turn(session, outcome, metadata)
+            # unless the outcome says otherwise; the attempt log, when there is one, says it all.
+            metadata = {
+                **(message.message_metadata if message else {}),
+                **finish_metadata(outcome, totals),
+            }
+            next_turn_id = await chats.finish_turn(session, outcome, metadata, totals)
+            await budgets.settle(
+                session,
+                organization_id=outcome.organization_id,
+                turn_id=outcome.turn_id,
+                user_id=outcome.user_id,
+                chat_id=outcome.chat_id,
+                model=outcome.model,
+                tokens=totals.tokens,
+                cost_usd=totals.cost_usd,
+            )
         await self._streams.append_terminal(
             outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, metadata)
         )
@@ -132,12 +153,24 @@ class ChatSessionActivities:
         return next_turn_id
 
 
-def finish_metadata(outcome: PersistAssistantMessageInput) -> dict[str, Any]:
+def finish_metadata(
+    outcome: PersistAssistantMessageInput, totals: TurnTotals | None = None
+) -> dict[str, Any]:
+    """The assistant message's final metadata: why it ended, what it used and cost (summed over
+    every attempt the provider billed, `cost` in exact decimal USD), how long it took."""
     metadata: dict[str, Any] = {"finishReason": outcome.finish_reason or "other"}
-    if outcome.input_tokens is not None and outcome.output_tokens is not None:
+    if outcome.model:
+        metadata["model"] = outcome.model
+    if totals is not None and totals.attempts:
+        metadata["usage"] = totals.tokens.as_metadata(estimated=totals.estimated)
+    elif outcome.input_tokens is not None and outcome.output_tokens is not None:
         metadata["usage"] = usage_metadata(
             outcome.input_tokens, outcome.output_tokens, estimated=outcome.usage_estimated
         )
+    if totals is not None:
+        metadata["cost"] = usd_text(totals.cost_usd)
+    if outcome.messages_left_out:
+        metadata["messagesLeftOut"] = outcome.messages_left_out
     if outcome.ttft_ms is not None:
         metadata["ttftMs"] = outcome.ttft_ms
     if outcome.duration_ms is not None:

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, Self, TypeVar
 
 import structlog
@@ -24,10 +25,11 @@ from tenacity import (
 )
 
 from activities.attachments import MessageFiles, ModelInputs
+from activities.context_fit import fit_prompt
 from activities.ui_message import Chunk, UiMessageBuilder
 from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput
 from core.errors import ErrorType
-from core.ui_chunks import opening_chunks, usage_metadata
+from core.ui_chunks import opening_chunks
 from providers.base import (
     GenerationRequest,
     InputKind,
@@ -36,13 +38,16 @@ from providers.base import (
     ProviderError,
     TextDelta,
     UnknownModelError,
+    Usage,
 )
+from providers.catalog import ModelCard
 from providers.registry import ProviderRegistry
-from storage import attachments, chats
+from storage import attachments, chats, turn_usage
 from storage.db import is_database_unavailable
 from storage.models import Attachment, Chat, Message
 from storage.objects import ObjectStoreUnavailable
 from storage.streams import TurnStreams
+from storage.turn_usage import AttemptOutcome, AttemptUsage, TokenCounts
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +65,8 @@ DATABASE_WAIT = wait_exponential(multiplier=0.2, max=2)
 # Token counts of an answer the provider reported no usage for (a stop before its final chunk):
 # about four characters a token, the usual rule of thumb for BPE tokenizers on English text.
 CHARS_PER_TOKEN_ESTIMATE = 4
+# Room kept in the context window for the answer when a long history is trimmed to fit.
+ANSWER_ROOM_TOKENS = 4_096
 
 T = TypeVar("T")
 
@@ -199,6 +206,7 @@ class GenerationActivities:
         started = time.monotonic()
         try:
             provider, model = self._providers.resolve(request.model)
+            card = self._providers.card(request.model)
         except UnknownModelError as exc:
             raise ApplicationError(
                 str(exc), type=ErrorType.PROVIDER_REJECTED, non_retryable=True
@@ -222,15 +230,20 @@ class GenerationActivities:
             return chat, branch, files
 
         chat, branch, files = await self._in_transaction(load_context)
-        prompt = build_prompt(
-            request.system,
-            chat.instructions if chat else None,
-            chat.mood if chat else None,
-            branch,
-            await self._load_files(
-                request.organization_id, branch, files, provider.input_kinds(model)
+        fitted = fit_prompt(
+            build_prompt(
+                request.system,
+                chat.instructions if chat else None,
+                chat.mood if chat else None,
+                branch,
+                await self._load_files(
+                    request.organization_id, branch, files, provider.input_kinds(model)
+                ),
             ),
+            card.context_window - min(card.max_output_tokens, ANSWER_ROOM_TOKENS),
         )
+        prompt = fitted.messages
+        attempt_record = _AttemptRecorder(request, card, attempt, prompt)
 
         # Written again in case Redis lost the stream since the turn opened it (a no-op otherwise),
         # so a reader starting from the beginning always finds `start`.
@@ -245,9 +258,10 @@ class GenerationActivities:
         publisher = ChunkPublisher(self._streams, request.organization_id, request.turn_id, attempt)
         builder = UiMessageBuilder(attempt)
         timing = _FirstTokenClock(started)
-        if attempt > 1:
-            # Clients drop whatever the failed attempt streamed into the step before this
-            # attempt's output; the step itself stays open, so no new `start-step` follows.
+        if attempt > 1 or request.replaces_failed_model:
+            # Clients drop whatever the failed attempt (or the model that failed before this
+            # one) streamed into the step before this attempt's output; the step itself stays
+            # open, so no new `start-step` follows.
             publisher.send([{"type": "reset-step"}])
         generation = GenerationRequest(
             model=model,
@@ -278,11 +292,15 @@ class GenerationActivities:
             streaming.cancel()
             await asyncio.gather(streaming, return_exceptions=True)
             await self._keep_partial_answer(
-                request, builder, publisher, TurnUsage.of(builder, prompt)
+                request, builder, publisher, attempt_record.of(builder, "stopped")
             )
             raise
         except ProviderError as exc:
             await publisher.aclose()
+            # What the provider billed for a failed attempt counts too; one that failed before
+            # it produced anything billed nothing.
+            failed = attempt_record.of(builder, "failed", error=exc.message)
+            await self._in_transaction(failed.record)
             raise _as_application_error(exc) from exc
         finally:
             watcher.cancel()
@@ -290,8 +308,9 @@ class GenerationActivities:
 
         publisher.send(builder.finish_step())
         await publisher.flush()
-        await self._save_parts(request, builder)
-        usage = TurnUsage.of(builder, prompt)
+        recorded = attempt_record.of(builder, "stopped" if stopped else "completed")
+        await self._save_parts(request, builder, recorded)
+        usage = recorded.usage
         return GenerateReplyResult(
             finish_reason="other" if stopped else builder.finish_reason,
             input_tokens=usage.input_tokens,
@@ -300,6 +319,7 @@ class GenerationActivities:
             attempt=attempt,
             stopped=stopped,
             usage_estimated=usage.estimated,
+            messages_left_out=fitted.left_out,
         )
 
     @activity.defn
@@ -352,16 +372,22 @@ class GenerationActivities:
         self,
         request: GenerateReplyInput,
         builder: UiMessageBuilder,
-        usage: TurnUsage | None = None,
+        attempt: RecordedAttempt,
+        *,
+        keep_usage: bool = False,
     ) -> None:
+        """Store the answer's parts and the attempt's usage in one transaction; `keep_usage` also
+        puts the usage on the message (see _keep_partial_answer)."""
+
         async def save(session: AsyncSession) -> None:
             await chats.save_assistant_parts(
                 session,
                 request.organization_id,
                 request.assistant_message_id,
                 builder.parts,
-                usage=usage.as_metadata() if usage else None,
+                usage=attempt.usage.as_metadata() if keep_usage else None,
             )
+            await attempt.record(session)
 
         await self._in_transaction(save)
 
@@ -395,13 +421,13 @@ class GenerationActivities:
         request: GenerateReplyInput,
         builder: UiMessageBuilder,
         publisher: ChunkPublisher,
-        usage: TurnUsage,
+        attempt: RecordedAttempt,
     ) -> None:
         """Store what a cancelled attempt streamed, with its usage: the workflow gets no result
         from a cancelled activity, so the usage travels with the stored message instead."""
         publisher.send(builder.finish_step())
         await publisher.flush()
-        await self._save_parts(request, builder, usage)
+        await self._save_parts(request, builder, attempt, keep_usage=True)
 
 
 async def _heartbeat_until_stopped(publisher: ChunkPublisher) -> None:
@@ -442,25 +468,103 @@ def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
 
 @dataclass(frozen=True)
 class TurnUsage:
-    """An answer's token counts: the provider's, or estimated when it reported none."""
+    """An attempt's token counts: the provider's, or estimated when it reported none."""
 
-    input_tokens: int
-    output_tokens: int
+    tokens: TokenCounts
     estimated: bool
+    reported: Usage | None = None  # as the provider reported it, with any charge it named
 
     @classmethod
     def of(cls, builder: UiMessageBuilder, prompt: list[PromptMessage]) -> TurnUsage:
-        if builder.usage_reported:
-            return cls(builder.input_tokens, builder.output_tokens, estimated=False)
+        usage = builder.reported_usage
+        if usage is not None:
+            return cls(
+                TokenCounts(
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.cache_write_tokens,
+                    usage.output_tokens,
+                    usage.reasoning_tokens,
+                ),
+                estimated=False,
+                reported=usage,
+            )
         prompt_chars = sum(len(message.content) for message in prompt)
         return cls(
-            _estimated_tokens(prompt_chars),
-            _estimated_tokens(builder.streamed_chars()),
+            TokenCounts(
+                input_tokens=_estimated_tokens(prompt_chars),
+                output_tokens=_estimated_tokens(builder.streamed_chars()),
+            ),
             estimated=True,
         )
 
+    @property
+    def input_tokens(self) -> int:
+        return self.tokens.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.tokens.output_tokens
+
+    def cost(self, card: ModelCard) -> Decimal:
+        return card.cost(
+            self.reported
+            or Usage(input_tokens=self.tokens.input_tokens, output_tokens=self.tokens.output_tokens)
+        )
+
     def as_metadata(self) -> dict[str, Any]:
-        return usage_metadata(self.input_tokens, self.output_tokens, estimated=self.estimated)
+        return self.tokens.as_metadata(estimated=self.estimated)
+
+
+@dataclass(frozen=True)
+class RecordedAttempt:
+    """One attempt's usage and cost, ready to go into the turn's attempt log."""
+
+    organization_id: str
+    turn_id: str
+    usage: TurnUsage
+    entry: AttemptUsage
+
+    async def record(self, session: AsyncSession) -> None:
+        await turn_usage.record_attempt(session, self.organization_id, self.turn_id, self.entry)
+
+
+class _AttemptRecorder:
+    """Builds the attempt-log entry of this attempt, however it ends."""
+
+    def __init__(
+        self,
+        request: GenerateReplyInput,
+        card: ModelCard,
+        attempt: int,
+        prompt: list[PromptMessage],
+    ) -> None:
+        self._request = request
+        self._card = card
+        self._attempt = attempt
+        self._prompt = prompt
+
+    def of(
+        self, builder: UiMessageBuilder, outcome: AttemptOutcome, *, error: str | None = None
+    ) -> RecordedAttempt:
+        usage = TurnUsage.of(builder, self._prompt)
+        if outcome == "failed" and usage.estimated and not builder.produced_output:
+            # Refused or broken before any output, and no usage reported: nothing was billed.
+            usage = TurnUsage(TokenCounts(), estimated=False)
+        return RecordedAttempt(
+            self._request.organization_id,
+            self._request.turn_id,
+            usage,
+            AttemptUsage(
+                model=self._request.model,
+                attempt=self._attempt,
+                outcome=outcome,
+                tokens=usage.tokens,
+                cost_usd=usage.cost(self._card),
+                estimated=usage.estimated,
+                error=error,
+            ),
+        )
 
 
 def _estimated_tokens(chars: int) -> int:

@@ -25,10 +25,8 @@ class UiMessageBuilder:
         )
         self._counter = 0
         self.finish_reason = "stop"
-        self.input_tokens = 0
-        self.output_tokens = 0
         # Providers report usage once, at the end of a stream; a stopped stream may end without it.
-        self.usage_reported = False
+        self.reported_usage: Usage | None = None
         self.produced_output = False
 
     @property
@@ -41,9 +39,7 @@ class UiMessageBuilder:
         if isinstance(event, ReasoningDelta):
             return self._delta("reasoning", event.text)
         if isinstance(event, Usage):
-            self.input_tokens = event.input_tokens
-            self.output_tokens = event.output_tokens
-            self.usage_reported = True
+            self.reported_usage = event
             return []
         if isinstance(event, Finish):
             self.finish_reason = event.reason

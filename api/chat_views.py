@@ -9,11 +9,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.deps import StateDep
 from api.file_links import FileLinks
-from api.schemas import AttachmentOut, ChatOut, ChatSummaryOut, UIMessageOut
+from api.schemas import AttachmentOut, ChatOut, ChatSummaryOut, ChatUsageOut, UIMessageOut
 from core.errors import ConflictError
-from storage import attachments, chats
+from storage import attachments, budgets, chats
 from storage.lost_turns import LostTurns
 from storage.models import Attachment, Chat, Message, Turn
+from storage.turn_usage import usd_text
 
 
 def get_file_links(request: Request, state: StateDep) -> FileLinks:
@@ -39,8 +40,19 @@ async def chat_out(session: AsyncSession, chat: Chat, links: FileLinks) -> ChatO
     files = {
         attachment.id: attachment for attachment in await attachments.list_for_chat(session, chat)
     }
+    totals = await budgets.chat_usage(session, chat.organization_id, chat.id)
     return ChatOut(
         **ChatSummaryOut.fields_of(chat),
+        usage=ChatUsageOut(
+            turns=totals.turns,
+            inputTokens=totals.tokens.input_tokens,
+            outputTokens=totals.tokens.output_tokens,
+            totalTokens=totals.tokens.input_tokens + totals.tokens.output_tokens,
+            cachedInputTokens=totals.tokens.cached_input_tokens,
+            cacheWriteTokens=totals.tokens.cache_write_tokens,
+            reasoningTokens=totals.tokens.reasoning_tokens,
+            costUsd=usd_text(totals.cost_usd),
+        ),
         queuedTurnIds=[turn.id for turn in queued],
         messages=[
             *await ui_messages_out(session, chat, branch, links, files),

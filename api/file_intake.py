@@ -16,7 +16,7 @@ import base64
 import binascii
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
@@ -35,7 +35,7 @@ from media.types import (
     UnsupportedMediaType,
     identify,
 )
-from providers.base import InputKind
+from providers.base import DOCUMENT_MEDIA_TYPES, InputKind
 from storage import attachments
 from storage.api_keys import Principal
 from storage.attachments import NewAttachment, UnknownAttachments
@@ -158,10 +158,13 @@ class FileIntake:
         *,
         turn_id: str,
         chat_id: str | None,
-        model: str,
+        choose_model: Callable[[frozenset[InputKind]], str],
     ) -> tuple[list[list[dict[str, Any]]], list[str]]:
         """Every message's parts with each given file replaced by a part referring to its stored
-        attachment, and the ids of the attachments stored here (to remove if the send fails)."""
+        attachment, and the ids of the attachments stored here (to remove if the send fails).
+
+        `choose_model` gets the kinds of input the files make (a model choice may depend on them)
+        and names the turn's model, which must take them; nothing is stored before."""
         for message in messages:
             if len(message.files) > self._settings.max_attachments_per_message:
                 raise BadRequestError(
@@ -178,14 +181,12 @@ class FileIntake:
                 elif given.remote_url is not None:
                     self._check_remote(given)
                     remote[(index, position)] = given
-        self._check_model_takes_images(
-            model,
-            [
-                *(item.media_type for item in checked.values()),
-                *(given.declared_type or "" for given in remote.values()),
-                *(attachment.media_type for attachment in existing.values()),
-            ],
-        )
+        media_types = [
+            *(item.media_type for item in checked.values()),
+            *(_declared(given.declared_type) for given in remote.values()),
+            *(attachment.media_type for attachment in existing.values()),
+        ]
+        self._check_model_takes_images(choose_model(_input_kinds(media_types)), media_types)
         ids = {
             where: str(uuid.uuid5(_ATTACHMENT_NAMESPACE, f"{turn_id}:{where[0]}:{where[1]}"))
             for where in (*checked, *remote)
@@ -498,3 +499,14 @@ async def _inspect(data: bytes, filename: str | None) -> None:
         await asyncio.to_thread(inspect_image, data)
     except ImageRefused as exc:
         raise UnsupportedMediaTypeError(f"{_name(filename)}: {exc}") from exc
+
+
+def _input_kinds(media_types: Sequence[str]) -> frozenset[InputKind]:
+    """The kinds of model input files of these types make (images, PDFs as documents)."""
+    kinds: set[InputKind] = set()
+    for media_type in media_types:
+        if media_type.startswith("image/"):
+            kinds.add(InputKind.IMAGE)
+        elif media_type in DOCUMENT_MEDIA_TYPES:
+            kinds.add(InputKind.DOCUMENT)
+    return frozenset(kinds)

@@ -26,7 +26,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
     "description": "An RFC 9457 problem. Beside the standard members a problem may carry extension "
     "members: `turnId` and `chatId` (a busy chat, a failed turn), `availableModels` (an unknown "
     "model), `errors` and `errorCount` (a validation problem), `maxBytes`, `maxDepth` or "
-    "`maxItems` (a body past a limit), `down` (readiness).",
+    "`maxItems` (a body past a limit), `down` (readiness), and `budget`, `limitUsd`, `spentUsd`, "
+    "`remainingUsd` and `resetsAt` (a spent budget, `/problems/budget-exceeded`).",
     "type": "object",
     "properties": {
         "type": {

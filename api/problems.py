@@ -15,7 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import Scope
 
-from core.errors import DurachatError
+from core.errors import BudgetExceededError, DurachatError
+from storage.budgets import BudgetExhausted
+from storage.chats import iso
+from storage.turn_usage import usd_text
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "/problems/"
@@ -62,6 +65,35 @@ def problem_response(
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
         headers=headers,
+    )
+
+
+_BUDGET_OWNERS = {"organization": "the organization's", "user": "the user's"}
+
+
+def budget_exceeded_error(exhausted: BudgetExhausted) -> BudgetExceededError:
+    """The 403 problem of a send that a spent budget refuses."""
+    owner = exhausted.budget.split(".")[0]
+    limit, spent = usd_text(exhausted.limit_usd), usd_text(exhausted.spent_usd)
+    if exhausted.resets_at is not None:
+        resets_at: str | None = iso(exhausted.resets_at)
+        detail = (
+            f"{_BUDGET_OWNERS[owner]} weekly budget ({exhausted.budget}) of {limit} USD is spent: "
+            f"{spent} USD this week; it resets at {resets_at}"
+        )
+    else:
+        resets_at = None
+        detail = (
+            f"{_BUDGET_OWNERS[owner]} per-chat budget ({exhausted.budget}) of {limit} USD is "
+            f"spent in this chat: {spent} USD"
+        )
+    return BudgetExceededError(
+        detail,
+        budget=exhausted.budget,
+        limit_usd=limit,
+        spent_usd=spent,
+        remaining_usd=usd_text(exhausted.remaining_usd),
+        resets_at=resets_at,
     )
 
 

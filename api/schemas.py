@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from api.file_intake import GivenFile, given_file_of
 from core.contracts import IfBusy, SeedMessage, TurnKind
+from providers.catalog import Tier
 from storage.chats import iso
 from storage.models import Attachment, Chat
 
@@ -152,13 +153,61 @@ IF_BUSY_DESCRIPTION = (
 )
 
 
+@dataclass(frozen=True)
+class ModelRequest:
+    """How a request asks for its model: by name, by provider, by tier, or not at all."""
+
+    model: str | None = None  # "provider/model", or "auto"
+    provider: str | None = None  # a provider (or alias) alone; "default" is the caller's default
+    tier: Tier | None = None
+
+    def describe(self) -> str | None:
+        """The request as the turn record shows it."""
+        if self.model:
+            return self.model
+        if self.provider:
+            return f"provider:{self.provider}"
+        if self.tier:
+            return f"tier:{self.tier}"
+        return None
+
+
+MODEL_DESCRIPTION = (
+    "`provider/model`, or `auto` to let the server choose from what the message needs; "
+    "left out, the chat's model, then the caller's, the organization's and the server's default."
+)
+PROVIDER_DESCRIPTION = (
+    "A provider alone (`anthropic` or `claude`, `google`, `openai`, `groq`, `openrouter`, "
+    "`ollama`, ...): its default model. `default` is the caller's default model."
+)
+TIER_DESCRIPTION = "A tier alone: its configured model, or its cheapest available one."
+
+
+class ModelChoiceIn(RequestBody):
+    """The three ways a send names its model; at most one of them."""
+
+    model: str | None = Field(default=None, max_length=200, description=MODEL_DESCRIPTION)
+    provider: str | None = Field(default=None, max_length=100, description=PROVIDER_DESCRIPTION)
+    tier: Tier | None = Field(default=None, description=TIER_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_model(self) -> Self:
+        named = [name for name in ("model", "provider", "tier") if getattr(self, name)]
+        if len(named) > 1:
+            raise ValueError(f"give one of model, provider and tier, not {' and '.join(named)}")
+        return self
+
+    def model_request(self) -> ModelRequest:
+        return ModelRequest(self.model, self.provider, self.tier)
+
+
 @dataclass
 class NewTurn:
     """What a request asks a turn to do, whichever endpoint it came through."""
 
     kind: TurnKind
     user_parts: list[dict[str, Any]]
-    model: str | None
+    model: ModelRequest
     system: str | None
     provider_options: dict[str, dict[str, Any]]
     target_message_id: str | None = None
@@ -177,12 +226,9 @@ class NewTurn:
         )
 
 
-class TurnOptionsIn(RequestBody):
+class TurnOptionsIn(ModelChoiceIn):
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
-        default=None, description="`provider/model`; the server default when omitted."
-    )
     system: str | None = Field(default=None, max_length=100_000)
     provider_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict, alias="providerOptions"
@@ -197,7 +243,7 @@ class RegenerateRequest(TurnOptionsIn):
         return NewTurn(
             TurnKind.REGENERATE,
             [],
-            self.model,
+            self.model_request(),
             self.system,
             self.provider_options,
             message_id,
@@ -234,7 +280,7 @@ class EditRequest(TurnOptionsIn):
         return NewTurn(
             TurnKind.EDIT,
             parts,
-            self.model,
+            self.model_request(),
             self.system,
             self.provider_options,
             message_id,
@@ -252,7 +298,7 @@ class BranchRequest(RequestBody):
     )
 
 
-class SendMessageRequest(RequestBody):
+class SendMessageRequest(ModelChoiceIn):
     """A send: the durachat shape, or the exact body the AI SDK's DefaultChatTransport posts."""
 
     model_config = ConfigDict(
@@ -273,9 +319,6 @@ class SendMessageRequest(RequestBody):
     messages: list[MessageIn] | None = Field(
         default=None,
         description="Messages; the last one is the new user message. For a new chat the earlier ones seed its history.",
-    )
-    model: str | None = Field(
-        default=None, description="`provider/model`; the server default when omitted."
     )
     system: str | None = Field(default=None, max_length=100_000)
     external_channel_id: ExternalChannelIn | None = Field(default=None, alias="externalChannelId")
@@ -340,7 +383,7 @@ class SendMessageRequest(RequestBody):
             return NewTurn(
                 TurnKind.REGENERATE,
                 [],
-                self.model,
+                self.model_request(),
                 self.system,
                 self.provider_options,
                 self.message_id,
@@ -349,7 +392,7 @@ class SendMessageRequest(RequestBody):
         return NewTurn(
             TurnKind.SEND,
             self.new_user_parts(),
-            self.model,
+            self.model_request(),
             self.system,
             self.provider_options,
             external_channel=self.external_channel_id,
@@ -374,6 +417,15 @@ class UsageOut(BaseModel):
     inputTokens: int | None = None  # noqa: N815 - wire names follow the AI SDK
     outputTokens: int | None = None  # noqa: N815
     totalTokens: int | None = None  # noqa: N815
+    cachedInputTokens: int | None = Field(  # noqa: N815
+        default=None, description="Of inputTokens, read from the provider's prompt cache."
+    )
+    cacheWriteTokens: int | None = Field(  # noqa: N815
+        default=None, description="Of inputTokens, written to the provider's prompt cache."
+    )
+    reasoningTokens: int | None = Field(  # noqa: N815
+        default=None, description="Of outputTokens, spent on reasoning."
+    )
     estimated: bool = Field(
         default=False,
         description="The provider reported no usage (the turn was stopped before its last "
@@ -490,7 +542,20 @@ class TurnRecordOut(BaseModel):
     attempts: int
     userMessageId: str  # noqa: N815
     assistantMessageId: str  # noqa: N815
-    usage: UsageOut
+    usage: UsageOut = Field(description="Summed over every attempt the provider billed.")
+    costUsd: str | None = Field(  # noqa: N815
+        description="What the turn cost, exact decimal USD, from its usage and the catalog prices."
+    )
+    modelChoice: dict[str, Any] | None = Field(  # noqa: N815
+        description="How the model was chosen: `requested`, `model`, `reason`, `fallbacks`."
+    )
+    attemptLog: list[dict[str, Any]] = Field(  # noqa: N815
+        description="Each generation attempt: model, outcome, tokens and cost (a fallback to "
+        "another model shows both models' attempts)."
+    )
+    messagesLeftOut: int = Field(  # noqa: N815
+        description="Oldest history messages left out so the prompt fit the model's context window."
+    )
     ttftMs: int | None  # noqa: N815
     durationMs: int | None  # noqa: N815
     finishReason: str | None  # noqa: N815
@@ -534,7 +599,15 @@ class UploadedFileOut(AttachmentOut):
     createdAt: str  # noqa: N815
 
 
+class ChatUsageOut(UsageOut):
+    """What a chat's finished turns used and cost, summed."""
+
+    turns: int = Field(description="Finished turns counted.")
+    costUsd: str = Field(description="Exact decimal USD.")  # noqa: N815
+
+
 class ChatOut(ChatSummaryOut):
+    usage: ChatUsageOut = Field(description="The chat's usage and cost over its finished turns.")
     queuedTurnIds: list[str] = Field(  # noqa: N815
         description="Turns waiting for the active one to end (`ifBusy: queue`), first in line first."
     )

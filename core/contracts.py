@@ -101,6 +101,11 @@ class TurnInput:
     # Set for a send with an `Idempotency-Key`: a digest of the request (path and body), so a later
     # request with the same key is recognised as the same request or refused as a different one.
     request_fingerprint: str | None = None
+    # How `model` was chosen ({"requested", "model", "reason", "fallbacks"}), for the turn record
+    # and the `start` chunk's metadata.
+    model_choice: dict[str, Any] | None = None
+    # Models of the same tier to try, in order, when `model` keeps failing after its retries.
+    fallback_models: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -201,6 +206,8 @@ class GenerateReplyInput:
     model: str
     system: str | None
     provider_options: dict[str, Any]
+    # The model before this one failed after its retries: the stream drops what it showed first.
+    replaces_failed_model: str | None = None
 
 
 @dataclass
@@ -214,6 +221,8 @@ class GenerateReplyResult:
     stopped: bool = False
     # True when the provider reported no usage and the token counts are estimates.
     usage_estimated: bool = False
+    # Oldest history messages left out of the prompt to fit the model's context window.
+    messages_left_out: int = 0
 
 
 @dataclass
@@ -232,6 +241,9 @@ class PersistAssistantMessageInput:
     duration_ms: int | None = None
     error: str | None = None
     usage_estimated: bool = False
+    # The user the turn was sent for: whose spend the usage ledger settles.
+    user_id: str | None = None
+    messages_left_out: int | None = None
 
 
 @dataclass

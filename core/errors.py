@@ -61,6 +61,36 @@ class ForbiddenError(DurachatError):
     problem_type = "/problems/forbidden"
 
 
+class BudgetExceededError(ForbiddenError):
+    """A spending budget is spent, so the turn is refused. `budget` names it
+    (`organization.weekly`, `organization.perChat`, `user.weekly`, `user.perChat`); amounts are
+    exact USD decimal strings; `resetsAt` is when a weekly budget starts again (null for a chat's)."""
+
+    title = "Budget Exceeded"
+    problem_type = "/problems/budget-exceeded"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        budget: str,
+        limit_usd: str,
+        spent_usd: str,
+        remaining_usd: str,
+        resets_at: str | None,
+    ) -> None:
+        super().__init__(
+            detail,
+            extra={
+                "budget": budget,
+                "limitUsd": limit_usd,
+                "spentUsd": spent_usd,
+                "remainingUsd": remaining_usd,
+                "resetsAt": resets_at,
+            },
+        )
+
+
 class NotFoundError(DurachatError):
     status_code = 404
     title = "Not Found"

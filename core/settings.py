@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
 from limits import parse_many
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Images, PDFs and plain text formats; never SVG or HTML, which a browser would run as a page.
@@ -33,21 +34,41 @@ class Environment(StrEnum):
     PRODUCTION = "production"
 
 
-class ProviderEntry(BaseModel):
-    """One configured model provider reached through the OpenAI-compatible chat completions API."""
+class ProviderType(StrEnum):
+    """The adapter a configured provider entry uses."""
 
-    kind: Literal["openai"] = "openai"
-    base_url: str
+    OPENAI_COMPATIBLE = "openai-compatible"
+    ANTHROPIC = "anthropic"
+    GOOGLE = "google"
+    OLLAMA = "ollama"
+
+
+class ProviderEntry(BaseModel):
+    """One configured model provider.
+
+    An entry named after a known provider (`anthropic`, `google`, `ollama`, `groq`, `openrouter`,
+    `openai`) uses that provider's adapter, endpoint and catalog models: a key is enough. Any other
+    name says which adapter it uses with `type` (OpenAI-compatible when absent) and needs
+    `base_url` and `models` (providers/presets.py).
+    """
+
+    type: ProviderType | None = None
+    base_url: str | None = None
     api_key: SecretStr = SecretStr("")
-    models: list[str]
-    timeout_seconds: float = 120.0
-    # The models that take image inputs; None means all of them, [] none.
+    # None: the catalog's models of a known provider.
+    models: list[str] | None = None
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    # The models that take image inputs; None means what the catalog says (every model, for
+    # models it does not know), [] none.
     image_models: list[str] | None = None
-    # The models that take PDFs natively, as documents; the others get the PDF's extracted text.
-    document_models: list[str] = Field(default_factory=list)
+    # The models that take PDFs natively, as documents (the others get the PDF's extracted text);
+    # None means what the catalog says (none, for models it does not know).
+    document_models: list[str] | None = None
 
     @model_validator(mode="after")
     def _input_models_are_configured_models(self) -> ProviderEntry:
+        if self.models is None:
+            return self
         for setting in ("image_models", "document_models"):
             unknown = [name for name in getattr(self, setting) or () if name not in self.models]
             if unknown:
@@ -55,6 +76,31 @@ class ProviderEntry(BaseModel):
                     f"{setting} names models missing from models: {', '.join(map(repr, unknown))}"
                 )
         return self
+
+
+class ModelOverride(BaseModel):
+    """An operator's catalog entry (`DURACHAT_MODELS`): adds a model or overrides curated fields.
+
+    `id` is "provider/model" with the configured provider name. Prices are USD per million tokens.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    id: str
+    name: str | None = None
+    tier: Literal["everyday", "advanced", "strategic"] | None = None
+    prompt_ppm: Decimal | None = Field(default=None, alias="promptPpm", ge=0)
+    cached_prompt_ppm: Decimal | None = Field(default=None, alias="cachedPromptPpm", ge=0)
+    cache_write_ppm: Decimal | None = Field(default=None, alias="cacheWritePpm", ge=0)
+    completion_ppm: Decimal | None = Field(default=None, alias="completionPpm", ge=0)
+    context_window: int | None = Field(default=None, alias="contextWindow", gt=0)
+    max_output_tokens: int | None = Field(default=None, alias="maxOutputTokens", gt=0)
+    capabilities: list[Literal["vision", "documents", "reasoning", "tools"]] | None = None
+    deprecated: bool | None = None
+    internal: bool | None = None
+
+
+MODEL_TIERS = ("everyday", "advanced", "strategic")
 
 
 class Settings(BaseSettings):
@@ -110,8 +156,15 @@ class Settings(BaseSettings):
     dev_api_key: SecretStr | None = None
     dev_organization: str = "dev"
 
+    # The last step of a turn's model choice: the request, the chat's model, the user's default,
+    # the organization's default, then this (README "Choosing a model").
     default_model: str = "local/echo"
     providers: dict[str, ProviderEntry] = Field(default_factory=dict)
+    # Operator catalog entries, added to or overriding the curated catalog (providers/catalog.json).
+    models: list[ModelOverride] = Field(default_factory=list)
+    # The model each tier (`tier` in a send, and `auto`) prefers: "provider/model". A tier without
+    # one uses its cheapest available model.
+    tier_models: dict[str, str] = Field(default_factory=dict)
 
     # How long a finished turn's Redis Stream stays replayable.
     stream_retention_seconds: int = 3600
@@ -216,6 +269,14 @@ class Settings(BaseSettings):
             if self.file_url_secret is None:
                 raise ValueError("production needs DURACHAT_FILE_URL_SECRET to sign file links")
         return self
+
+    @field_validator("tier_models")
+    @classmethod
+    def _tiers_are_known(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(MODEL_TIERS))
+        if unknown:
+            raise ValueError(f"unknown tiers {', '.join(unknown)}; tiers: {', '.join(MODEL_TIERS)}")
+        return value
 
     @field_validator("send_rate_limit", "stream_open_rate_limit")
     @classmethod

@@ -8,9 +8,18 @@ from typing import Any
 Chunk = dict[str, Any]
 
 
-def start_metadata(chat_id: str, turn_id: str, model: str) -> dict[str, Any]:
-    """The assistant message metadata announced by the stream's `start` chunk."""
-    return {"chatId": chat_id, "turnId": turn_id, "model": model}
+def start_metadata(
+    chat_id: str, turn_id: str, model: str, model_choice: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The assistant message metadata announced by the stream's `start` chunk: with how the model
+    was chosen when the turn's input says (`requested` and `reason`)."""
+    metadata: dict[str, Any] = {"chatId": chat_id, "turnId": turn_id, "model": model}
+    if model_choice:
+        metadata["modelChoice"] = {
+            "requested": model_choice.get("requested"),
+            "reason": model_choice.get("reason"),
+        }
+    return metadata
 
 
 def usage_metadata(input_tokens: int, output_tokens: int, *, estimated: bool) -> dict[str, Any]:
@@ -26,14 +35,18 @@ def usage_metadata(input_tokens: int, output_tokens: int, *, estimated: bool) ->
 
 
 def opening_chunks(
-    assistant_message_id: str, chat_id: str, turn_id: str, model: str
+    assistant_message_id: str,
+    chat_id: str,
+    turn_id: str,
+    model: str,
+    model_choice: dict[str, Any] | None = None,
 ) -> tuple[Chunk, Chunk]:
     """`start` and the `start-step` every generation attempt of the turn streams into."""
     return (
         {
             "type": "start",
             "messageId": assistant_message_id,
-            "messageMetadata": start_metadata(chat_id, turn_id, model),
+            "messageMetadata": start_metadata(chat_id, turn_id, model, model_choice),
         },
         {"type": "start-step"},
     )

@@ -40,6 +40,19 @@ def status_failure(
     return ProviderError.rejected(message, status_code=status)
 
 
+def timed_out(where: str) -> ProviderError:
+    """A connect or a wait for the next bytes outlasted the adapter's timeout (`where`:
+    provider/model)."""
+    return ProviderError.unavailable(f"{where}: request timed out")
+
+
+def connection_failed(where: str, cause: BaseException | str, *, secret: str) -> ProviderError:
+    """The connection was refused, reset or cut off; `cause` is the transport's error or, when the
+    SDK kept none, its own words. Transport messages can quote the request, so it is scrubbed."""
+    reason = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+    return ProviderError.unavailable(scrub(f"{where}: connection failed: {reason}", secret))
+
+
 def scrub(text: str, secret: str) -> str:
     """`text` without `secret` (some gateways quote the key they rejected), bounded in length.
 

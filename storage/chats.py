@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import cast, func, literal, or_, select, text, update
+from sqlalchemy import Text, cast, func, literal, or_, select, text, update
 from sqlalchemy import delete as sa_delete
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +28,7 @@ from core.ui_chunks import start_metadata
 from storage import attachments
 from storage.ids import new_id
 from storage.models import Chat, Message, Turn
+from storage.turn_usage import TurnTotals
 
 
 class ChatNotFound(Exception):
@@ -294,6 +295,7 @@ async def _upsert_turn_row(
             chat_id=chat_id,
             assistant_message_id=turn.assistant_message_id,
             model=turn.model,
+            model_choice=turn.model_choice,
             **values,
         )
         .on_conflict_do_update(index_elements=[Turn.id], set_=values)
@@ -412,7 +414,9 @@ async def store_turn_start(session: AsyncSession, request: StoreUserMessageInput
             parts=[],
             status=MessageStatus.STREAMING,
             turn_id=turn.turn_id,
-            message_metadata=start_metadata(request.chat_id, turn.turn_id, turn.model),
+            message_metadata=start_metadata(
+                request.chat_id, turn.turn_id, turn.model, turn.model_choice
+            ),
         )
     )
     await _upsert_turn_row(
@@ -537,7 +541,10 @@ async def save_assistant_parts(
 
 
 async def finish_turn(
-    session: AsyncSession, outcome: PersistAssistantMessageInput, metadata: dict[str, Any]
+    session: AsyncSession,
+    outcome: PersistAssistantMessageInput,
+    metadata: dict[str, Any],
+    totals: TurnTotals | None = None,
 ) -> str | None:
     """Record the assistant message's final state and the turn's figures, and release the chat's lease.
 
@@ -561,9 +568,15 @@ async def finish_turn(
         .values(
             status=turn_status,
             attempts=func.greatest(Turn.attempts, outcome.attempts),
+            model=outcome.model,
             input_tokens=usage.get("inputTokens"),
             output_tokens=usage.get("outputTokens"),
+            cached_input_tokens=usage.get("cachedInputTokens", 0 if usage else None),
+            cache_write_tokens=usage.get("cacheWriteTokens", 0 if usage else None),
+            reasoning_tokens=usage.get("reasoningTokens", 0 if usage else None),
             usage_estimated=bool(usage.get("estimated", False)),
+            cost_usd=totals.cost_usd if totals is not None else None,
+            messages_left_out=outcome.messages_left_out,
             ttft_ms=outcome.ttft_ms,
             duration_ms=outcome.duration_ms,
             finish_reason=outcome.finish_reason,
@@ -842,3 +855,14 @@ async def first_user_text(session: AsyncSession, organization_id: str, chat_id: 
     if message is None:
         return ""
     return "".join(str(p.get("text", "")) for p in message.parts if p.get("type") == "text")
+
+
+async def history_chars(session: AsyncSession, organization_id: str, chat_id: str) -> int:
+    """About how many characters of text a chat's messages hold (their stored parts, as JSON):
+    enough to tell whether its history fits a model's context window before anything loads it."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(func.length(cast(Message.parts, Text))), 0)).where(
+            Message.organization_id == organization_id, Message.chat_id == chat_id
+        )
+    )
+    return int(total or 0)

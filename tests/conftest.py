@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,12 +23,17 @@ from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
 from storage.objects import ObjectStore
 from storage.redis import create_redis
+from tests.support.anthropic_server import AnthropicServer
+from tests.support.gemini_server import GeminiServer
+from tests.support.ollama_server import OllamaServer
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.processes import ServiceProcess, wait_until_ready
 
 # Models the test provider `mock` serves (see tests/support/openai_server.py for what each does).
 MOCK_MODELS = [
     "echo",
+    "fail-503",
+    "reply-the-fallback-answered",
     "reply-hello-from-the-provider",
     "reasoning-the-answer-is-42",
     "slow",
@@ -48,6 +54,15 @@ REMOTE_FILES_HOST = "127.0.0.2"
 MAX_TEST_ATTACHMENT_BYTES = 2_000_000
 
 
+# Mock models that routing tests rely on: `auto` and tiers pick among these and `local/lorem`
+# (the other mock models are internal, so routing never lands on a failing or slow one).
+PRICED_MODEL = "mock/echo"
+FALLING_MODEL = "mock/fail-503"
+FALLBACK_MODEL = "mock/reply-the-fallback-answered"
+# Models each native provider's test server serves (tests/test_provider_e2e.py).
+NATIVE_MODELS = ["echo", "thinking-deep-thoughts"]
+
+
 @pytest.fixture(scope="session")
 def provider_server() -> Iterator[OpenAICompatibleServer]:
     with OpenAICompatibleServer(api_key="sk-test-provider-key") as server:
@@ -55,8 +70,93 @@ def provider_server() -> Iterator[OpenAICompatibleServer]:
 
 
 @pytest.fixture(scope="session")
+def native_servers() -> Iterator[NativeServers]:
+    """One test server per provider wire format besides the `mock` one, started for the session."""
+    with (
+        AnthropicServer() as anthropic,
+        GeminiServer(api_key="gemini-test-key-0123456789") as google,
+        OllamaServer() as ollama,
+        OpenAICompatibleServer(api_key="gsk_test_0123456789", dialect="groq") as groq,
+        OpenAICompatibleServer(api_key="sk-or-test-0123456789", dialect="openrouter") as openrouter,
+    ):
+        yield NativeServers(anthropic, google, ollama, groq, openrouter)
+
+
+@dataclass(frozen=True)
+class NativeServers:
+    anthropic: AnthropicServer
+    google: GeminiServer
+    ollama: OllamaServer
+    groq: OpenAICompatibleServer
+    openrouter: OpenAICompatibleServer
+
+    @staticmethod
+    def models() -> dict[str, list[str]]:
+        return {
+            "anthropic": NATIVE_MODELS,
+            "google": NATIVE_MODELS,
+            "ollama": NATIVE_MODELS,
+            "groq": ["echo"],
+            "openrouter": ["echo"],
+        }
+
+    def providers(self) -> dict[str, Any]:
+        """`DURACHAT_PROVIDERS` entries named after each provider, so each uses its preset."""
+        models = self.models()
+        return {
+            "anthropic": self.anthropic.providers_entry(models["anthropic"]),
+            "google": self.google.providers_entry(models["google"]),
+            "ollama": self.ollama.providers_entry(models["ollama"]),
+            "groq": _without_type(self.groq.providers_entry(models["groq"])),
+            "openrouter": _without_type(self.openrouter.providers_entry(models["openrouter"])),
+        }
+
+
+def _without_type(entry: dict[str, Any]) -> dict[str, Any]:
+    # A known name needs no `type`: the preset gives the adapter and its dialect.
+    return {key: value for key, value in entry.items() if key != "type"}
+
+
+# A model whose context window a test history overflows (tests/test_models_and_costs.py).
+SMALL_WINDOWS = {"reply-hello-from-the-provider": {"contextWindow": 4_000, "maxOutputTokens": 100}}
+
+
+def catalog_for_tests() -> list[dict[str, Any]]:
+    """Operator catalog entries (`DURACHAT_MODELS`) giving the tests priced and routable models."""
+    routable = {PRICED_MODEL, FALLING_MODEL, FALLBACK_MODEL}
+    return [
+        # Prices with cache reads, so costs have several terms to get exactly right.
+        {
+            "id": PRICED_MODEL,
+            "tier": "everyday",
+            "promptPpm": "2.50",
+            "cachedPromptPpm": "1.25",
+            "completionPpm": "10",
+            "contextWindow": 200_000,
+        },
+        {"id": FALLING_MODEL, "tier": "strategic", "promptPpm": "1", "completionPpm": "2"},
+        {"id": FALLBACK_MODEL, "tier": "strategic", "promptPpm": "3", "completionPpm": "4"},
+        # Out of the everyday tier, so `auto` picks local/lorem without images and the priced
+        # mock/echo with them.
+        {"id": "local/echo", "tier": "advanced"},
+        *(
+            {"id": f"{provider}/{model}", "tier": "advanced"}
+            for provider, models in NativeServers.models().items()
+            for model in models
+        ),
+        *(
+            {"id": f"mock/{model}", "internal": True, **SMALL_WINDOWS.get(model, {})}
+            for model in MOCK_MODELS
+            if f"mock/{model}" not in routable
+        ),
+    ]
+
+
+@pytest.fixture(scope="session")
 def stack_settings(
-    tmp_path_factory: pytest.TempPathFactory, provider_server: OpenAICompatibleServer
+    tmp_path_factory: pytest.TempPathFactory,
+    provider_server: OpenAICompatibleServer,
+    native_servers: NativeServers,
 ) -> Settings:
     data_dir = tmp_path_factory.mktemp("durachat-data")
     return Settings(
@@ -69,7 +169,12 @@ def stack_settings(
         embedded_s3_port=free_port_block(tuple(range(10))),
         api_port=free_port_block(),
         temporal_task_queue=f"durachat-test-{uuid.uuid4().hex[:8]}",
-        providers=json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
+        providers={
+            **json.loads(provider_server.providers_env("mock", MOCK_MODELS)),
+            **native_servers.providers(),
+        },
+        models=catalog_for_tests(),
+        tier_models={"strategic": FALLING_MODEL},
         title_model="mock/titler",
         stream_ping_seconds=1,
         # A browser app's origin, for the CORS checks in tests/test_ai_sdk_chat.py.
@@ -115,6 +220,8 @@ def process_environment(settings: Settings) -> dict[str, str]:
             continue
         key = f"DURACHAT_{name.upper()}"
         if isinstance(value, (dict, list)):
+            if not value:
+                continue  # every collection setting defaults to empty
             if name == "providers":
                 value = {
                     provider: {
@@ -123,8 +230,10 @@ def process_environment(settings: Settings) -> dict[str, str]:
                     }
                     for provider, entry in value.items()
                 }
-            # Lists of strings are comma-separated settings (NoDecode); mappings are JSON.
-            environment[key] = json.dumps(value) if isinstance(value, dict) else ",".join(value)
+            # Lists of strings are comma-separated settings (NoDecode); mappings and lists of
+            # objects are JSON.
+            is_json = isinstance(value, dict) or any(isinstance(item, dict) for item in value)
+            environment[key] = json.dumps(value) if is_json else ",".join(value)
         elif name == "s3_secret_access_key":
             environment[key] = settings.s3_secret_access_key.get_secret_value()
         else:

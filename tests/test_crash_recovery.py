@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from devstack.ports import free_port_block
 from devstack.stack import ServiceStack
 from storage.db import create_engine, create_session_factory
 from storage.migrations import upgrade_database
-from storage.models import Attachment, Message, Turn
+from storage.models import Attachment, Message, Turn, UsageEntry
 from tests.conftest import REMOTE_FILES_HOST, Tenant, make_tenant, process_environment
 from tests.support.ai_client import run_ai_client
 from tests.support.chat_api import stored_text
@@ -129,6 +130,8 @@ def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashStack
         temporal_task_queue=f"durachat-crash-{uuid.uuid4().hex[:8]}",
         stream_ping_seconds=1,
         outbound_allowed_hosts=[REMOTE_FILES_HOST],
+        # Priced, so the usage ledger's settlement after a crash has a cost to get right.
+        models=[{"id": "local/lorem", "promptPpm": "1.5", "completionPpm": "6"}],
     )
     services = ServiceStack(settings, redis_persistent=False)
     services.start()
@@ -522,6 +525,31 @@ async def test_worker_killed_mid_generation_turn_resumes_on_another_worker(
     assert worker_crash.messages[0].status == "complete"
     assert worker_crash.turn.status == "completed"
     assert worker_crash.turn.attempts == 2
+
+
+async def test_worker_killed_mid_generation_settles_the_ledger_exactly_once(
+    worker_crash: WorkerCrash, crash_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The turn's ledger row is settled once, at the cost its attempts recorded: the attempt that
+    completed after the kill. (The killed attempt reported no usage before it died, so it has no
+    entry: docs/decisions.md "Cost and budgets".)"""
+    turn = worker_crash.turn
+    async with crash_sessions() as session:
+        entries = (
+            await session.scalars(select(UsageEntry).where(UsageEntry.turn_id == turn.id))
+        ).all()
+    [entry] = entries
+    assert entry.state == "settled"
+    assert turn.cost_usd is not None
+    assert turn.cost_usd > 0
+    assert entry.cost_usd == turn.cost_usd
+    assert entry.input_tokens == turn.input_tokens
+    assert entry.output_tokens == turn.output_tokens
+    log = turn.attempt_log or []
+    assert sum(Decimal(attempt["costUsd"]) for attempt in log) == turn.cost_usd
+    assert [attempt["outcome"] for attempt in log] == ["completed"]
+    expected = (turn.input_tokens * Decimal("1.5") + turn.output_tokens * 6) / 1_000_000
+    assert turn.cost_usd == expected
 
 
 async def test_worker_killed_mid_generation_connected_client_stays_connected(

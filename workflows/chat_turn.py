@@ -194,6 +194,7 @@ class ChatTurnWorkflow:
             status=MessageStatus.COMPLETE,
             model=turn.model,
             attempts=0,
+            user_id=turn.user_id,
         )
         if self._stop is None and not await self._prepare_attachments(turn, claim.chat_id, outcome):
             pass  # a file could not be used: `outcome` says why, and nothing is generated
@@ -385,7 +386,43 @@ class ChatTurnWorkflow:
         user_message_id: str,
         outcome: PersistAssistantMessageInput,
     ) -> None:
-        """Run generation to its end, or until a stop; record what happened in `outcome`."""
+        """Run generation to its end, or until a stop; record what happened in `outcome`.
+
+        A model that keeps failing after its retries (unavailable, not a rejection) hands the turn
+        to the next of `turn.fallback_models`; only turns routed by tier or `auto` have any.
+        """
+        models = [turn.model, *turn.fallback_models]
+        for index, model in enumerate(models):
+            may_fall_back = await self._generate_with(
+                turn,
+                model,
+                chat_id,
+                user_message_id,
+                outcome,
+                replaces_failed_model=models[index - 1] if index else None,
+            )
+            if not may_fall_back or self._stop is not None or index == len(models) - 1:
+                return
+            workflow.logger.warning(
+                "model %s kept failing; turn %s falls back to %s",
+                model,
+                turn.turn_id,
+                models[index + 1],
+            )
+
+    async def _generate_with(
+        self,
+        turn: TurnInput,
+        model: str,
+        chat_id: str,
+        user_message_id: str,
+        outcome: PersistAssistantMessageInput,
+        *,
+        replaces_failed_model: str | None,
+    ) -> bool:
+        """One model's generation, with its retries; True when it failed in a way another model
+        might not (the provider unavailable or not answering in time)."""
+        outcome.model = model
         generation = workflow.start_activity_method(
             GenerationActivities.generate_reply,
             GenerateReplyInput(
@@ -394,9 +431,10 @@ class ChatTurnWorkflow:
                 turn_id=turn.turn_id,
                 user_message_id=user_message_id,
                 assistant_message_id=turn.assistant_message_id,
-                model=turn.model,
+                model=model,
                 system=turn.system,
                 provider_options=turn.provider_options,
+                replaces_failed_model=replaces_failed_model,
             ),
             start_to_close_timeout=GENERATION_TIMEOUT,
             heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
@@ -415,11 +453,11 @@ class ChatTurnWorkflow:
             if isinstance(err.cause, CancelledError):
                 outcome.status = MessageStatus.ABORTED
                 outcome.finish_reason = "other"
-                return
+                return False
             outcome.status = MessageStatus.FAILED
             outcome.finish_reason = "error"
             outcome.error = _describe_failure(err)
-            return
+            return _provider_unavailable(err)
         outcome.status = MessageStatus.ABORTED if reply.stopped else MessageStatus.COMPLETE
         outcome.attempts = reply.attempt
         outcome.finish_reason = reply.finish_reason
@@ -427,6 +465,9 @@ class ChatTurnWorkflow:
         outcome.output_tokens = reply.output_tokens
         outcome.usage_estimated = reply.usage_estimated
         outcome.ttft_ms = reply.ttft_ms
+        outcome.messages_left_out = reply.messages_left_out
+        outcome.error = None
+        return False
 
     @workflow.signal
     def stop_turn(self, request: StopTurnRequest) -> None:
@@ -507,6 +548,14 @@ def _describe_attachment_failure(err: ActivityError) -> str:
     if isinstance(cause, TimeoutError):
         return "the turn's files could not be fetched and stored in time"
     return "the turn's files could not be prepared"
+
+
+def _provider_unavailable(err: ActivityError) -> bool:
+    """Whether generation failed for want of the provider rather than because of the request."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.type == ErrorType.PROVIDER_UNAVAILABLE
+    return isinstance(cause, TimeoutError)
 
 
 def _describe_failure(err: ActivityError) -> str:

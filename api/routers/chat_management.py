@@ -35,6 +35,7 @@ from storage import attachments, chats
 from storage.models import Chat, Turn
 from storage.objects import ObjectStoreUnavailable
 from storage.purge import Purger
+from storage.turn_usage import usd_text
 
 log = structlog.get_logger(__name__)
 
@@ -271,8 +272,15 @@ def _turn_out(turn: Turn) -> TurnRecordOut:
             inputTokens=turn.input_tokens,
             outputTokens=turn.output_tokens,
             totalTokens=total,
+            cachedInputTokens=turn.cached_input_tokens,
+            cacheWriteTokens=turn.cache_write_tokens,
+            reasoningTokens=turn.reasoning_tokens,
             estimated=turn.usage_estimated,
         ),
+        costUsd=usd_text(turn.cost_usd) if turn.cost_usd is not None else None,
+        modelChoice=turn.model_choice,
+        attemptLog=turn.attempt_log or [],
+        messagesLeftOut=turn.messages_left_out or 0,
         ttftMs=turn.ttft_ms,
         durationMs=turn.duration_ms,
         finishReason=turn.finish_reason,

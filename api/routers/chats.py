@@ -39,6 +39,7 @@ from api.schemas import (
     UsageOut,
 )
 from api.state import AppState
+from api.turn_planning import plan_model, release_budget, reserve_budget
 from api.turns import start_turn, stop_turn
 from core.contracts import (
     ChatMode,
@@ -58,7 +59,6 @@ from core.errors import (
     UpstreamError,
 )
 from core.ui_chunks import stored_message_chunks, unrun_turn_chunks
-from providers.base import UnknownModelError
 from storage import attachments, chats
 from storage.api_keys import Principal
 from storage.ids import new_id
@@ -389,17 +389,7 @@ async def _send(
         raise BadRequestError(
             f"the message is longer than {state.settings.max_message_chars} characters"
         )
-    model = (
-        request.model
-        or await _chat_default_model(state, principal, mode, chat_id, request)
-        or state.settings.default_model
-    )
-    try:
-        provider, _ = state.providers.resolve(model)
-    except UnknownModelError as exc:
-        raise BadRequestError(
-            str(exc), extra={"availableModels": state.providers.available_models()}
-        ) from exc
+    plan = await plan_model(state, principal, request, mode, chat_id)
 
     channel = (
         ExternalChannel(source=request.external_channel.source, id=request.external_channel.id)
@@ -431,8 +421,9 @@ async def _send(
         ],
         turn_id=turn_id,
         chat_id=chat_id,
-        model=model,
+        choose_model=plan.choose,
     )
+    choice = plan.chosen
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
@@ -442,8 +433,8 @@ async def _send(
         user_message_id=new_id(),
         assistant_message_id=new_id(),
         user_parts=stored_parts[-1],
-        model=model,
-        provider=provider.name,
+        model=choice.model,
+        provider=choice.model.partition("/")[0],
         system=request.system,
         provider_options=request.provider_options,
         external_channel=channel,
@@ -456,13 +447,21 @@ async def _send(
         target_message_id=request.target_message_id,
         if_busy=request.if_busy,
         request_fingerprint=idempotent.fingerprint if idempotent else None,
+        model_choice=choice.as_record(),
+        fallback_models=list(choice.fallbacks),
     )
+    reserved = False
     try:
+        reserved = await reserve_budget(
+            state, principal, turn, state.providers.card(turn.model), plan.prompt_tokens
+        )
         await limit_active_turns(state, principal, turn)
         accepted = await start_turn(state, turn) or await _earlier_turn(state, principal, turn)
     except BaseException:
         # Files of a send that started no turn stay unattached; remove them now, not at the sweep.
         await intake.discard(stored_files)
+        if reserved:
+            await release_budget(state, principal, turn.turn_id)
         raise
     if accepted.interrupted_turn_id is not None:
         # The turn's workflow stops the one it interrupts durably; the Redis flag is the fast path.
@@ -507,23 +506,6 @@ async def _files_of_message(
         GivenFile(attachment_id=attachment_id)
         for attachment_id in attachments.attachment_ids_in(message.parts)
     ]
-
-
-async def _chat_default_model(
-    state: AppState, principal: Principal, mode: ChatMode, chat_id: str | None, request: NewTurn
-) -> str | None:
-    """The model of an existing chat, for a send that names none."""
-    async with state.sessions() as session:
-        if mode is ChatMode.CHANNEL and request.external_channel is not None:
-            channel = request.external_channel
-            chat = await chats.get_live_chat_by_channel(
-                session, visibility_of(principal), channel.source, channel.id
-            )
-        elif mode is not ChatMode.CREATE and chat_id is not None:
-            chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
-        else:
-            return None
-    return chat.model if chat is not None else None
 
 
 async def _earlier_turn(state: AppState, principal: Principal, repeat: TurnInput) -> TurnAccepted:

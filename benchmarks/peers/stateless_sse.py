@@ -96,9 +96,12 @@ async def _answer(
                 yield _event(chunk)
     for chunk in builder.finish_step():
         yield _event(chunk)
+    usage = builder.reported_usage
     metadata = {
         "finishReason": builder.finish_reason,
-        "usage": usage_metadata(builder.input_tokens, builder.output_tokens, estimated=False),
+        "usage": usage_metadata(
+            usage.input_tokens if usage else 0, usage.output_tokens if usage else 0, estimated=False
+        ),
     }
     yield _event(
         {"type": "finish", "finishReason": builder.finish_reason, "messageMetadata": metadata}
