@@ -46,7 +46,10 @@ format: install ## Format the code and apply safe lint fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: install benchmarks/peers/resumable/node_modules ## Benchmark turn latency through the API against a direct provider stream and two peer servers
+bench: install benchmarks/peers/resumable/node_modules ## Latency, load, streams and recovery, then a table of point 1's targets; BENCH_ARGS="--quick" (minutes), "--only load,streams", "--help"
+	$(BIN)/python -m benchmarks.suite $(BENCH_ARGS)
+
+bench-latency: install benchmarks/peers/resumable/node_modules ## Turn latency and stop-to-abort through the API against a direct provider stream and two peer servers
 	$(BIN)/python -m benchmarks.turn_latency
 
 bench-load: install ## Open-loop load on POST /v1/chats, stepped up until the stack saturates
@@ -61,4 +64,4 @@ bench-recovery: install ## Time from a worker's SIGKILL to the next token on the
 clean: ## Remove the virtual environments and local data
 	rm -rf $(TOOLS) $(VENV) .durachat tests/js/node_modules benchmarks/peers/resumable/node_modules
 
-.PHONY: help install run test lint format bench bench-load bench-streams bench-recovery clean
+.PHONY: help install run test lint format bench bench-latency bench-load bench-streams bench-recovery clean

@@ -202,7 +202,9 @@ class GenerationActivities:
     @activity.defn
     async def generate_reply(self, request: GenerateReplyInput) -> GenerateReplyResult:
         """Stream one attempt's answer; a stop (Redis flag or Temporal cancellation) keeps the partial answer."""
-        attempt = activity.info().attempt
+        # Attempts are numbered across the turn: a fallback model's attempts come after the failed
+        # model's, so the stream's attempt fence and the stored-answer guard keep working.
+        attempt = request.attempt_offset + activity.info().attempt
         started = time.monotonic()
         try:
             provider, model = self._providers.resolve(request.model)
@@ -258,7 +260,7 @@ class GenerationActivities:
         publisher = ChunkPublisher(self._streams, request.organization_id, request.turn_id, attempt)
         builder = UiMessageBuilder(attempt)
         timing = _FirstTokenClock(started)
-        if attempt > 1 or request.replaces_failed_model:
+        if attempt > 1:
             # Clients drop whatever the failed attempt (or the model that failed before this
             # one) streamed into the step before this attempt's output; the step itself stays
             # open, so no new `start-step` follows.
@@ -385,6 +387,8 @@ class GenerationActivities:
                 request.organization_id,
                 request.assistant_message_id,
                 builder.parts,
+                turn_id=request.turn_id,
+                attempt=attempt.entry.attempt,
                 usage=attempt.usage.as_metadata() if keep_usage else None,
             )
             await attempt.record(session)

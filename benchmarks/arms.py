@@ -27,6 +27,7 @@ from providers.base import GenerationRequest, PromptMessage, TextDelta
 from providers.local import LOREM_MODEL, LocalProvider
 
 __all__ = [
+    "API_ARM",
     "ApiArm",
     "DirectArm",
     "Pace",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 PROMPT: Final = "Benchmark turn: answer with lorem ipsum."
+# The name of the arm through durachat's api in the reports.
+API_ARM: Final = "through api"
 
 
 class TurnFailedError(RuntimeError):
@@ -174,7 +177,7 @@ class ApiArm(UiStreamArm):
 
     def __init__(self, api_url: str, api_key: str, *, max_connections: int, timeout: float) -> None:
         super().__init__(
-            "through api",
+            API_ARM,
             api_url,
             max_connections=max_connections,
             timeout=timeout,

@@ -9,11 +9,12 @@ to first token, time to response headers, the per-token gap and, on its own stac
 process spent per completed turn.
 
 By default it runs on a private stack (`benchmarks.rig.BenchRig`, as `make bench` does); with `--url`
-and `--api-key` it loads any deployment, and then only the client's own CPU is measured.
+and `--api-key` it loads any deployment, and then only the client's own CPU is measured. `run` also
+hands the steps back (`LoadFigures`), for the summary of `benchmarks.suite`.
 
 This module also holds what `benchmarks.many_streams` and `benchmarks.recovery` share with it: the
-turn client that counts failures instead of raising them (`TurnClient`) and the plain tables
-(`render_table`); how each runs on a rig is `benchmarks.running`.
+turn client that counts failures instead of raising them (`TurnClient`); the plain tables are
+`benchmarks.report.render_table`, and how each runs on a rig is `benchmarks.running`.
 """
 
 from __future__ import annotations
@@ -34,16 +35,24 @@ import httpx
 
 from benchmarks.arms import Pace, send_body, sse_data
 from benchmarks.cpu import CpuMeter, CpuSample
-from benchmarks.report import percentiles
+from benchmarks.report import percentiles, render_table
 from benchmarks.rig import BenchRig, RigError
-from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
+from benchmarks.running import (
+    Outcome,
+    ReportHeader,
+    progress,
+    run_benchmark,
+    stack_description,
+)
 
 __all__ = [
     "Failure",
+    "LoadFigures",
+    "StepResult",
     "StreamedTurn",
     "TurnClient",
     "main",
-    "render_table",
+    "run",
 ]
 
 MS_PER_S = 1000.0
@@ -255,6 +264,19 @@ class StepResult:
         return "; ".join(reasons) or None
 
 
+@dataclass
+class LoadFigures:
+    """The steps run so far, in order, and the step that saturated; filled in as the run goes."""
+
+    # Text deltas per answer.
+    words: int
+    # A step keeping up completes its turns at no less than this share of the offered rate.
+    min_achieved: float
+    steps: list[StepResult] = field(default_factory=list)
+    # The offered rate of the step after which stepping stopped, saturated; None: no step saturated.
+    saturated_at: float | None = None
+
+
 async def run_step(
     client: TurnClient,
     pace: Pace,
@@ -371,14 +393,16 @@ async def measure(
     pids: dict[str, int],
     options: argparse.Namespace,
     sections: list[str],
+    figures: LoadFigures,
 ) -> None:
-    """Warm up, then run the steps until one saturates; each step's rows go into `sections` as it ends."""
+    """Warm up, then run the steps until one saturates; each step's rows go into `sections` and the
+    step into `figures` as it ends."""
     pace = Pace(options.words, options.delay_ms)
     client = TurnClient(
         api_url, api_key, max_connections=options.max_in_flight, turn_timeout=options.turn_timeout
     )
     meter = CpuMeter(pids)
-    results: list[StepResult] = []
+    results = figures.steps
     try:
         if options.warmup:
             progress(f"warm-up: {options.warmup} turns at {options.rates[0]:g}/s")
@@ -420,6 +444,7 @@ async def measure(
             )
             if reason is not None:
                 stop_reason = f"stopped after {rate:g}/s: {reason}"
+                figures.saturated_at = rate
                 break
         sections.append(stop_reason)
     finally:
@@ -522,20 +547,6 @@ def render_steps(results: Sequence[StepResult], *, has_stack: bool) -> list[str]
     return sections
 
 
-def render_table(
-    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, labels: bool = True
-) -> str:
-    """Columns as wide as their widest cell under a title line, figures right-aligned; the first
-    column left-aligned when it holds `labels`."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [title]
-    for first, *cells in (header, *rows):
-        figures = (cell.rjust(width) for cell, width in zip(cells, widths[1:], strict=True))
-        label = first.ljust(widths[0]) if labels else first.rjust(widths[0])
-        lines.append("  " + "  ".join([label, *figures]).rstrip())
-    return "\n".join(lines)
-
-
 def _p99(values: Sequence[float]) -> str:
     return f"{percentiles(values).p99:.1f}" if values else "-"
 
@@ -551,14 +562,22 @@ def _positive_floats(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks.load") -> int:
+    return run(argv, prog=prog).exit_code
+
+
+def run(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks.load"
+) -> Outcome[LoadFigures]:
+    """Parse `argv`, step the load up and print the report; the exit code and the steps that ran."""
     options = parse_args(argv, prog)
     rig = None if options.url else BenchRig(keep_work_dir=options.keep)
+    figures = LoadFigures(options.words, options.min_achieved)
 
-    async def run(sections: list[str]) -> int:
+    async def measure_steps(sections: list[str]) -> int:
         if rig is None:
-            await measure(options.url, options.api_key, {}, options, sections)
+            await measure(options.url, options.api_key, {}, options, sections, figures)
         else:
-            await measure(rig.api_url, rig.api_key, rig.process_ids(), options, sections)
+            await measure(rig.api_url, rig.api_key, rig.process_ids(), options, sections, figures)
         # Failed turns are figures here, counted in the report, not a failed run.
         return 0
 
@@ -574,7 +593,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m benchmarks
             ],
         )
 
-    return run_benchmark(rig, run, header)
+    exit_code = run_benchmark(rig, measure_steps, header)
+    return Outcome(exit_code, figures if figures.steps else None)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ every process, the client's included.
 
 A stream is live from its first text delta to its end. The answers are long enough (`--words`) that
 the first stream is still live when the last one starts, so all N are live at once for a while.
+
+`run` also hands the figures back (`StreamsFigures`), for the summary of `benchmarks.suite`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ import psutil
 
 from benchmarks.arms import Pace
 from benchmarks.cpu import CpuMeter, CpuSample
-from benchmarks.load import CLIENT_BUSY_WARNING, MS_PER_S, StreamedTurn, TurnClient, render_table
-from benchmarks.report import percentiles
+from benchmarks.load import CLIENT_BUSY_WARNING, MS_PER_S, StreamedTurn, TurnClient
+from benchmarks.report import Percentiles, percentiles, render_table
 from benchmarks.rig import BenchRig, RigError
-from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
+from benchmarks.running import (
+    Outcome,
+    ReportHeader,
+    progress,
+    run_benchmark,
+    stack_description,
+)
 
 # Connections to Redis are counted with this many streams live, and again with all of them.
 FIRST_MARK = 100
@@ -93,6 +101,30 @@ class Snapshot:
 
     api_rss: int
     redis_connections: dict[str, int]
+
+
+@dataclass(frozen=True)
+class StreamsFigures:
+    """What the summary of `benchmarks.suite` reads of a run: its size and the figures the targets name."""
+
+    streams: int
+    delay_ms: float
+    failed: int
+    # How long all the streams were live at once; None: they never were.
+    all_live_seconds: float | None
+    peak_live: int
+    # Gap minus pace (ms) of the gaps that ended while all were live, or of the whole run when they never
+    # were (`delay_while_all_live` says which); None: no gap at all.
+    added_delay: Percentiles | None
+    delay_while_all_live: bool
+    api_kib_per_stream: float | None
+    # The api's Redis connections before the first stream, with FIRST_MARK live and with all live.
+    api_redis_before: int
+    api_redis_at_mark: int | None
+    api_redis_all_live: int | None
+    # The most connections the api opens however many streams it relays: its pool's bound plus the
+    # connections of its multiplexed stream readers.
+    api_redis_bound: int
 
 
 def redis_connections(pid: int, redis_port: int) -> int:
@@ -164,7 +196,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-async def measure(rig: BenchRig, options: argparse.Namespace, sections: list[str]) -> int:
+async def measure(
+    rig: BenchRig,
+    options: argparse.Namespace,
+    sections: list[str],
+    figures: list[StreamsFigures],
+) -> int:
+    """Open the streams, read them all to their end, then render the report into `sections` and
+    append the figures to `figures`; 1 when a turn failed or the streams were never all live."""
     pace = Pace(options.words, options.delay_ms)
     pids = rig.process_ids()
     meter = CpuMeter(pids)
@@ -230,8 +269,71 @@ async def measure(rig: BenchRig, options: argparse.Namespace, sections: list[str
             task.cancel()
         await client.aclose()
     sections[:] = render(options, turns, tally, before, at_mark, at_all, cpu_run, window_cpu)
+    figures.append(summarize(options, turns, tally, before, at_mark, at_all, api_redis_bound(rig)))
     failed = [turn for turn in turns if not turn.completed]
     return 1 if failed or at_all is None else 0
+
+
+def api_redis_bound(rig: BenchRig) -> int:
+    settings = rig.settings
+    return settings.redis_max_connections + settings.stream_reader_connections
+
+
+def live_window(tally: LiveTally) -> tuple[float, float] | None:
+    """From the moment all streams were live to the first end after it (open-ended if none came)."""
+    if tally.all_live_at is None:
+        return None
+    closed = tally.window_closed_at
+    return tally.all_live_at, closed if closed is not None else math.inf
+
+
+def added_delays(
+    completed: Sequence[StreamedTurn], pace_ms: float, window: tuple[float, float] | None = None
+) -> list[float]:
+    """Gap minus pace (ms) of every delta of a completed turn, or of those that arrived in `window`."""
+    start, end = window if window is not None else (-math.inf, math.inf)
+    return [
+        (later - earlier) * MS_PER_S - pace_ms
+        for turn in completed
+        for earlier, later in pairwise(turn.delta_at)
+        if start <= later <= end
+    ]
+
+
+def summarize(
+    options: argparse.Namespace,
+    turns: list[StreamedTurn],
+    tally: LiveTally,
+    before: Snapshot,
+    at_mark: Snapshot | None,
+    at_all: Snapshot | None,
+    bound: int,
+) -> StreamsFigures:
+    completed = [turn for turn in turns if turn.completed]
+    window = live_window(tally)
+    # Over the whole run when the streams were never all live.
+    delays = added_delays(completed, options.delay_ms, window)
+    all_live_seconds = (
+        tally.window_closed_at - tally.all_live_at
+        if tally.all_live_at is not None and tally.window_closed_at is not None
+        else None
+    )
+    return StreamsFigures(
+        streams=options.streams,
+        delay_ms=options.delay_ms,
+        failed=len(turns) - len(completed),
+        all_live_seconds=all_live_seconds,
+        peak_live=tally.peak,
+        added_delay=percentiles(delays) if delays else None,
+        delay_while_all_live=window is not None,
+        api_kib_per_stream=(
+            (at_all.api_rss - before.api_rss) / options.streams / KIB if at_all else None
+        ),
+        api_redis_before=before.redis_connections["api"],
+        api_redis_at_mark=at_mark.redis_connections["api"] if at_mark else None,
+        api_redis_all_live=at_all.redis_connections["api"] if at_all else None,
+        api_redis_bound=bound,
+    )
 
 
 async def _before(event: asyncio.Event, everything: asyncio.Future[list[StreamedTurn]]) -> bool:
@@ -270,11 +372,10 @@ def render(
             + ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
             + f"; the first: {failed[0].failure}: {failed[0].detail}"
         )
-    window = None
+    window = live_window(tally)
     if tally.all_live_at is not None:
         first_asked = min(turn.asked_at for turn in turns)
         closed = tally.window_closed_at
-        window = (tally.all_live_at, closed if closed is not None else math.inf)
         held = f"for {closed - tally.all_live_at:.1f} s" if closed is not None else ""
         lines.append(
             f"  all {n} live at once {tally.all_live_at - first_asked:.1f} s after the first was "
@@ -291,20 +392,10 @@ def render(
         lines.append(
             f"  time to first token (ms): p50 {cut.p50:.0f}, p95 {cut.p95:.0f}, p99 {cut.p99:.0f}"
         )
-
-    def added(start: float = -math.inf, end: float = math.inf) -> list[float]:
-        """Gap minus pace of every delta of a completed turn that arrived between start and end."""
-        return [
-            (later - earlier) * MS_PER_S - pace_ms
-            for turn in completed
-            for earlier, later in pairwise(turn.delta_at)
-            if start <= later <= end
-        ]
-
     delay_rows = []
     for label, values in (
-        (f"while all {n} were live", added(*window) if window else []),
-        ("whole run", added()),
+        (f"while all {n} were live", added_delays(completed, pace_ms, window) if window else []),
+        ("whole run", added_delays(completed, pace_ms)),
     ):
         if values:
             cut = percentiles(values)
@@ -379,6 +470,11 @@ def raise_open_file_limit(needed: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv).exit_code
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome[StreamsFigures]:
+    """Parse `argv`, hold the streams on a private stack and print the report; the exit code and figures."""
     options = parse_args(argv)
     raise_open_file_limit(2 * options.streams + 1024)
     rig = BenchRig(
@@ -396,7 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack_description(rig),
         )
 
-    return run_benchmark(rig, lambda sections: measure(rig, options, sections), header)
+    figures: list[StreamsFigures] = []
+    exit_code = run_benchmark(
+        rig, lambda sections: measure(rig, options, sections, figures), header
+    )
+    return Outcome(exit_code, figures[0] if figures else None)
 
 
 if __name__ == "__main__":

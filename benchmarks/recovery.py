@@ -7,6 +7,8 @@ client to drop the partial answer) and to the next text delta. The generation ac
 timeout bounds how long Temporal takes to see the attempt as lost; its retry policy adds the pause
 before the next attempt. Both are printed next to the figures. The turn must then complete: `finish`
 and the whole answer after the reset.
+
+`run` also hands the repetitions back (`RecoveryFigures`), for the summary of `benchmarks.suite`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ import argparse
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from benchmarks.arms import Pace
-from benchmarks.load import StreamedTurn, TurnClient, render_table
+from benchmarks.load import StreamedTurn, TurnClient
+from benchmarks.report import render_table
 from benchmarks.rig import BenchRig, RigError
-from benchmarks.running import ReportHeader, progress, run_benchmark, stack_description
+from benchmarks.running import (
+    Outcome,
+    ReportHeader,
+    progress,
+    run_benchmark,
+    stack_description,
+)
 from workflows.chat_turn import GENERATION_HEARTBEAT_TIMEOUT, GENERATION_RETRY
 
 # The Temporal SDK sends at most one heartbeat per this share of the heartbeat timeout (its throttle).
@@ -54,6 +63,14 @@ class Recovery:
         return sum(1 for at in self.turn.delta_at if at <= self.killed_at)
 
 
+@dataclass
+class RecoveryFigures:
+    """The repetitions so far, and the generation activity's heartbeat timeout they are held to."""
+
+    heartbeat_timeout: float
+    recoveries: list[Recovery] = field(default_factory=list)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.recovery",
@@ -82,12 +99,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return options
 
 
-async def measure(rig: BenchRig, options: argparse.Namespace, sections: list[str]) -> int:
+async def measure(
+    rig: BenchRig, options: argparse.Namespace, sections: list[str], figures: RecoveryFigures
+) -> int:
+    """Kill the worker under `options.repeats` turns, one after the other; each repetition goes into
+    `sections` and `figures` as it ends. 1 when a turn did not complete."""
     pace = Pace(options.words, options.delay_ms)
     client = TurnClient(
         rig.api_url, rig.api_key, max_connections=2, turn_timeout=options.turn_timeout
     )
-    recoveries: list[Recovery] = []
+    recoveries = figures.recoveries
     try:
         warmup = await client.run_turn(Pace(5, 0))
         if not warmup.completed:
@@ -179,6 +200,12 @@ def _seconds(value: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv).exit_code
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome[RecoveryFigures]:
+    """Parse `argv`, kill workers under open turns on a private stack and print the report; the exit
+    code and the repetitions that ran."""
     options = parse_args(argv)
     rig = BenchRig(keep_work_dir=options.keep)
 
@@ -188,7 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack_description(rig),
         )
 
-    return run_benchmark(rig, lambda sections: measure(rig, options, sections), header)
+    figures = RecoveryFigures(GENERATION_HEARTBEAT_TIMEOUT.total_seconds())
+    exit_code = run_benchmark(
+        rig, lambda sections: measure(rig, options, sections, figures), header
+    )
+    return Outcome(exit_code, figures if figures.recoveries else None)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ __all__ = [
     "percentiles",
     "render_case",
     "render_stop",
+    "render_table",
     "versions",
 ]
 
@@ -143,6 +144,28 @@ def render_stop(
             f"  {label:<{label_width}}{cut.p50:8.2f}{cut.p95:8.2f}{cut.p99:8.2f}{max(values):8.2f}"
         )
     lines += [f"  {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def render_table(
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    labels: bool = True,
+    text: bool = False,
+) -> str:
+    """Columns as wide as their widest cell under a title line, figures right-aligned (left-aligned
+    when the cells are `text`); the first column left-aligned when it holds `labels`."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [title]
+    for first, *cells in (header, *rows):
+        figures = (
+            cell.ljust(width) if text else cell.rjust(width)
+            for cell, width in zip(cells, widths[1:], strict=True)
+        )
+        label = first.ljust(widths[0]) if labels else first.rjust(widths[0])
+        lines.append("  " + "  ".join([label, *figures]).rstrip())
     return "\n".join(lines)
 
 

@@ -283,6 +283,9 @@ def _log_to_file(path: Path) -> None:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
+    # A run of several rigs in one process (`benchmarks.suite`) replaces the last rig's file.
+    for previous in root.handlers:
+        previous.close()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     structlog.configure(

@@ -1,7 +1,8 @@
 """How a benchmark command runs: a private rig (or none) around an async measurement, Ctrl-C and SIGTERM, progress on stderr, the report on stdout.
 
 Shared by `benchmarks.turn_latency`, `benchmarks.load`, `benchmarks.many_streams` and
-`benchmarks.recovery`; it knows nothing of what they measure, and imports none of them.
+`benchmarks.recovery`; it knows nothing of what they measure, and imports none of them. Each of them
+also hands what it measured back as an `Outcome`, which `benchmarks.suite` collects.
 """
 
 from __future__ import annotations
@@ -14,19 +15,34 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from benchmarks.arms import TurnFailedError
 from benchmarks.report import machine_description, versions
 from benchmarks.rig import BenchRig, RigError
 
 __all__ = [
+    "EXIT_INTERRUPTED",
+    "Outcome",
     "ReportHeader",
     "Servers",
     "progress",
     "run_benchmark",
     "stack_description",
 ]
+
+# The exit code of a run cut short by Ctrl-C or SIGTERM (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+FiguresT_co = TypeVar("FiguresT_co", covariant=True)
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[FiguresT_co]):
+    """A benchmark command's exit code and what it measured; `figures` is None when it measured nothing."""
+
+    exit_code: int
+    figures: FiguresT_co | None
 
 
 class Servers(Protocol):
@@ -95,7 +111,7 @@ def run_benchmark(
         exit_code = asyncio.run(measure(sections))
     except KeyboardInterrupt:
         progress("interrupted")
-        exit_code = 130
+        exit_code = EXIT_INTERRUPTED
     except (TurnFailedError, RigError) as error:
         progress(f"benchmark failed: {error}")
         exit_code = 1

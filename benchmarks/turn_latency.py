@@ -1,4 +1,4 @@
-"""`python -m benchmarks.turn_latency` (`make bench`): what a turn through durachat adds to a direct provider stream.
+"""`python -m benchmarks.turn_latency` (`make bench-latency`, first part of `make bench`): what a turn through durachat adds to a direct provider stream.
 
 On a private stack (free ports, temporary data dir; see `benchmarks.rig`) it runs the same turns four ways
 at the same pace and concurrency:
@@ -19,6 +19,8 @@ machine lands on all of them rather than on one.
 
 A last case stops paced turns mid-answer (POST /v1/chats/{id}/stop from a second connection once a few
 deltas have arrived) and reports the time from the stop request to the `abort` chunk on the open stream.
+
+`run` also hands the figures back (`TurnLatencyFigures`), for the summary of `benchmarks.suite`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from benchmarks.report import (
     render_stop,
 )
 from benchmarks.rig import BenchRig
-from benchmarks.running import ReportHeader, progress, run_benchmark
+from benchmarks.running import Outcome, ReportHeader, progress, run_benchmark
 
 MS_PER_S = 1000.0
 
@@ -145,6 +147,34 @@ class StopCase:
             f"stop: {self.pace.words} words @ {self.pace.delay_ms:g} ms, stopped after "
             f"{self.stop_after} deltas, {clients}, {self.turns} turns"
         )
+
+
+@dataclass(frozen=True)
+class CaseFigures:
+    """One case's arms as its table shows them, durachat's api among them."""
+
+    case: Case
+    arms: list[ArmReport]
+
+    def arm(self, name: str) -> ArmReport | None:
+        return next((arm for arm in self.arms if arm.name == name), None)
+
+
+@dataclass(frozen=True)
+class StopFigures:
+    """The stop case in milliseconds after the stop request was sent."""
+
+    case: StopCase
+    answered: Percentiles
+    to_abort: Percentiles
+
+
+@dataclass(frozen=True)
+class TurnLatencyFigures:
+    """Every case that ran, in order, and the stop case if it ran."""
+
+    cases: list[CaseFigures]
+    stop: StopFigures | None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -344,8 +374,8 @@ def plan_stop_case(options: argparse.Namespace) -> StopCase | None:
 
 async def run_stop_case(
     case: StopCase, arm: StopArm, meter: CpuMeter, *, warmup: int, turn_timeout: float
-) -> str:
-    """Warm up, then time `case.turns` stopped turns; the case's table."""
+) -> tuple[str, StopFigures]:
+    """Warm up, then time `case.turns` stopped turns; the case's table and its figures."""
 
     async def block(turns: int, timings: list[StopTiming], verify_every: int) -> float:
         async def turn(index: int) -> None:
@@ -365,11 +395,13 @@ async def run_stop_case(
     }
     late = sorted(timing.deltas_after_stop for timing in timings)
     verified = sum(timing.verified for timing in timings)
-    return render_stop(
+    answered = [t.stop_response * MS_PER_S for t in timings]
+    to_abort = [t.to_abort * MS_PER_S for t in timings]
+    table = render_stop(
         case.title,
         [
-            ("stop request answered (200)", [t.stop_response * MS_PER_S for t in timings]),
-            ("abort chunk on the open stream", [t.to_abort * MS_PER_S for t in timings]),
+            ("stop request answered (200)", answered),
+            ("abort chunk on the open stream", to_abort),
             ("finish chunk on the open stream", [t.to_finish * MS_PER_S for t in timings]),
         ],
         [
@@ -383,6 +415,7 @@ async def run_stop_case(
             + f"; total {sum(cpu.values()):.1f}",
         ],
     )
+    return table, StopFigures(case, percentiles(answered), percentiles(to_abort))
 
 
 async def measure(
@@ -391,7 +424,8 @@ async def measure(
     cases: list[Case],
     stop_case: StopCase | None,
     options: argparse.Namespace,
-) -> list[str]:
+) -> tuple[list[str], TurnLatencyFigures]:
+    """Run every case, then the stop case; their tables and figures."""
     max_connections = max(case.concurrency for case in cases)
     direct = DirectArm()
     api = ApiArm(
@@ -422,6 +456,8 @@ async def measure(
     meter = CpuMeter({**rig_processes, **(peers.process_ids() if peers is not None else {})})
     arms: list[Arm] = [direct, *peer_arms, api]
     tables = []
+    case_figures: list[CaseFigures] = []
+    stop_figures: StopFigures | None = None
     total = len(cases) + (stop_case is not None)
     try:
         for index, case in enumerate(cases, start=1):
@@ -434,33 +470,36 @@ async def measure(
                 rounds=options.rounds,
                 turn_timeout=options.turn_timeout,
             )
+            reports = [runs[arm.name].report(arm.name, processes[arm.name]) for arm in arms]
             tables.append(
                 render_case(
-                    case.title,
-                    [runs[arm.name].report(arm.name, processes[arm.name]) for arm in arms],
-                    api.name,
-                    cpu_ratio_to=[arm.name for arm in peer_arms],
+                    case.title, reports, api.name, cpu_ratio_to=[arm.name for arm in peer_arms]
                 )
             )
+            case_figures.append(CaseFigures(case, reports))
         if stop_case is not None:
             progress(f"[{total}/{total}] {stop_case.title}")
-            tables.append(
-                await run_stop_case(
-                    stop_case,
-                    stop,
-                    CpuMeter(rig_processes),
-                    warmup=options.warmup,
-                    turn_timeout=options.turn_timeout,
-                )
+            table, stop_figures = await run_stop_case(
+                stop_case,
+                stop,
+                CpuMeter(rig_processes),
+                warmup=options.warmup,
+                turn_timeout=options.turn_timeout,
             )
+            tables.append(table)
     finally:
         await stop.aclose()
         for arm in arms:
             await arm.aclose()
-    return tables
+    return tables, TurnLatencyFigures(case_figures, stop_figures)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return run(argv).exit_code
+
+
+def run(argv: Sequence[str] | None = None) -> Outcome[TurnLatencyFigures]:
+    """Parse `argv`, measure on a private stack and print the report; the exit code and the figures."""
     options = parse_args(argv)
     cases = plan_cases(options)
     stop_case = plan_stop_case(options)
@@ -481,14 +520,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         return peers
 
-    async def run(sections: list[str]) -> int:
+    figures: TurnLatencyFigures | None = None
+
+    async def measure_all(sections: list[str]) -> int:
+        nonlocal figures
         # The tables are printed only when every case ran: a run cut short prints none.
-        sections[:] = await measure(rig, peers, cases, stop_case, options)
+        tables, figures = await measure(rig, peers, cases, stop_case, options)
+        sections[:] = tables
         return 0
 
-    return run_benchmark(
-        rig, run, lambda: report_header(options, resumable_skipped), servers=beside_rig
+    exit_code = run_benchmark(
+        rig, measure_all, lambda: report_header(options, resumable_skipped), servers=beside_rig
     )
+    return Outcome(exit_code, figures)
 
 
 def report_header(options: argparse.Namespace, resumable_skipped: str | None) -> ReportHeader:

@@ -208,6 +208,8 @@ class GenerateReplyInput:
     provider_options: dict[str, Any]
     # The model before this one failed after its retries: the stream drops what it showed first.
     replaces_failed_model: str | None = None
+    # Attempts the turn's earlier models used: this model's attempts are numbered after them.
+    attempt_offset: int = 0
 
 
 @dataclass

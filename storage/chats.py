@@ -525,19 +525,39 @@ async def save_assistant_parts(
     message_id: str,
     parts: list[dict[str, Any]],
     *,
+    turn_id: str,
+    attempt: int,
     usage: dict[str, Any] | None = None,
-) -> None:
-    """Store the answer's parts, and its `usage` in the metadata when given."""
+) -> bool:
+    """Store the answer's parts, and its `usage` in the metadata when given; False when they were
+    not stored.
+
+    Only the turn's latest attempt stores, and only while the answer is streaming: an attempt whose
+    heartbeat timed out can run on in its worker until it learns it was cancelled, and its partial
+    answer must not replace the retry's, nor the answer the turn already finished with.
+    """
     values: dict[str, Any] = {"parts": parts, "updated_at": func.now()}
     if usage is not None:
         values["message_metadata"] = Message.message_metadata.op("||")(
             func.jsonb_build_object("usage", cast(usage, JSONB))
         )
-    await session.execute(
-        update(Message)
-        .where(Message.id == message_id, Message.organization_id == organization_id)
-        .values(**values)
+    latest_attempt = (
+        select(Turn.attempts)
+        .where(Turn.id == turn_id, Turn.organization_id == organization_id)
+        .scalar_subquery()
     )
+    stored = await session.execute(
+        update(Message)
+        .where(
+            Message.id == message_id,
+            Message.organization_id == organization_id,
+            Message.status == MessageStatus.STREAMING,
+            func.coalesce(latest_attempt, 0) <= attempt,
+        )
+        .values(**values)
+        .returning(Message.id)
+    )
+    return stored.first() is not None
 
 
 async def finish_turn(

@@ -400,6 +400,8 @@ class ChatTurnWorkflow:
                 user_message_id,
                 outcome,
                 replaces_failed_model=models[index - 1] if index else None,
+                # A model is handed over only after its retries ran out.
+                attempt_offset=index * (GENERATION_RETRY.maximum_attempts or 1),
             )
             if not may_fall_back or self._stop is not None or index == len(models) - 1:
                 return
@@ -419,6 +421,7 @@ class ChatTurnWorkflow:
         outcome: PersistAssistantMessageInput,
         *,
         replaces_failed_model: str | None,
+        attempt_offset: int,
     ) -> bool:
         """One model's generation, with its retries; True when it failed in a way another model
         might not (the provider unavailable or not answering in time)."""
@@ -435,6 +438,7 @@ class ChatTurnWorkflow:
                 system=turn.system,
                 provider_options=turn.provider_options,
                 replaces_failed_model=replaces_failed_model,
+                attempt_offset=attempt_offset,
             ),
             start_to_close_timeout=GENERATION_TIMEOUT,
             heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
