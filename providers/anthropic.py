@@ -14,13 +14,14 @@ import httpx2
 from anthropic import Omit, omit
 from anthropic import types as wire
 
+from providers.base import KEYLESS_API_KEY as KEYLESS_API_KEY  # also this module's name
 from providers.base import (
+    ConfiguredModels,
     DocumentInput,
     Finish,
     FinishReason,
     GenerationRequest,
     ImageInput,
-    InputKind,
     PromptInput,
     PromptMessage,
     ProviderError,
@@ -30,14 +31,17 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
-from providers.failures import parse_retry_after, scrub, status_failure
+from providers.endpoints import ANTHROPIC_BASE_URL
+from providers.failures import (
+    connection_failed,
+    parse_retry_after,
+    scrub,
+    status_failure,
+    timed_out,
+)
+from providers.options import ProviderOptions, is_positive_integer, is_strings, object_of
 
-DEFAULT_BASE_URL: Final = "https://api.anthropic.com"
-
-# Sent when a provider is configured without a key (an Anthropic-compatible gateway on the local
-# network): the SDK refuses to send a request with no credential at all, and an empty one would
-# make it fall back to ANTHROPIC_API_KEY.
-KEYLESS_API_KEY: Final = "no-key"
+DEFAULT_BASE_URL: Final = ANTHROPIC_BASE_URL
 
 # The API requires max_tokens and has no default. 8192 is an output every current Claude model
 # allows and a long answer fits in; callers wanting more (the newest models allow 128k) say so in
@@ -85,7 +89,7 @@ class MessageOptions:
     output_config: wire.OutputConfigParam | Omit = omit
 
 
-class AnthropicProvider:
+class AnthropicProvider(ConfiguredModels):
     """One configured endpoint speaking Anthropic's Messages API, streamed."""
 
     def __init__(
@@ -99,25 +103,12 @@ class AnthropicProvider:
         image_models: Sequence[str] | None = None,
         document_models: Sequence[str] = (),
     ) -> None:
+        super().__init__(models, image_models=image_models, document_models=document_models)
         self.name = name
-        self._models = list(models)
-        # ProviderEntry semantics: no image list means every model takes images.
-        takes_images = set(self._models if image_models is None else image_models)
-        takes_documents = set(document_models)
-        self._input_kinds = {
-            model: frozenset(
-                kind
-                for kind, takes in (
-                    (InputKind.IMAGE, takes_images),
-                    (InputKind.DOCUMENT, takes_documents),
-                )
-                if model in takes
-            )
-            for model in self._models
-        }
         self._api_key = api_key
         # Every setting is passed explicitly: given a key and a base URL, the SDK reads none of
         # ANTHROPIC_API_KEY, ANTHROPIC_AUTH_TOKEN, ANTHROPIC_BASE_URL or a credentials profile.
+        # An empty key would make it fall back to ANTHROPIC_API_KEY.
         self._client = anthropic.AsyncAnthropic(
             api_key=api_key or KEYLESS_API_KEY,
             base_url=base_url,
@@ -133,12 +124,6 @@ class AnthropicProvider:
         # refuse it; it could carry another credential, or override ours, to whatever endpoint is
         # configured. Settings are the only configuration.
         self._client._custom_headers = {}
-
-    def models(self) -> list[str]:
-        return list(self._models)
-
-    def input_kinds(self, model: str) -> frozenset[InputKind]:
-        return self._input_kinds.get(model, frozenset())
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
         options = message_options(request.options, provider=self.name)
@@ -176,11 +161,9 @@ class AnthropicProvider:
             raise self._translate(error, where) from None
         except httpx2.TimeoutException:
             # Raised bare by the SDK once the stream has started (it wraps only the opening call).
-            raise ProviderError.unavailable(f"{where}: request timed out") from None
+            raise timed_out(where) from None
         except httpx2.RequestError as error:
-            raise ProviderError.unavailable(
-                self._scrub(f"{where}: connection failed: {type(error).__name__}: {error}")
-            ) from None
+            raise connection_failed(where, error, secret=self._api_key) from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ProviderError.unavailable(f"{where}: malformed event in the stream") from None
         if not reader.stopped:
@@ -208,11 +191,12 @@ class AnthropicProvider:
                 message, status, retry_after=parse_retry_after(error.response.headers)
             )
         if isinstance(error, anthropic.APITimeoutError):
-            return ProviderError.unavailable(f"{where}: request timed out")
+            return timed_out(where)
         if isinstance(error, anthropic.APIConnectionError):
             cause = error.__cause__
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else error.message
-            return ProviderError.unavailable(self._scrub(f"{where}: connection failed: {reason}"))
+            return connection_failed(
+                where, cause if cause is not None else error.message, secret=self._api_key
+            )
         return ProviderError.unavailable(self._scrub(f"{where}: {error.message}"))
 
     def _stream_error_failure(
@@ -324,59 +308,30 @@ def _count_of(value: object) -> int | None:
 
 def message_options(options: Mapping[str, Any], *, provider: str) -> MessageOptions:
     """The allow-listed providerOptions as Messages API parameters; rejects ill-typed values."""
-
-    def given(*keys: str) -> tuple[str, object] | None:
-        for key in keys:
-            if options.get(key) is not None:
-                return key, options[key]
-        return None
-
-    def refuse(key: str, expected: str) -> ProviderError:
-        return ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
-
+    read = ProviderOptions(options, provider)
     thinking: wire.ThinkingConfigParam | Omit = omit
     budget = 0
-    if (found := given("thinking")) is not None:
-        thinking, budget = _thinking(found[1], f"providerOptions.{provider}.thinking")
-
-    max_tokens = DEFAULT_MAX_TOKENS + budget
-    if (found := given(*_MAX_TOKENS_KEYS)) is not None:
-        key, value = found
-        tokens = _count_of(value)
-        if not tokens:
-            raise refuse(key, "a positive integer")
-        max_tokens = tokens
-
-    stop_sequences: list[str] | Omit = omit
-    if (found := given(*_STOP_SEQUENCES_KEYS)) is not None:
-        key, value = found
-        if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
-            raise refuse(key, "a list of strings")
-        stop_sequences = list(value)
-
+    if (found := read.given("thinking")) is not None:
+        thinking, budget = _thinking(found[1], read.path("thinking"))
+    max_tokens = read.checked(_MAX_TOKENS_KEYS, is_positive_integer, "a positive integer")
+    stop_sequences = read.checked(_STOP_SEQUENCES_KEYS, is_strings, "a list of strings")
+    effort = read.checked(
+        ("effort",), lambda value: value in _EFFORTS, f"one of {', '.join(_EFFORTS)}"
+    )
     output_config: wire.OutputConfigParam | Omit = omit
-    if (found := given("effort")) is not None:
-        key, value = found
-        if value not in _EFFORTS:
-            raise refuse(key, f"one of {', '.join(_EFFORTS)}")
-        config: wire.OutputConfigParam = {"effort": value}
-        output_config = config
-
+    if effort is not None:
+        output_config = {"effort": effort}
     return MessageOptions(
-        max_tokens=max_tokens,
+        max_tokens=DEFAULT_MAX_TOKENS + budget if max_tokens is None else max_tokens,
         thinking=thinking,
-        stop_sequences=stop_sequences,
+        stop_sequences=omit if stop_sequences is None else list(stop_sequences),
         output_config=output_config,
     )
 
 
-def _thinking(value: object, where: str) -> tuple[wire.ThinkingConfigParam, int]:
+def _thinking(option: object, where: str) -> tuple[wire.ThinkingConfigParam, int]:
     """Anthropic's `thinking` from the AI SDK's spelling (or the wire's), and its token budget."""
-    if not isinstance(value, Mapping):
-        raise ProviderError.rejected(f"{where} must be an object")
-    unknown = sorted(str(key) for key in value if key not in _THINKING_KEYS)
-    if unknown:
-        raise ProviderError.rejected(f"{where} has unknown fields: {', '.join(unknown)}")
+    value = object_of(option, where, _THINKING_KEYS)
     raw_budget = value.get("budgetTokens", value.get("budget_tokens"))
     budget = _count_of(raw_budget)
     display = value.get("display")

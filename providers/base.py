@@ -1,8 +1,8 @@
-"""Provider contract: request, events, errors. Never imports temporalio/fastapi/sqlalchemy/redis."""
+"""Provider contract: request, events, errors, configured models. Never imports temporalio/fastapi/sqlalchemy/redis."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
@@ -82,6 +82,22 @@ def input_kinds_of(messages: Iterable[PromptMessage]) -> frozenset[InputKind]:
     return frozenset(item.kind for message in messages for item in message.inputs)
 
 
+def input_kinds_by_model(
+    models: Iterable[str], image_models: Iterable[str] | None, document_models: Iterable[str]
+) -> dict[str, frozenset[InputKind]]:
+    """The input kinds each of `models` takes, read as ProviderEntry has them: no image list
+    means every model takes images, and only the models named take documents."""
+    models = list(models)
+    takes: dict[InputKind, set[str]] = {
+        InputKind.IMAGE: set(models if image_models is None else image_models),
+        InputKind.DOCUMENT: set(document_models),
+    }
+    return {
+        model: frozenset(kind for kind, takers in takes.items() if model in takers)
+        for model in models
+    }
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     model: str  # the model name without its provider prefix
@@ -149,6 +165,36 @@ class ModelProvider(Protocol):
     async def aclose(self) -> None:
         """Release connection pools; the provider is unusable afterwards."""
         ...
+
+
+class ConfiguredModels:
+    """`models` and `input_kinds` of ModelProvider, for an adapter configured with a model list.
+
+    Every adapter built from a ProviderEntry inherits these, so the entry's lists mean the same
+    to each of them.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[str],
+        *,
+        image_models: Sequence[str] | None,
+        document_models: Sequence[str],
+    ) -> None:
+        self._models = list(models)
+        self._input_kinds = input_kinds_by_model(self._models, image_models, document_models)
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def input_kinds(self, model: str) -> frozenset[InputKind]:
+        return self._input_kinds.get(model, frozenset())
+
+
+# Sent as the key of a provider configured without one (a gateway or a server on the local
+# network). Given no key at all, each SDK either refuses to send a request or takes a key from
+# its environment variables and sends it to whatever endpoint is configured.
+KEYLESS_API_KEY: Final = "no-key"
 
 
 class ProviderError(Exception):

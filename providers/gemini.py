@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -38,13 +38,14 @@ from google.genai import errors, types
 from google.genai.client import DebugConfig
 
 from media.images import ImageRefused, normalize_image
+from providers.base import KEYLESS_API_KEY as KEYLESS_API_KEY  # also this module's name
 from providers.base import (
+    ConfiguredModels,
     DocumentInput,
     Finish,
     FinishReason,
     GenerationRequest,
     ImageInput,
-    InputKind,
     PromptInput,
     PromptMessage,
     ProviderError,
@@ -54,19 +55,29 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
-from providers.failures import parse_retry_after, scrub, status_failure
+from providers.endpoints import GEMINI_BASE_URL
+from providers.failures import (
+    connection_failed,
+    parse_retry_after,
+    scrub,
+    status_failure,
+    timed_out,
+)
+from providers.options import (
+    ProviderOptions,
+    is_integer,
+    is_number,
+    is_positive_integer,
+    is_strings,
+    object_of,
+)
 
-DEFAULT_BASE_URL: Final = "https://generativelanguage.googleapis.com"
+DEFAULT_BASE_URL: Final = GEMINI_BASE_URL
 
 # v1beta carries every field this adapter sends (system instructions, thinking config) for every
 # model, and is what the AI SDK's Google provider calls. Pinned, so GOOGLE_GENAI_API_VERSION cannot
 # move requests to another path.
 API_VERSION: Final = "v1beta"
-
-# Sent when a provider is configured without a key (a Gemini-compatible gateway on the local
-# network): given no key, the SDK would take GOOGLE_API_KEY or GEMINI_API_KEY from the environment
-# and send it to whatever endpoint is configured.
-KEYLESS_API_KEY: Final = "no-key"
 
 # httpx allows 100 connections by default, and every stream holds one for its whole length: a busy
 # worker gets as many as the OpenAI SDK allows.
@@ -120,7 +131,7 @@ class GenerationOptions:
         return self.thinking is not None and bool(self.thinking.include_thoughts)
 
 
-class GeminiProvider:
+class GeminiProvider(ConfiguredModels):
     """One configured endpoint speaking the Gemini API's streamGenerateContent."""
 
     def __init__(
@@ -134,22 +145,8 @@ class GeminiProvider:
         image_models: Sequence[str] | None = None,
         document_models: Sequence[str] = (),
     ) -> None:
+        super().__init__(models, image_models=image_models, document_models=document_models)
         self.name = name
-        self._models = list(models)
-        # ProviderEntry semantics: no image list means every model takes images.
-        takes_images = set(self._models if image_models is None else image_models)
-        takes_documents = set(document_models)
-        self._input_kinds = {
-            model: frozenset(
-                kind
-                for kind, takes in (
-                    (InputKind.IMAGE, takes_images),
-                    (InputKind.DOCUMENT, takes_documents),
-                )
-                if model in takes
-            )
-            for model in self._models
-        }
         self._api_key = api_key
         self._http = httpx.AsyncClient(
             timeout=timeout_seconds,
@@ -160,6 +157,7 @@ class GeminiProvider:
             },
         )
         self._client = genai.Client(
+            # Given no key, the SDK takes GOOGLE_API_KEY or GEMINI_API_KEY from the environment.
             api_key=api_key or KEYLESS_API_KEY,
             vertexai=False,
             # Its defaults come from GOOGLE_GENAI_CLIENT_MODE and friends, which can swap the
@@ -175,12 +173,6 @@ class GeminiProvider:
                 httpx_async_client=self._http,
             ),
         )
-
-    def models(self) -> list[str]:
-        return list(self._models)
-
-    def input_kinds(self, model: str) -> frozenset[InputKind]:
-        return self._input_kinds.get(model, frozenset())
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
         options = generation_options(request.options, provider=self.name)
@@ -225,11 +217,9 @@ class GeminiProvider:
         except errors.APIError as error:
             raise self._translate(error, where) from None
         except httpx.TimeoutException:
-            raise ProviderError.unavailable(f"{where}: request timed out") from None
+            raise timed_out(where) from None
         except httpx.TransportError as error:
-            raise ProviderError.unavailable(
-                self._scrub(f"{where}: connection failed: {type(error).__name__}: {error}")
-            ) from None
+            raise connection_failed(where, error, secret=self._api_key) from None
         except errors.UnknownApiResponseError:
             raise ProviderError.unavailable(f"{where}: malformed chunk in the stream") from None
         if reader.finish is None:
@@ -361,40 +351,26 @@ def generation_options(options: Mapping[str, Any], *, provider: str) -> Generati
     contract this adapter parses. The AI SDK's camelCase names and the SDK's snake_case ones are
     both accepted, and the AI SDK's `maxTokens` too.
     """
-    prefix = f"providerOptions.{provider}"
-
-    def given(*keys: str) -> tuple[str, object] | None:
-        for key in keys:
-            if options.get(key) is not None:
-                return key, options[key]
-        return None
-
-    def checked(keys: tuple[str, ...], check: Callable[[object], bool], expected: str) -> Any:
-        found = given(*keys)
-        if found is None:
-            return None
-        key, value = found
-        if not check(value):
-            raise ProviderError.rejected(f"{prefix}.{key} must be {expected}")
-        return value
-
-    stop_sequences = checked(("stopSequences", "stop_sequences"), _strings, "a list of strings")
-    thinking = given("thinkingConfig", "thinking_config")
+    read = ProviderOptions(options, provider)
+    stop_sequences = read.checked(
+        ("stopSequences", "stop_sequences"), is_strings, "a list of strings"
+    )
+    thinking = read.given("thinkingConfig", "thinking_config")
     return GenerationOptions(
-        max_output_tokens=checked(
-            ("maxOutputTokens", "max_output_tokens", "maxTokens"), _positive, "a positive integer"
+        max_output_tokens=read.checked(
+            ("maxOutputTokens", "max_output_tokens", "maxTokens"),
+            is_positive_integer,
+            "a positive integer",
         ),
-        temperature=checked(("temperature",), _number, "a number"),
-        top_p=checked(("topP", "top_p"), _number, "a number"),
-        top_k=checked(("topK", "top_k"), _positive, "a positive integer"),
+        temperature=read.checked(("temperature",), is_number, "a number"),
+        top_p=read.checked(("topP", "top_p"), is_number, "a number"),
+        top_k=read.checked(("topK", "top_k"), is_positive_integer, "a positive integer"),
         stop_sequences=list(stop_sequences) if stop_sequences is not None else None,
-        thinking=_thinking(thinking[1], f"{prefix}.{thinking[0]}") if thinking else None,
+        thinking=_thinking(thinking[1], read.path(thinking[0])) if thinking else None,
     )
 
 
-def _thinking(value: object, where: str) -> types.ThinkingConfig:
-    if not isinstance(value, Mapping):
-        raise ProviderError.rejected(f"{where} must be an object")
+def _thinking(option: object, where: str) -> types.ThinkingConfig:
     fields = {
         "includeThoughts": "include_thoughts",
         "include_thoughts": "include_thoughts",
@@ -403,9 +379,7 @@ def _thinking(value: object, where: str) -> types.ThinkingConfig:
         "thinkingLevel": "thinking_level",
         "thinking_level": "thinking_level",
     }
-    unknown = sorted(str(key) for key in value if key not in fields)
-    if unknown:
-        raise ProviderError.rejected(f"{where} has unknown fields: {', '.join(unknown)}")
+    value = object_of(option, where, fields)
     config: dict[str, Any] = {}
     for key, item in value.items():
         if item is None:
@@ -414,7 +388,7 @@ def _thinking(value: object, where: str) -> types.ThinkingConfig:
             case "include_thoughts" if not isinstance(item, bool):
                 raise ProviderError.rejected(f"{where}.{key} must be true or false")
             # -1 lets the model decide, 0 turns thinking off where a model allows it.
-            case "thinking_budget" if not (_integer(item) and item >= -1):
+            case "thinking_budget" if not (is_integer(item) and item >= -1):
                 raise ProviderError.rejected(f"{where}.{key} must be an integer of -1 or more")
             case "thinking_level" if not (
                 isinstance(item, str) and item.lower() in _THINKING_LEVELS
@@ -426,22 +400,6 @@ def _thinking(value: object, where: str) -> types.ThinkingConfig:
                 item = types.ThinkingLevel(item.upper())
         config[fields[key]] = item
     return types.ThinkingConfig(**config)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive(value: object) -> bool:
-    return _integer(value) and cast(int, value) > 0
-
-
-def _strings(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _conversation(

@@ -21,6 +21,7 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
+from providers.options import ProviderOptions, is_integer, is_number
 
 LOCAL_PROVIDER_NAME: Final = "local"
 ECHO_MODEL: Final = "echo"
@@ -64,19 +65,21 @@ class LocalOptions:
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> LocalOptions:
-        fail_after_words = _int_option(options, "failAfterWords", maximum=_MAX_WORDS)
-        fail_times = _int_option(options, "failTimes", maximum=1_000)
+        read = ProviderOptions(options, LOCAL_PROVIDER_NAME)
+        fail_after_words = _count_option(read, "failAfterWords", maximum=_MAX_WORDS)
+        fail_times = _count_option(read, "failTimes", maximum=1_000)
         if fail_after_words is None and fail_times is not None:
             # failTimes alone still asks for a failure: fail before the first word.
             fail_after_words = 0
+        # Unlike the counts, these two refuse an explicit null.
         delay_ms = options.get("delayMs", _DEFAULT_DELAY_MS)
-        if not _is_number(delay_ms) or not 0 <= delay_ms <= _MAX_DELAY_MS:
-            raise _bad_option("delayMs", f"a number of milliseconds from 0 to {_MAX_DELAY_MS}")
+        if not is_number(delay_ms) or not 0 <= delay_ms <= _MAX_DELAY_MS:
+            raise read.refuse("delayMs", f"a number of milliseconds from 0 to {_MAX_DELAY_MS}")
         fail_retryable = options.get("failRetryable", True)
         if not isinstance(fail_retryable, bool):
-            raise _bad_option("failRetryable", "a boolean")
+            raise read.refuse("failRetryable", "a boolean")
         return cls(
-            words=_int_option(options, "words", maximum=_MAX_WORDS),
+            words=_count_option(read, "words", maximum=_MAX_WORDS),
             delay_ms=float(delay_ms),
             fail_after_words=fail_after_words,
             fail_times=fail_times,
@@ -173,19 +176,10 @@ def _injected_failure(
     return ProviderError.unavailable(message) if retryable else ProviderError.rejected(message)
 
 
-def _is_number(value: object) -> bool:
-    # bool is an int subclass; `true` for a count is a caller's mistake, not 1.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _int_option(options: Mapping[str, Any], key: str, *, maximum: int) -> int | None:
-    value = options.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
-        raise _bad_option(key, f"an integer from 0 to {maximum}")
-    return value
-
-
-def _bad_option(key: str, expected: str) -> ProviderError:
-    return ProviderError.rejected(f"providerOptions.local.{key} must be {expected}")
+def _count_option(read: ProviderOptions, key: str, *, maximum: int) -> int | None:
+    count: int | None = read.checked(
+        (key,),
+        lambda value: is_integer(value) and 0 <= value <= maximum,
+        f"an integer from 0 to {maximum}",
+    )
+    return count

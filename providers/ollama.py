@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -12,12 +11,12 @@ import ollama
 import pydantic
 
 from providers.base import (
+    ConfiguredModels,
     DocumentInput,
     Finish,
     FinishReason,
     GenerationRequest,
     ImageInput,
-    InputKind,
     PromptInput,
     PromptMessage,
     ProviderError,
@@ -27,9 +26,17 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
-from providers.failures import scrub, status_failure
+from providers.endpoints import OLLAMA_BASE_URL
+from providers.failures import connection_failed, scrub, status_failure, timed_out
+from providers.options import (
+    ProviderOptions,
+    is_integer,
+    is_number,
+    is_string_or_strings,
+    option_table,
+)
 
-DEFAULT_BASE_URL: Final = "http://127.0.0.1:11434"
+DEFAULT_BASE_URL: Final = OLLAMA_BASE_URL
 
 # `load` and `unload` answer requests that only (un)load a model; a chat never ends that way.
 _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {"stop": "stop", "length": "length"}
@@ -38,39 +45,32 @@ _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {"stop": "stop", "length": 
 THINK_LEVELS: Final = frozenset({"low", "medium", "high", "max"})
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _stop(value: object) -> bool:
-    return isinstance(value, str) or (
-        isinstance(value, list) and all(isinstance(item, str) for item in value)
-    )
+def _think(value: object) -> bool:
+    # isinstance first: a list or object from a caller is unhashable, and must be refused, not raise.
+    return isinstance(value, bool) or (isinstance(value, str) and value in THINK_LEVELS)
 
 
 # providerOptions come from API callers, so only sampling knobs reach Ollama's `options`: the
-# others there (num_gpu, use_mmap, num_thread, ...) reconfigure the server's model runner. AI SDK
-# clients spell options in camelCase; Ollama's own names are accepted too.
-_OPTIONS: Final[Mapping[str, tuple[str, Callable[[object], bool], str]]] = {
-    alias: (wire, check, expected)
-    for wire, aliases, check, expected in (
-        ("temperature", ("temperature",), _number, "a number"),
-        ("top_p", ("top_p", "topP"), _number, "a number"),
-        ("top_k", ("top_k", "topK"), _integer, "an integer"),
-        ("num_ctx", ("num_ctx", "numCtx"), _integer, "an integer"),
-        ("num_predict", ("num_predict", "numPredict", "maxTokens"), _integer, "an integer"),
-        ("seed", ("seed",), _integer, "an integer"),
-        ("stop", ("stop",), _stop, "a string or a list of strings"),
-    )
-    for alias in aliases
-}
+# others there (num_gpu, use_mmap, num_thread, ...) reconfigure the server's model runner.
+_OPTIONS: Final = option_table(
+    ("temperature", (), is_number, "a number"),
+    ("top_p", ("topP",), is_number, "a number"),
+    ("top_k", ("topK",), is_integer, "an integer"),
+    ("num_ctx", ("numCtx",), is_integer, "an integer"),
+    ("num_predict", ("numPredict", "maxTokens"), is_integer, "an integer"),
+    ("seed", (), is_integer, "an integer"),
+    ("stop", (), is_string_or_strings, "a string or a list of strings"),
+    # Not one of `options` but a parameter of its own, checked with them and then taken out.
+    (
+        "think",
+        (),
+        _think,
+        f"true, false or one of {', '.join(repr(level) for level in sorted(THINK_LEVELS))}",
+    ),
+)
 
 
-class OllamaProvider:
+class OllamaProvider(ConfiguredModels):
     """One Ollama server (a local one, or ollama.com with a key), through its native chat API."""
 
     def __init__(
@@ -92,14 +92,8 @@ class OllamaProvider:
         if not base_url:
             # The SDK would fall back to OLLAMA_HOST; settings are the only configuration.
             raise ValueError(f"provider {name!r}: an Ollama base_url is required")
+        super().__init__(models, image_models=image_models, document_models=document_models)
         self.name = name
-        self._models = list(models)
-        # ProviderEntry semantics: no image list means every model takes images.
-        takes_images = set(self._models if image_models is None else image_models)
-        self._input_kinds = {
-            model: frozenset({InputKind.IMAGE}) if model in takes_images else frozenset()
-            for model in self._models
-        }
         self._api_key = api_key
         credentials: dict[str, Any]
         if api_key:
@@ -116,12 +110,6 @@ class OllamaProvider:
             timeout=timeout_seconds,
             **credentials,
         )
-
-    def models(self) -> list[str]:
-        return list(self._models)
-
-    def input_kinds(self, model: str) -> frozenset[InputKind]:
-        return self._input_kinds.get(model, frozenset())
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
         options, think = ollama_options(request.options, provider=self.name)
@@ -167,14 +155,11 @@ class OllamaProvider:
         except ollama.RequestError as error:
             raise ProviderError.rejected(self._scrub(f"{where}: {error.error}")) from None
         except httpx.TimeoutException:
-            raise ProviderError.unavailable(f"{where}: request timed out") from None
+            raise timed_out(where) from None
         except (httpx.RequestError, ConnectionError) as error:
             # A streamed call raises httpx's own errors (refused, reset, a cut-off body); the
             # SDK turns a refused connection into the builtin ConnectionError elsewhere.
-            reason = f"{type(error).__name__}: {error}"
-            raise ProviderError.unavailable(
-                self._scrub(f"{where}: connection failed: {reason}")
-            ) from None
+            raise connection_failed(where, error, secret=self._api_key) from None
         except (json.JSONDecodeError, pydantic.ValidationError):
             # Not Ollama's NDJSON: a proxy answering for it, or a line cut short.
             raise ProviderError.unavailable(f"{where}: the server sent a malformed line") from None
@@ -211,27 +196,11 @@ def ollama_options(
     options: Mapping[str, Any], *, provider: str
 ) -> tuple[dict[str, Any], bool | str | None]:
     """The allow-listed providerOptions as Ollama `options`, and `think`; rejects ill-typed values."""
-    selected: dict[str, Any] = {}
-    think: bool | str | None = None
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key == "think":
-            if not (isinstance(value, bool) or value in THINK_LEVELS):
-                levels = ", ".join(f"{level!r}" for level in sorted(THINK_LEVELS))
-                raise ProviderError.rejected(
-                    f"providerOptions.{provider}.think must be true, false or one of {levels}"
-                )
-            think = value
-            continue
-        spec = _OPTIONS.get(key)
-        if spec is None:
-            continue
-        wire, check, expected = spec
-        if not check(value):
-            raise ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
+    selected = ProviderOptions(options, provider).allow_listed(_OPTIONS)
+    think: bool | str | None = selected.pop("think", None)
+    if isinstance(selected.get("stop"), str):
         # Ollama's `stop` is a list; one string is one stop sequence.
-        selected[wire] = [value] if wire == "stop" and isinstance(value, str) else value
+        selected["stop"] = [selected["stop"]]
     return selected, think
 
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any, Final
@@ -26,13 +25,14 @@ from openai.types.chat import (
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from openai.types.completion_usage import CompletionUsage
 
+from providers.base import KEYLESS_API_KEY as KEYLESS_API_KEY  # also this module's name
 from providers.base import (
+    ConfiguredModels,
     DocumentInput,
     Finish,
     FinishReason,
     GenerationRequest,
     ImageInput,
-    InputKind,
     PromptInput,
     PromptMessage,
     ProviderError,
@@ -42,11 +42,30 @@ from providers.base import (
     Usage,
     refuse_unaccepted_inputs,
 )
-from providers.failures import parse_retry_after, scrub, status_failure
-
-OPENAI_BASE_URL: Final = "https://api.openai.com/v1"
-GROQ_BASE_URL: Final = "https://api.groq.com/openai/v1"
-OPENROUTER_BASE_URL: Final = "https://openrouter.ai/api/v1"
+from providers.endpoints import (  # re-exported: the dialects' endpoints
+    GROQ_BASE_URL as GROQ_BASE_URL,
+)
+from providers.endpoints import (
+    OPENAI_BASE_URL as OPENAI_BASE_URL,
+)
+from providers.endpoints import (
+    OPENROUTER_BASE_URL as OPENROUTER_BASE_URL,
+)
+from providers.failures import (
+    connection_failed,
+    parse_retry_after,
+    scrub,
+    status_failure,
+    timed_out,
+)
+from providers.options import (
+    ProviderOptions,
+    is_integer,
+    is_number,
+    is_string,
+    is_string_or_strings,
+    option_table,
+)
 
 
 class OpenAIDialect(StrEnum):
@@ -64,10 +83,6 @@ _ALSO_RETRYABLE: Final[Mapping[OpenAIDialect, frozenset[int]]] = {
     OpenAIDialect.OPENROUTER: frozenset(),
 }
 
-# Sent when a provider is configured without a key (Ollama, vLLM, LM Studio): the SDK refuses to
-# build a client with no key, and such servers ignore the header.
-KEYLESS_API_KEY: Final = "no-key"
-
 _INLINE_ENCODE_BYTES: Final = 1_000_000
 
 _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
@@ -79,46 +94,23 @@ _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
 }
 
 
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _string(value: object) -> bool:
-    return isinstance(value, str)
-
-
-def _stop(value: object) -> bool:
-    return isinstance(value, str) or (
-        isinstance(value, list) and all(isinstance(item, str) for item in value)
-    )
-
-
 # providerOptions come from API callers, so only sampling knobs pass through: anything else
 # (`stream`, `n`, `tools`, `logit_bias`, ...) could change the wire contract this adapter parses.
-# AI SDK clients spell options in camelCase; the snake_case wire names are accepted too.
-_OPTIONS: Final[Mapping[str, tuple[str, Callable[[object], bool], str]]] = {
-    option: (wire, check, expected)
-    for wire, camel, check, expected in (
-        ("temperature", "temperature", _number, "a number"),
-        ("top_p", "topP", _number, "a number"),
-        ("max_tokens", "maxTokens", _integer, "an integer"),
-        ("max_completion_tokens", "maxCompletionTokens", _integer, "an integer"),
-        ("presence_penalty", "presencePenalty", _number, "a number"),
-        ("frequency_penalty", "frequencyPenalty", _number, "a number"),
-        ("seed", "seed", _integer, "an integer"),
-        ("stop", "stop", _stop, "a string or a list of strings"),
-        ("reasoning_effort", "reasoningEffort", _string, "a string"),
-        ("user", "user", _string, "a string"),
-    )
-    for option in (wire, camel)
-}
+_OPTIONS: Final = option_table(
+    ("temperature", (), is_number, "a number"),
+    ("top_p", ("topP",), is_number, "a number"),
+    ("max_tokens", ("maxTokens",), is_integer, "an integer"),
+    ("max_completion_tokens", ("maxCompletionTokens",), is_integer, "an integer"),
+    ("presence_penalty", ("presencePenalty",), is_number, "a number"),
+    ("frequency_penalty", ("frequencyPenalty",), is_number, "a number"),
+    ("seed", (), is_integer, "an integer"),
+    ("stop", (), is_string_or_strings, "a string or a list of strings"),
+    ("reasoning_effort", ("reasoningEffort",), is_string, "a string"),
+    ("user", (), is_string, "a string"),
+)
 
 
-class OpenAICompatibleProvider:
+class OpenAICompatibleProvider(ConfiguredModels):
     """One configured endpoint speaking the OpenAI chat completions API, streamed."""
 
     def __init__(
@@ -133,27 +125,14 @@ class OpenAICompatibleProvider:
         document_models: Sequence[str] = (),
         dialect: OpenAIDialect = OpenAIDialect.OPENAI,
     ) -> None:
+        super().__init__(models, image_models=image_models, document_models=document_models)
         self.name = name
         self.dialect = OpenAIDialect(dialect)
         self._also_retryable = _ALSO_RETRYABLE[self.dialect]
-        self._models = list(models)
-        # ProviderEntry semantics: no image list means every model takes images.
-        takes_images = set(self._models if image_models is None else image_models)
-        takes_documents = set(document_models)
-        self._input_kinds = {
-            model: frozenset(
-                kind
-                for kind, takes in (
-                    (InputKind.IMAGE, takes_images),
-                    (InputKind.DOCUMENT, takes_documents),
-                )
-                if model in takes
-            )
-            for model in self._models
-        }
         self._api_key = api_key
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
+            # The SDK refuses to build a client with no key; keyless servers ignore the header.
             api_key=api_key or KEYLESS_API_KEY,
             # Temporal owns retries: every attempt is then visible in the workflow history, and a
             # retried stream tells clients to drop the failed attempt's output first.
@@ -164,12 +143,6 @@ class OpenAICompatibleProvider:
         # and must not travel to a third-party endpoint; settings are the only configuration.
         self._client.organization = None
         self._client.project = None
-
-    def models(self) -> list[str]:
-        return list(self._models)
-
-    def input_kinds(self, model: str) -> frozenset[InputKind]:
-        return self._input_kinds.get(model, frozenset())
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[ProviderEvent, None]:
         params = sampling_params(request.options, provider=self.name)
@@ -241,11 +214,12 @@ class OpenAICompatibleProvider:
                 also_retryable=self._also_retryable,
             )
         if isinstance(error, openai.APITimeoutError):
-            return ProviderError.unavailable(f"{where}: request timed out")
+            return timed_out(where)
         if isinstance(error, openai.APIConnectionError):
             cause = error.__cause__
-            reason = f"{type(cause).__name__}: {cause}" if cause is not None else error.message
-            return ProviderError.unavailable(self._scrub(f"{where}: connection failed: {reason}"))
+            return connection_failed(
+                where, cause if cause is not None else error.message, secret=self._api_key
+            )
         # An error event inside a 200 stream (OpenRouter and others relay upstream failures this
         # way). Its `code` is sometimes an HTTP status (OpenRouter's 402 is out of credit), and
         # then it is classified as that status would be; otherwise ("server_error", none) the
@@ -270,16 +244,7 @@ class OpenAICompatibleProvider:
 
 def sampling_params(options: Mapping[str, Any], *, provider: str) -> dict[str, Any]:
     """The allow-listed providerOptions as chat completions parameters; rejects ill-typed values."""
-    params: dict[str, Any] = {}
-    for key, value in options.items():
-        spec = _OPTIONS.get(key)
-        if spec is None or value is None:
-            continue
-        wire, check, expected = spec
-        if not check(value):
-            raise ProviderError.rejected(f"providerOptions.{provider}.{key} must be {expected}")
-        params[wire] = value
-    return params
+    return ProviderOptions(options, provider).allow_listed(_OPTIONS)
 
 
 def _reasoning_text(delta: ChoiceDelta) -> str | None:

@@ -7,21 +7,23 @@ An entry named after a known provider needs only its key; any other name picks a
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from core.settings import ProviderEntry, ProviderType
-from providers import anthropic, gemini, ollama
 from providers.base import ModelProvider
 from providers.catalog import ModelCard, curated_models
-from providers.openai_compatible import (
+from providers.endpoints import (
+    ANTHROPIC_BASE_URL,
+    GEMINI_BASE_URL,
     GROQ_BASE_URL,
+    OLLAMA_BASE_URL,
     OPENAI_BASE_URL,
     OPENROUTER_BASE_URL,
-    OpenAICompatibleProvider,
-    OpenAIDialect,
 )
+from providers.openai_compatible import OpenAICompatibleProvider, OpenAIDialect
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,9 @@ class Preset:
 
 
 KNOWN_PROVIDERS: Final[dict[str, Preset]] = {
-    "anthropic": Preset(ProviderType.ANTHROPIC, "anthropic", anthropic.DEFAULT_BASE_URL),
-    "google": Preset(ProviderType.GOOGLE, "google", gemini.DEFAULT_BASE_URL),
-    "ollama": Preset(ProviderType.OLLAMA, "ollama", ollama.DEFAULT_BASE_URL),
+    "anthropic": Preset(ProviderType.ANTHROPIC, "anthropic", ANTHROPIC_BASE_URL),
+    "google": Preset(ProviderType.GOOGLE, "google", GEMINI_BASE_URL),
+    "ollama": Preset(ProviderType.OLLAMA, "ollama", OLLAMA_BASE_URL),
     "groq": Preset(ProviderType.OPENAI_COMPATIBLE, "groq", GROQ_BASE_URL, OpenAIDialect.GROQ),
     "openrouter": Preset(
         ProviderType.OPENAI_COMPATIBLE, "openrouter", OPENROUTER_BASE_URL, OpenAIDialect.OPENROUTER
@@ -95,11 +97,22 @@ class AdapterClass(Protocol):
     ) -> ModelProvider: ...
 
 
-_NATIVE_ADAPTERS: Final[dict[ProviderType, AdapterClass]] = {
-    ProviderType.ANTHROPIC: anthropic.AnthropicProvider,
-    ProviderType.GOOGLE: gemini.GeminiProvider,
-    ProviderType.OLLAMA: ollama.OllamaProvider,
+# Imported when first configured: each SDK takes up to seconds to import, which every process
+# start (a worker replacing a dead one, above all) would otherwise pay for providers it never uses.
+_NATIVE_ADAPTERS: Final[dict[ProviderType, tuple[str, str]]] = {
+    ProviderType.ANTHROPIC: ("providers.anthropic", "AnthropicProvider"),
+    ProviderType.GOOGLE: ("providers.gemini", "GeminiProvider"),
+    ProviderType.OLLAMA: ("providers.ollama", "OllamaProvider"),
 }
+
+
+def _adapter_class(preset: Preset) -> AdapterClass:
+    native = _NATIVE_ADAPTERS.get(preset.type)
+    if native is None:
+        return functools.partial(OpenAICompatibleProvider, dialect=preset.dialect)
+    module, name = native
+    adapter: AdapterClass = getattr(importlib.import_module(module), name)
+    return adapter
 
 
 def build_provider(
@@ -109,10 +122,7 @@ def build_provider(
     base_url = entry.base_url or preset.base_url
     if base_url is None:
         raise ValueError(f"provider {name!r} needs `base_url`")
-    adapter: AdapterClass = _NATIVE_ADAPTERS.get(preset.type) or functools.partial(
-        OpenAICompatibleProvider, dialect=preset.dialect
-    )
-    return adapter(
+    return _adapter_class(preset)(
         name,
         base_url=base_url,
         api_key=entry.api_key.get_secret_value(),

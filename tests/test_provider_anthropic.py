@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -18,14 +15,11 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from providers.anthropic import DEFAULT_MAX_TOKENS, AnthropicProvider
 from providers.base import (
-    DocumentInput,
     Finish,
     FinishReason,
-    GenerationRequest,
     ImageInput,
     InputKind,
     PromptMessage,
-    ProviderError,
     ReasoningDelta,
     TextDelta,
     Usage,
@@ -35,29 +29,34 @@ from tests.support.anthropic_server import (
     CACHE_READ_TOKENS,
     CACHE_WRITE_TOKENS,
     AnthropicServer,
-    RecordedRequest,
 )
-from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
+from tests.support.provider_contract import (
+    PDF,
+    PNG,
+    PROMPT_WORDS,
+    assert_kept_out,
+    broken_off_failure,
+    check_cancelling_the_consumer_closes_the_connection,
+    check_closing_midway_closes_the_connection,
+    check_streams_text_then_usage_and_finish,
+    closed_origin,
+    connection_refused_failure,
+    only_request,
+    refused_before_sending,
+    request,
+    status_failure,
+    timeout_failure,
+    with_inputs,
+)
+from tests.support.provider_events import (
+    collect,
+    collect_failure,
+    failure_of,
+    reasoning_of,
+    text_of,
+)
 
 API_KEY = "sk-ant-test-0123456789abcdef"
-PROMPT = [
-    PromptMessage("system", "You are terse."),
-    PromptMessage("user", "Say something nice"),
-]
-PROMPT_WORDS = 6  # what the server counts as the input tokens of PROMPT
-
-
-def request(
-    model: str, *, messages: list[PromptMessage] | None = None, **options: Any
-) -> GenerationRequest:
-    return GenerationRequest(
-        model=model, messages=PROMPT if messages is None else messages, options=options
-    )
-
-
-async def wait_for(flag: threading.Event) -> bool:
-    # The server records on its own thread; wait on its Event without blocking the event loop.
-    return await asyncio.to_thread(flag.wait, 5.0)
 
 
 @pytest.fixture(scope="module")
@@ -66,36 +65,17 @@ def server() -> Iterator[AnthropicServer]:
         yield running
 
 
-def adapter_for(
-    server: AnthropicServer, *, api_key: str = API_KEY, timeout_seconds: float = 10, **kinds: Any
-) -> AnthropicProvider:
-    return AnthropicProvider(
-        "test",
-        base_url=server.base_url,
-        api_key=api_key,
-        models=["echo"],
-        timeout_seconds=timeout_seconds,
-        **kinds,
-    )
+def adapter_for(base_url: str, *, api_key: str = API_KEY, **overrides: Any) -> AnthropicProvider:
+    settings: dict[str, Any] = {"models": ["echo"], "timeout_seconds": 10, **overrides}
+    return AnthropicProvider("test", base_url=base_url, api_key=api_key, **settings)
 
 
 @pytest.fixture
 async def provider(server: AnthropicServer) -> AsyncIterator[AnthropicProvider]:
     server.reset()
-    adapter = adapter_for(server, document_models=["echo"])
+    adapter = adapter_for(server.base_url, document_models=["echo"])
     yield adapter
     await adapter.aclose()
-
-
-def only_request(server: AnthropicServer) -> RecordedRequest:
-    [recorded] = server.requests
-    return recorded
-
-
-async def failure_of(adapter: AnthropicProvider, model: str, **options: Any) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await collect(adapter.stream(request(model, **options)))
-    return caught.value
 
 
 # --- text, reasoning, usage, stop reasons ---------------------------------------------------------
@@ -104,12 +84,7 @@ async def failure_of(adapter: AnthropicProvider, model: str, **options: Any) -> 
 async def test_streams_text_usage_and_finish(
     provider: AnthropicProvider, server: AnthropicServer
 ) -> None:
-    events = await collect(provider.stream(request("reply-hello-big-world")))
-
-    assert [type(event) for event in events[:-2]] == [TextDelta] * 3
-    assert text_of(events) == "hello big world"
-    assert events[-2:] == [Usage(input_tokens=PROMPT_WORDS, output_tokens=3), Finish("stop")]
-    assert only_request(server).finished.is_set()
+    await check_streams_text_then_usage_and_finish(provider, server)
 
 
 async def test_sends_the_system_prompt_apart_with_the_key_version_and_a_default_max_tokens(
@@ -355,18 +330,16 @@ async def test_the_server_refuses_sampling_parameters_as_the_api_does(
 async def test_ill_typed_options_are_rejected_before_any_request(
     provider: AnthropicProvider, server: AnthropicServer, options: dict[str, Any], named: str
 ) -> None:
-    error = await failure_of(provider, "echo", **options)
+    error = await refused_before_sending(provider, server, request("echo", **options))
 
-    assert not error.retryable
     assert named in str(error)
-    assert server.requests == []
 
 
 async def test_a_thinking_budget_the_api_refuses_is_rejected_with_its_message(
     provider: AnthropicProvider,
 ) -> None:
     thinking = {"type": "enabled", "budgetTokens": 2048}
-    error = await failure_of(provider, "echo", maxTokens=1000, thinking=thinking)
+    error = await failure_of(provider.stream(request("echo", maxTokens=1000, thinking=thinking)))
 
     assert error.status_code == 400
     assert not error.retryable
@@ -374,20 +347,6 @@ async def test_a_thinking_budget_the_api_refuses_is_rejected_with_its_message(
 
 
 # --- image and document inputs --------------------------------------------------------------------
-
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-PDF = b"%PDF-1.7\n" + b"\x00\xff" * 3000
-
-
-def with_inputs(text: str) -> list[PromptMessage]:
-    return [
-        PromptMessage("system", "You are terse."),
-        PromptMessage(
-            "user",
-            text,
-            inputs=(ImageInput("image/png", PNG), DocumentInput("application/pdf", PDF, "r.pdf")),
-        ),
-    ]
 
 
 async def test_an_image_and_a_pdf_arrive_as_base64_blocks_after_the_text(
@@ -418,16 +377,12 @@ async def test_inputs_a_model_does_not_take_are_rejected_before_any_request(
     server: AnthropicServer,
 ) -> None:
     server.reset()
-    adapter = adapter_for(server)  # images yes, documents no
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("echo", messages=with_inputs("Look"))))
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(server.base_url)) as adapter:  # images yes, documents no
+        error = await refused_before_sending(
+            adapter, server, request("echo", messages=with_inputs("Look"))
+        )
 
-    assert not caught.value.retryable
-    assert "test/echo does not take document inputs" in str(caught.value)
-    assert server.requests == []
+    assert "test/echo does not take document inputs" in str(error)
 
 
 async def test_a_large_image_is_encoded_off_the_loop_and_arrives_intact(
@@ -455,7 +410,7 @@ def test_input_kinds_follow_the_provider_entry(server: AnthropicServer) -> None:
     assert adapter.input_kinds("b") == {InputKind.IMAGE, InputKind.DOCUMENT}
     assert adapter.input_kinds("c") == frozenset()
     assert adapter.input_kinds("unknown") == frozenset()
-    every = adapter_for(server)
+    every = adapter_for(server.base_url)
     assert every.input_kinds("echo") == {InputKind.IMAGE}
 
 
@@ -479,12 +434,8 @@ def test_input_kinds_follow_the_provider_entry(server: AnthropicServer) -> None:
 async def test_http_status_decides_whether_a_failure_is_retryable(
     provider: AnthropicProvider, status: int, retryable: bool, says: str
 ) -> None:
-    error = await failure_of(provider, f"fail-{status}")
+    error = await status_failure(provider, status, retryable=retryable)
 
-    assert error.status_code == status
-    assert error.retryable is retryable
-    expected = ProviderError.PROVIDER_UNAVAILABLE if retryable else ProviderError.PROVIDER_REJECTED
-    assert error.error_type == expected
     assert f"test/fail-{status}: HTTP {status}: {says}" in str(error)
     assert "(request-id req_" in str(error)
 
@@ -493,7 +444,7 @@ async def test_http_status_decides_whether_a_failure_is_retryable(
 async def test_rate_limit_and_overload_carry_retry_after(
     provider: AnthropicProvider, status: int
 ) -> None:
-    error = await failure_of(provider, f"fail-{status}")
+    error = await failure_of(provider.stream(request(f"fail-{status}")))
 
     assert error.retryable
     assert error.retry_after == 2.0
@@ -502,7 +453,7 @@ async def test_rate_limit_and_overload_carry_retry_after(
 async def test_unknown_model_is_rejected_with_the_servers_message(
     provider: AnthropicProvider,
 ) -> None:
-    error = await failure_of(provider, "unknown")
+    error = await failure_of(provider.stream(request("unknown")))
 
     assert error.status_code == 404
     assert not error.retryable
@@ -515,19 +466,13 @@ async def test_rejected_credentials_never_appear_in_the_error(
 ) -> None:
     # fail-401 quotes the presented key back; echo gets the 401 of a key the server does not know.
     wrong_key = "sk-ant-wrong-secret-9876543210"
-    adapter = adapter_for(server, api_key=wrong_key)
-    try:
-        error = await failure_of(adapter, model)
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(server.base_url, api_key=wrong_key)) as adapter:
+        error = await failure_of(adapter.stream(request(model)))
 
     assert error.status_code == 401
     assert not error.retryable
     assert "invalid x-api-key: [redacted]" in str(error)
-    assert wrong_key not in str(error)
-    assert wrong_key not in repr(error)
-    assert error.__cause__ is None
-    assert error.__suppress_context__
+    assert_kept_out(wrong_key, error)
 
 
 @pytest.mark.parametrize(
@@ -559,47 +504,20 @@ async def test_an_error_event_inside_the_stream_is_classified_by_its_type(
 async def test_a_stream_cut_short_after_some_text_is_retryable(
     provider: AnthropicProvider, model: str
 ) -> None:
-    seen, error = await collect_failure(provider.stream(request(model)))
+    seen, _ = await broken_off_failure(provider, model)
 
     assert len([event for event in seen if isinstance(event, TextDelta)]) == 3
-    assert not any(isinstance(event, Finish) for event in seen)
-    assert error.retryable
-    assert error.__cause__ is None
 
 
 @pytest.mark.parametrize("model", ["slow-5000", "stall-2000"])
 async def test_a_stalled_stream_times_out_as_retryable(server: AnthropicServer, model: str) -> None:
     # slow-5000 stalls after its first text delta, stall-2000 before sending any headers.
-    adapter = adapter_for(server, timeout_seconds=0.3)
-    try:
-        error = await failure_of(adapter, model)
-    finally:
-        await adapter.aclose()
-
-    assert error.retryable
-    assert error.status_code is None
-    assert str(error) == f"test/{model}: request timed out"
+    await timeout_failure(adapter_for(server.base_url, timeout_seconds=0.3), model)
 
 
 async def test_connection_refused_is_retryable() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    adapter = AnthropicProvider(
-        "test",
-        base_url=f"http://127.0.0.1:{closed_port}",
-        api_key=API_KEY,
-        models=["echo"],
-        timeout_seconds=5,
-    )
-    try:
-        error = await failure_of(adapter, "echo")
-    finally:
-        await adapter.aclose()
+    error = await connection_refused_failure(adapter_for(closed_origin(), timeout_seconds=5))
 
-    assert error.retryable
-    assert error.status_code is None
-    assert "test/echo: connection failed" in str(error)
     assert API_KEY not in str(error)
 
 
@@ -609,34 +527,13 @@ async def test_connection_refused_is_retryable() -> None:
 async def test_closing_the_stream_midway_closes_the_http_connection(
     provider: AnthropicProvider, server: AnthropicServer
 ) -> None:
-    stream = provider.stream(request("slow"))
-    first = [await anext(stream), await anext(stream)]
-    assert text_of(first) == "w0 w1 "
-
-    await stream.aclose()
-
-    sent = only_request(server)
-    assert await wait_for(sent.disconnected)
-    assert not sent.finished.is_set()
+    await check_closing_midway_closes_the_connection(provider, server)
 
 
 async def test_cancelling_the_consumer_closes_the_http_connection(
     provider: AnthropicProvider, server: AnthropicServer
 ) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async with aclosing(provider.stream(request("slow"))) as stream:
-            async for _ in stream:
-                started.set()
-
-    task = asyncio.create_task(consume())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert await wait_for(only_request(server).disconnected)
+    await check_cancelling_the_consumer_closes_the_connection(provider, server)
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -654,11 +551,8 @@ async def test_nothing_reaches_the_request_from_anthropic_environment_variables(
     monkeypatch.setenv("ANTHROPIC_PROFILE", "a-profile-that-does-not-exist")
     monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path))
     server.reset()
-    adapter = adapter_for(server)
-    try:
+    async with aclosing(adapter_for(server.base_url)) as adapter:
         events = await collect(adapter.stream(request("echo")))
-    finally:
-        await adapter.aclose()
 
     assert text_of(events) == "Say something nice"
     sent = only_request(server)
@@ -689,11 +583,8 @@ async def test_a_keyless_provider_sends_a_placeholder_not_the_environments_key(
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-from-env")
     server.reset()
-    adapter = adapter_for(server, api_key="")
-    try:
-        error = await failure_of(adapter, "echo")
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(server.base_url, api_key="")) as adapter:
+        error = await failure_of(adapter.stream(request("echo")))
 
     assert error.status_code == 401
     assert only_request(server).headers["authorization"] == "Bearer no-key"

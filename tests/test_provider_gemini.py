@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
@@ -18,56 +15,49 @@ import pytest
 from PIL import Image
 
 from providers.base import (
-    DocumentInput,
     Finish,
     FinishReason,
-    GenerationRequest,
     ImageInput,
     InputKind,
     PromptMessage,
-    ProviderError,
     ReasoningDelta,
     TextDelta,
     Usage,
 )
 from providers.gemini import API_VERSION, DEFAULT_BASE_URL, GeminiProvider
-from tests.support.gemini_server import GeminiServer, RecordedRequest, Script, camel_keys
-from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
+from tests.support.gemini_server import GeminiServer, Script, camel_keys
+from tests.support.provider_contract import (
+    PDF,
+    PNG,
+    PROMPT_WORDS,
+    assert_kept_out,
+    broken_off_failure,
+    check_cancelling_the_consumer_closes_the_connection,
+    check_closing_midway_closes_the_connection,
+    check_streams_text_then_usage_and_finish,
+    closed_origin,
+    connection_refused_failure,
+    only_request,
+    refused_before_sending,
+    request,
+    status_failure,
+    timeout_failure,
+    with_inputs,
+)
+from tests.support.provider_events import (
+    collect,
+    collect_failure,
+    failure_of,
+    reasoning_of,
+    text_of,
+)
 
 API_KEY = "AIzaSy-test-0123456789abcdef"
-PROMPT = [
-    PromptMessage("system", "You are terse."),
-    PromptMessage("user", "Say something nice"),
-]
-PROMPT_TOKENS = 6  # the words of PROMPT, as the server counts them
-
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-PDF = b"%PDF-1.7\n" + b"\x00\xff" * 3000
-
-
-def request(
-    model: str, *, messages: list[PromptMessage] | None = None, **options: Any
-) -> GenerationRequest:
-    return GenerationRequest(
-        model=model, messages=PROMPT if messages is None else messages, options=options
-    )
 
 
 def adapter(base_url: str, *, api_key: str = API_KEY, **overrides: Any) -> GeminiProvider:
     settings: dict[str, Any] = {"models": ["echo"], "timeout_seconds": 10, **overrides}
     return GeminiProvider("google", base_url=base_url, api_key=api_key, **settings)
-
-
-async def wait_for(flag: threading.Event) -> bool:
-    # The server records on its own thread; wait on its Event without blocking the event loop.
-    return await asyncio.to_thread(flag.wait, 5.0)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -84,23 +74,13 @@ async def provider(server: GeminiServer) -> AsyncIterator[GeminiProvider]:
     await gemini.aclose()
 
 
-def only_request(server: GeminiServer) -> RecordedRequest:
-    [recorded] = server.requests
-    return recorded
-
-
 # --- answers ------------------------------------------------------------------------------------
 
 
 async def test_streams_text_usage_and_finish_reason(
     provider: GeminiProvider, server: GeminiServer
 ) -> None:
-    events = await collect(provider.stream(request("reply-hello-big-world")))
-
-    assert [type(event) for event in events[:-2]] == [TextDelta] * 3
-    assert text_of(events) == "hello big world"
-    assert events[-2:] == [Usage(input_tokens=PROMPT_TOKENS, output_tokens=3), Finish("stop")]
-    assert only_request(server).finished.is_set()
+    await check_streams_text_then_usage_and_finish(provider, server)
 
 
 async def test_sends_the_prompt_allowed_options_and_the_key_on_the_pinned_path(
@@ -197,12 +177,9 @@ async def test_options_are_read_in_either_spelling(
 async def test_ill_typed_options_are_rejected_before_any_request(
     provider: GeminiProvider, server: GeminiServer, options: dict[str, Any], complaint: str
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("echo", **options)))
+    error = await refused_before_sending(provider, server, request("echo", **options))
 
-    assert not caught.value.retryable
-    assert f"providerOptions.google.{complaint}" in str(caught.value)
-    assert server.requests == []
+    assert f"providerOptions.google.{complaint}" in str(error)
 
 
 async def test_thoughts_stream_as_reasoning_before_the_text_when_asked_for(
@@ -217,7 +194,7 @@ async def test_thoughts_stream_as_reasoning_before_the_text_when_asked_for(
     assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
     # Gemini counts thoughts apart from the answer; both are output.
     assert events[-2:] == [
-        Usage(input_tokens=PROMPT_TOKENS, output_tokens=2 + 8, reasoning_tokens=8),
+        Usage(input_tokens=PROMPT_WORDS, output_tokens=2 + 8, reasoning_tokens=8),
         Finish("stop"),
     ]
     assert only_request(server).generation_config == {"thinkingConfig": thinking}
@@ -230,7 +207,7 @@ async def test_thinking_is_billed_but_not_streamed_unless_asked_for(
 
     assert not any(isinstance(event, ReasoningDelta) for event in events)
     assert text_of(events) == "forty two"
-    assert events[-2] == Usage(input_tokens=PROMPT_TOKENS, output_tokens=10, reasoning_tokens=8)
+    assert events[-2] == Usage(input_tokens=PROMPT_WORDS, output_tokens=10, reasoning_tokens=8)
 
 
 async def test_thought_parts_nobody_asked_for_stay_out_of_the_answer(
@@ -264,7 +241,7 @@ async def test_cached_prompt_tokens_are_reported_within_the_input(
     events = await collect(provider.stream(request("cached")))
 
     assert events[-2] == Usage(
-        input_tokens=PROMPT_TOKENS + 4, output_tokens=1, cached_input_tokens=4
+        input_tokens=PROMPT_WORDS + 4, output_tokens=1, cached_input_tokens=4
     )
 
 
@@ -325,7 +302,7 @@ async def test_a_blocked_prompt_finishes_as_content_filter_with_its_usage(
 ) -> None:
     events = await collect(provider.stream(request("blocked")))
 
-    assert events == [Usage(input_tokens=PROMPT_TOKENS, output_tokens=0), Finish("content-filter")]
+    assert events == [Usage(input_tokens=PROMPT_WORDS, output_tokens=0), Finish("content-filter")]
 
 
 async def test_the_conversation_keeps_its_turns_and_leaves_out_empty_messages(
@@ -372,16 +349,11 @@ async def test_http_status_decides_whether_a_failure_is_retryable(
     google_status: str,
     retryable: bool,
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request(f"fail-{status}")))
+    error = await status_failure(provider, status, retryable=retryable)
 
-    assert caught.value.status_code == status
-    assert caught.value.retryable is retryable
-    expected = ProviderError.PROVIDER_UNAVAILABLE if retryable else ProviderError.PROVIDER_REJECTED
-    assert caught.value.error_type == expected
-    assert f"google/fail-{status}: HTTP {status} {google_status}: " in str(caught.value)
-    assert caught.value.__cause__ is None
-    assert caught.value.__suppress_context__
+    assert f"google/fail-{status}: HTTP {status} {google_status}: " in str(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
     # Temporal owns retries: the SDK made exactly one attempt.
     assert len(server.requests) == 1
 
@@ -389,23 +361,21 @@ async def test_http_status_decides_whether_a_failure_is_retryable(
 async def test_an_unknown_model_is_rejected_with_googles_message(
     provider: GeminiProvider,
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("gemini-9-ultra")))
+    error = await failure_of(provider.stream(request("gemini-9-ultra")))
 
-    assert caught.value.status_code == 404
-    assert not caught.value.retryable
-    assert "models/gemini-9-ultra is not found for API version v1beta" in str(caught.value)
+    assert error.status_code == 404
+    assert not error.retryable
+    assert "models/gemini-9-ultra is not found for API version v1beta" in str(error)
 
 
 async def test_a_rate_limit_waits_as_long_as_googles_retry_info_asks(
     provider: GeminiProvider,
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("fail-429")))
+    error = await failure_of(provider.stream(request("fail-429")))
 
     # RetryInfo says 30s, the retry-after header 2: the longer wins.
-    assert caught.value.retry_after == 30.0
-    assert caught.value.retryable
+    assert error.retry_after == 30.0
+    assert error.retryable
 
 
 @pytest.mark.parametrize(
@@ -426,29 +396,23 @@ async def test_retry_delay_comes_from_retry_info_or_the_header(
     expected: float | None,
 ) -> None:
     server.script("busy", Script(fail_status=503, retry_after=retry_after, retry_delay=retry_delay))
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("busy")))
+    error = await failure_of(provider.stream(request("busy")))
 
-    assert caught.value.retryable
-    assert caught.value.retry_after == expected
+    assert error.retryable
+    assert error.retry_after == expected
 
 
 async def test_a_wrong_key_is_rejected_without_appearing_anywhere(server: GeminiServer) -> None:
     server.reset()
     wrong_key = "AIzaSy-wrong-secret-9876543210"
-    gemini = adapter(server.base_url, api_key=wrong_key)
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(gemini.stream(request("echo")))
-    finally:
-        await gemini.aclose()
+    async with aclosing(adapter(server.base_url, api_key=wrong_key)) as gemini:
+        error = await failure_of(gemini.stream(request("echo")))
 
     # Gemini answers a bad key with 400 API_KEY_INVALID, not 401.
-    assert caught.value.status_code == 400
-    assert not caught.value.retryable
-    assert "API key not valid. Please pass a valid API key." in str(caught.value)
-    assert wrong_key not in str(caught.value)
-    assert wrong_key not in repr(caught.value)
+    assert error.status_code == 400
+    assert not error.retryable
+    assert "API key not valid. Please pass a valid API key." in str(error)
+    assert_kept_out(wrong_key, error)
     assert only_request(server).api_key == wrong_key
 
 
@@ -456,13 +420,10 @@ async def test_a_wrong_key_is_rejected_without_appearing_anywhere(server: Gemini
 async def test_a_key_quoted_back_by_the_server_is_redacted(
     provider: GeminiProvider, status: int
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request(f"fail-{status}")))
+    error = await failure_of(provider.stream(request(f"fail-{status}")))
 
-    assert "api_key:[redacted]" in str(caught.value)
-    assert API_KEY not in str(caught.value)
-    assert API_KEY not in repr(caught.value)
-    assert caught.value.__cause__ is None
+    assert "api_key:[redacted]" in str(error)
+    assert_kept_out(API_KEY, error)
 
 
 async def test_an_error_inside_the_stream_after_some_text_is_retryable(
@@ -502,25 +463,17 @@ async def test_an_error_inside_the_stream_with_a_client_code_is_not_retried(
 async def test_a_stream_that_breaks_off_is_retryable(
     provider: GeminiProvider, model: str, complaint: str
 ) -> None:
-    seen, error = await collect_failure(provider.stream(request(model)))
+    seen, error = await broken_off_failure(provider, model)
 
     assert len([event for event in seen if isinstance(event, TextDelta)]) >= 3
-    assert not any(isinstance(event, Finish) for event in seen)
-    assert error.retryable
     assert f"google/{model}: {complaint}" in str(error)
 
 
 async def test_a_stalled_stream_times_out_as_retryable(server: GeminiServer) -> None:
-    gemini = adapter(server.base_url, timeout_seconds=0.3)
     started = time.monotonic()
-    try:
-        seen, error = await collect_failure(gemini.stream(request("slow-5000")))
-    finally:
-        await gemini.aclose()
+    seen, _ = await timeout_failure(adapter(server.base_url, timeout_seconds=0.3), "slow-5000")
 
     assert text_of(seen) == "w0 "
-    assert error.retryable
-    assert str(error) == "google/slow-5000: request timed out"
     assert time.monotonic() - started < 3
 
 
@@ -528,30 +481,21 @@ async def test_the_timeout_bounds_silence_not_the_whole_answer(server: GeminiSer
     # The SDK's default transport (aiohttp) would cut this answer off at 0.5 s.
     words = " ".join(f"w{index}" for index in range(12))
     server.script("steady", Script(reply=words, chunk_delay=0.1))
-    gemini = adapter(server.base_url, timeout_seconds=0.5)
-    try:
+    async with aclosing(adapter(server.base_url, timeout_seconds=0.5)) as gemini:
         events = await collect(gemini.stream(request("steady")))
-    finally:
-        await gemini.aclose()
 
     assert text_of(events) == words
     assert events[-1] == Finish("stop")
 
 
 async def test_connection_refused_fails_fast_and_is_retryable() -> None:
-    gemini = adapter(f"http://127.0.0.1:{closed_port()}", timeout_seconds=5)
+    gemini = adapter(closed_origin(), timeout_seconds=5)
     started = time.monotonic()
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(gemini.stream(request("echo")))
-    finally:
-        await gemini.aclose()
+    error = await connection_refused_failure(gemini)
 
     # The SDK's hidden retry would first sleep 1 to 10 s.
     assert time.monotonic() - started < 1
-    assert caught.value.retryable
-    assert caught.value.status_code is None
-    assert "google/echo: connection failed: ConnectError" in str(caught.value)
+    assert "google/echo: connection failed: ConnectError" in str(error)
 
 
 # --- closing ------------------------------------------------------------------------------------
@@ -560,36 +504,14 @@ async def test_connection_refused_fails_fast_and_is_retryable() -> None:
 async def test_closing_the_stream_closes_the_http_connection_before_it_returns(
     provider: GeminiProvider, server: GeminiServer
 ) -> None:
-    stream = provider.stream(request("slow"))
-    first = [await anext(stream), await anext(stream)]
-    assert text_of(first) == "w0 w1 "
-
-    await stream.aclose()
-
-    # Waits on the server's thread without giving this event loop a turn: a close left to a
-    # cleanup task scheduled for later would never happen here.
-    sent = only_request(server)
-    assert sent.disconnected.wait(5.0)
-    assert not sent.finished.is_set()
+    # The SDK's own generators would close the response only when garbage collected.
+    await check_closing_midway_closes_the_connection(provider, server, before_returning=True)
 
 
 async def test_cancelling_the_consumer_closes_the_http_connection(
     provider: GeminiProvider, server: GeminiServer
 ) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async with aclosing(provider.stream(request("slow"))) as stream:
-            async for _ in stream:
-                started.set()
-
-    task = asyncio.create_task(consume())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert await wait_for(only_request(server).disconnected)
+    await check_cancelling_the_consumer_closes_the_connection(provider, server)
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -598,7 +520,7 @@ async def test_cancelling_the_consumer_closes_the_http_connection(
 async def test_environment_variables_do_not_change_where_requests_go(
     server: GeminiServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    elsewhere = f"http://127.0.0.1:{closed_port()}"
+    elsewhere = closed_origin()
     for name, value in {
         "GOOGLE_API_KEY": "AIza-from-the-environment",
         "GEMINI_API_KEY": "AIza-gemini-from-the-environment",
@@ -616,11 +538,8 @@ async def test_environment_variables_do_not_change_where_requests_go(
     }.items():
         monkeypatch.setenv(name, value)
     server.reset()
-    gemini = adapter(server.base_url)
-    try:
+    async with aclosing(adapter(server.base_url)) as gemini:
         events = await collect(gemini.stream(request("echo")))
-    finally:
-        await gemini.aclose()
 
     sent = only_request(server)
     assert text_of(events) == "Say something nice"
@@ -635,12 +554,8 @@ async def test_a_keyless_provider_never_sends_a_key_from_the_environment(
     monkeypatch.setenv("GOOGLE_API_KEY", "AIza-from-the-environment")
     monkeypatch.setenv("GEMINI_API_KEY", "AIza-gemini-from-the-environment")
     server.reset()
-    gemini = adapter(server.base_url, api_key="")
-    try:
-        with pytest.raises(ProviderError):  # this server wants a key
-            await collect(gemini.stream(request("echo")))
-    finally:
-        await gemini.aclose()
+    async with aclosing(adapter(server.base_url, api_key="")) as gemini:
+        await failure_of(gemini.stream(request("echo")))  # this server wants a key
 
     assert only_request(server).api_key == "no-key"
 
@@ -670,23 +585,12 @@ def test_input_kinds_follow_the_constructor() -> None:
 # --- image and document inputs ------------------------------------------------------------------
 
 
-def with_inputs(text: str, *inputs: ImageInput | DocumentInput) -> list[PromptMessage]:
-    inputs = inputs or (
-        ImageInput("image/png", PNG),
-        DocumentInput("application/pdf", PDF, "r.pdf"),
-    )
-    return [PromptMessage("system", "You are terse."), PromptMessage("user", text, inputs=inputs)]
-
-
 async def test_an_image_and_a_pdf_reach_the_server_as_inline_data_after_the_text(
     server: GeminiServer,
 ) -> None:
     server.reset()
-    gemini = adapter(server.base_url, document_models=["echo"])
-    try:
+    async with aclosing(adapter(server.base_url, document_models=["echo"])) as gemini:
         events = await collect(gemini.stream(request("echo", messages=with_inputs("Look"))))
-    finally:
-        await gemini.aclose()
 
     sent = only_request(server)
     parts = sent.user_parts()
@@ -699,11 +603,8 @@ async def test_an_image_and_a_pdf_reach_the_server_as_inline_data_after_the_text
 
 async def test_inputs_without_text_send_no_text_part(server: GeminiServer) -> None:
     server.reset()
-    gemini = adapter(server.base_url, document_models=["echo"])
-    try:
+    async with aclosing(adapter(server.base_url, document_models=["echo"])) as gemini:
         await collect(gemini.stream(request("echo", messages=with_inputs(""))))
-    finally:
-        await gemini.aclose()
 
     assert [next(iter(part)) for part in only_request(server).user_parts()] == [
         "inlineData",
@@ -715,16 +616,12 @@ async def test_inputs_a_model_does_not_take_are_rejected_before_any_request(
     server: GeminiServer,
 ) -> None:
     server.reset()
-    gemini = adapter(server.base_url)  # images yes, documents no
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(gemini.stream(request("echo", messages=with_inputs("Look"))))
-    finally:
-        await gemini.aclose()
+    async with aclosing(adapter(server.base_url)) as gemini:  # images yes, documents no
+        error = await refused_before_sending(
+            gemini, server, request("echo", messages=with_inputs("Look"))
+        )
 
-    assert not caught.value.retryable
-    assert "google/echo does not take document inputs" in str(caught.value)
-    assert server.requests == []
+    assert "google/echo does not take document inputs" in str(error)
 
 
 async def test_a_gif_which_gemini_refuses_is_sent_as_its_first_frame(
@@ -753,12 +650,11 @@ async def test_an_undecodable_gif_is_rejected_before_any_request(
     provider: GeminiProvider, server: GeminiServer
 ) -> None:
     broken = ImageInput("image/gif", b"GIF89a" + b"\x00" * 20)
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("echo", messages=with_inputs("Look", broken))))
+    error = await refused_before_sending(
+        provider, server, request("echo", messages=with_inputs("Look", broken))
+    )
 
-    assert not caught.value.retryable
-    assert "a GIF image cannot be sent" in str(caught.value)
-    assert server.requests == []
+    assert "a GIF image cannot be sent" in str(error)
 
 
 # --- the test server itself ---------------------------------------------------------------------

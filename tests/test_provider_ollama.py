@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -16,7 +13,6 @@ import pytest
 from providers.base import (
     DocumentInput,
     Finish,
-    GenerationRequest,
     ImageInput,
     InputKind,
     PromptMessage,
@@ -26,22 +22,30 @@ from providers.base import (
     Usage,
 )
 from providers.ollama import DEFAULT_BASE_URL, OllamaProvider, ollama_options
-from tests.support.ollama_server import MIDSTREAM_ERROR, OllamaServer, RecordedRequest, Script
-from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
-
-PROMPT = [
-    PromptMessage("system", "You are terse."),
-    PromptMessage("user", "Say something nice"),
-]
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-
-
-def request(
-    model: str, *, messages: list[PromptMessage] | None = None, **options: Any
-) -> GenerationRequest:
-    return GenerationRequest(
-        model=model, messages=PROMPT if messages is None else messages, options=options
-    )
+from tests.support.ollama_server import MIDSTREAM_ERROR, OllamaServer, Script
+from tests.support.provider_contract import (
+    PNG,
+    PROMPT_WORDS,
+    assert_kept_out,
+    broken_off_failure,
+    check_cancelling_the_consumer_closes_the_connection,
+    check_closing_midway_closes_the_connection,
+    check_streams_text_then_usage_and_finish,
+    closed_origin,
+    connection_refused_failure,
+    only_request,
+    refused_before_sending,
+    request,
+    status_failure,
+    timeout_failure,
+)
+from tests.support.provider_events import (
+    collect,
+    collect_failure,
+    failure_of,
+    reasoning_of,
+    text_of,
+)
 
 
 def adapter_for(base_url: str, **overrides: Any) -> OllamaProvider:
@@ -53,17 +57,6 @@ def adapter_for(base_url: str, **overrides: Any) -> OllamaProvider:
         "image_models": ["echo", "vision"],
     }
     return OllamaProvider("ollama", **(settings | overrides))
-
-
-async def wait_for(flag: threading.Event) -> bool:
-    # The server records on its own thread; wait on its Event without blocking the event loop.
-    return await asyncio.to_thread(flag.wait, 5.0)
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -80,24 +73,14 @@ async def provider(server: OllamaServer) -> AsyncIterator[OllamaProvider]:
     await adapter.aclose()
 
 
-def only_request(server: OllamaServer) -> RecordedRequest:
-    [recorded] = server.requests
-    return recorded
-
-
 # --- streaming ----------------------------------------------------------------------------------
 
 
 async def test_streams_text_then_usage_and_finish(
     provider: OllamaProvider, server: OllamaServer
 ) -> None:
-    events = await collect(provider.stream(request("reply-hello-big-world")))
+    sent = await check_streams_text_then_usage_and_finish(provider, server)
 
-    assert [type(event) for event in events[:-2]] == [TextDelta] * 3
-    assert text_of(events) == "hello big world"
-    assert events[-2:] == [Usage(input_tokens=6, output_tokens=3), Finish("stop")]
-    sent = only_request(server)
-    assert sent.finished.is_set()
     assert sent.path == "/api/chat"
     assert sent.body["stream"] is True
     assert "think" not in sent.body
@@ -118,7 +101,7 @@ async def test_thinking_streams_as_reasoning_before_the_text(
     kinds = [type(event) for event in events]
     assert kinds.index(TextDelta) > max(i for i, k in enumerate(kinds) if k is ReasoningDelta)
     # eval_count covers thinking and answer alike; Ollama reports no breakdown.
-    assert events[-2:] == [Usage(input_tokens=6, output_tokens=10), Finish("stop")]
+    assert events[-2:] == [Usage(input_tokens=PROMPT_WORDS, output_tokens=10), Finish("stop")]
     assert only_request(server).body["think"] is True
 
 
@@ -180,13 +163,10 @@ async def test_allowed_options_reach_options_and_think_and_the_rest_stay_behind(
 async def test_ill_typed_options_are_rejected_before_any_request(
     provider: OllamaProvider, server: OllamaServer, options: dict[str, Any]
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("echo", **options)))
+    error = await refused_before_sending(provider, server, request("echo", **options))
 
-    assert not caught.value.retryable
     [key] = options
-    assert f"providerOptions.ollama.{key} must be" in str(caught.value)
-    assert server.requests == []
+    assert f"providerOptions.ollama.{key} must be" in str(error)
 
 
 def test_option_aliases_and_think_levels() -> None:
@@ -200,6 +180,13 @@ def test_option_aliases_and_think_levels() -> None:
     )
     for level in ("low", "medium", "high", "max"):
         assert ollama_options({"think": level}, provider="p") == ({}, level)
+
+
+@pytest.mark.parametrize("think", [["high"], {"level": "high"}, "extreme", 1])
+def test_an_ill_typed_think_is_rejected(think: object) -> None:
+    with pytest.raises(ProviderError) as raised:
+        ollama_options({"think": think}, provider="p")
+    assert not raised.value.retryable
 
 
 @pytest.mark.parametrize(
@@ -262,12 +249,9 @@ async def test_images_for_a_model_without_vision_are_rejected_before_any_request
     provider: OllamaProvider, server: OllamaServer
 ) -> None:
     messages = [PromptMessage("user", "Look", inputs=(ImageInput("image/png", PNG),))]
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("text-only", messages=messages)))
+    error = await refused_before_sending(provider, server, request("text-only", messages=messages))
 
-    assert not caught.value.retryable
-    assert "ollama/text-only does not take image inputs" in str(caught.value)
-    assert server.requests == []
+    assert "ollama/text-only does not take image inputs" in str(error)
 
 
 async def test_a_pdf_is_rejected_before_any_request(
@@ -275,12 +259,9 @@ async def test_a_pdf_is_rejected_before_any_request(
 ) -> None:
     pdf = DocumentInput("application/pdf", b"%PDF-1.7\n", "r.pdf")
     messages = [PromptMessage("user", "Read", inputs=(pdf,))]
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("echo", messages=messages)))
+    error = await refused_before_sending(provider, server, request("echo", messages=messages))
 
-    assert not caught.value.retryable
-    assert "does not take document inputs" in str(caught.value)
-    assert server.requests == []
+    assert "does not take document inputs" in str(error)
 
 
 def test_input_kinds_follow_image_models_and_never_include_documents() -> None:
@@ -314,27 +295,21 @@ def test_input_kinds_follow_image_models_and_never_include_documents() -> None:
 async def test_http_status_decides_whether_a_failure_is_retryable(
     provider: OllamaProvider, status: int, retryable: bool
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request(f"fail-{status}")))
+    error = await status_failure(provider, status, retryable=retryable)
 
-    assert caught.value.status_code == status
-    assert caught.value.retryable is retryable
-    expected = ProviderError.PROVIDER_UNAVAILABLE if retryable else ProviderError.PROVIDER_REJECTED
-    assert caught.value.error_type == expected
-    assert f"ollama/fail-{status}: HTTP {status}: " in str(caught.value)
-    assert caught.value.__cause__ is None
-    assert caught.value.__suppress_context__
+    assert f"ollama/fail-{status}: HTTP {status}: " in str(error)
+    assert error.__cause__ is None
+    assert error.__suppress_context__
 
 
 async def test_a_model_not_pulled_is_rejected_with_ollamas_message(
     provider: OllamaProvider,
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("llama9")))
+    error = await failure_of(provider.stream(request("llama9")))
 
-    assert caught.value.status_code == 404
-    assert not caught.value.retryable
-    assert str(caught.value) == "ollama/llama9: HTTP 404: model 'llama9' not found"
+    assert error.status_code == 404
+    assert not error.retryable
+    assert str(error) == "ollama/llama9: HTTP 404: model 'llama9' not found"
 
 
 async def test_an_error_line_inside_the_stream_is_retryable(provider: OllamaProvider) -> None:
@@ -358,55 +333,33 @@ async def test_an_error_line_inside_the_stream_is_retryable(provider: OllamaProv
 async def test_a_stream_that_breaks_after_some_text_is_retryable(
     provider: OllamaProvider, model: str, reason: str
 ) -> None:
-    seen, error = await collect_failure(provider.stream(request(model)))
+    seen, error = await broken_off_failure(provider, model)
 
     assert len([event for event in seen if isinstance(event, TextDelta)]) == 3
-    assert not any(isinstance(event, Finish) for event in seen)
-    assert error.retryable
     assert reason in str(error)
-    assert error.__cause__ is None
 
 
 async def test_a_stalled_stream_times_out_as_retryable(server: OllamaServer) -> None:
-    adapter = adapter_for(server.base_url, timeout_seconds=0.3)
-    try:
-        seen, error = await collect_failure(adapter.stream(request("slow-5000")))
-    finally:
-        await adapter.aclose()
+    seen, _ = await timeout_failure(adapter_for(server.base_url, timeout_seconds=0.3), "slow-5000")
 
     assert text_of(seen) == "w0 "
-    assert error.retryable
-    assert "timed out" in str(error)
 
 
 async def test_connection_refused_is_retryable() -> None:
-    adapter = adapter_for(f"http://127.0.0.1:{closed_port()}", timeout_seconds=5)
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("echo")))
-    finally:
-        await adapter.aclose()
-
-    assert caught.value.retryable
-    assert caught.value.status_code is None
-    assert "connection failed" in str(caught.value)
+    await connection_refused_failure(adapter_for(closed_origin(), timeout_seconds=5))
 
 
 async def test_a_rejected_key_is_not_retryable_and_never_appears_in_the_error() -> None:
     wrong_key = "ollama-wrong-secret-9876543210"
     with OllamaServer(api_key="ollama-right-key") as keyed:
-        adapter = adapter_for(keyed.base_url, api_key=wrong_key)
-        try:
-            with pytest.raises(ProviderError) as caught:
-                await collect(adapter.stream(request("echo")))
-        finally:
-            await adapter.aclose()
+        async with aclosing(adapter_for(keyed.base_url, api_key=wrong_key)) as adapter:
+            error = await failure_of(adapter.stream(request("echo")))
         sent = only_request(keyed)
 
     assert sent.authorization == f"Bearer {wrong_key}"
-    assert caught.value.status_code == 401
-    assert not caught.value.retryable
-    assert wrong_key not in repr(caught.value)
+    assert error.status_code == 401
+    assert not error.retryable
+    assert_kept_out(wrong_key, error)
 
 
 # --- environment and connections ------------------------------------------------------------------
@@ -421,11 +374,8 @@ async def test_ollama_environment_variables_never_leak_into_requests(
         # The SDK falls back to OLLAMA_HOST for its host and sends OLLAMA_API_KEY to any host.
         monkeypatch.setenv("OLLAMA_HOST", decoy.base_url)
         monkeypatch.setenv("OLLAMA_API_KEY", "ollama-key-from-the-environment")
-        adapter = adapter_for(server.base_url, api_key=api_key)
-        try:
+        async with aclosing(adapter_for(server.base_url, api_key=api_key)) as adapter:
             events = await collect(adapter.stream(request("echo")))
-        finally:
-            await adapter.aclose()
         assert decoy.requests == []
 
     assert text_of(events) == "Say something nice"
@@ -436,31 +386,10 @@ async def test_ollama_environment_variables_never_leak_into_requests(
 async def test_closing_the_stream_midway_closes_the_http_connection(
     provider: OllamaProvider, server: OllamaServer
 ) -> None:
-    stream = provider.stream(request("slow"))
-    first = [await anext(stream), await anext(stream)]
-    assert text_of(first) == "w0 w1 "
-
-    await stream.aclose()
-
-    sent = only_request(server)
-    assert await wait_for(sent.disconnected)
-    assert not sent.finished.is_set()
+    await check_closing_midway_closes_the_connection(provider, server)
 
 
 async def test_cancelling_the_consumer_closes_the_http_connection(
     provider: OllamaProvider, server: OllamaServer
 ) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async with aclosing(provider.stream(request("slow"))) as stream:
-            async for _ in stream:
-                started.set()
-
-    task = asyncio.create_task(consume())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert await wait_for(only_request(server).disconnected)
+    await check_cancelling_the_consumer_closes_the_connection(provider, server)

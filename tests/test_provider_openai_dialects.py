@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
 
-from providers.base import (
-    Finish,
-    GenerationRequest,
-    PromptMessage,
-    ProviderError,
-    TextDelta,
-    Usage,
-)
+from providers.base import Finish, TextDelta, Usage
 from providers.openai_compatible import (
     GROQ_BASE_URL,
     OPENAI_BASE_URL,
@@ -24,18 +18,17 @@ from providers.openai_compatible import (
     OpenAICompatibleProvider,
     OpenAIDialect,
 )
-from tests.support.openai_server import KEEPALIVE, OpenAICompatibleServer, RecordedRequest, Script
-from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
+from tests.support.openai_server import KEEPALIVE, OpenAICompatibleServer, Script
+from tests.support.provider_contract import only_request, request, status_failure
+from tests.support.provider_events import (
+    collect,
+    collect_failure,
+    failure_of,
+    reasoning_of,
+    text_of,
+)
 
 API_KEY = "sk-dialect-0123456789abcdef"
-PROMPT = [
-    PromptMessage("system", "You are terse."),
-    PromptMessage("user", "Say something nice"),
-]
-
-
-def request(model: str, **options: Any) -> GenerationRequest:
-    return GenerationRequest(model=model, messages=PROMPT, options=options)
 
 
 def adapter_for(
@@ -55,27 +48,24 @@ def usages(events: list[Any]) -> list[Usage]:
     return [event for event in events if isinstance(event, Usage)]
 
 
-def only_request(server: OpenAICompatibleServer) -> RecordedRequest:
-    [recorded] = server.requests
-    return recorded
+def serving(dialect: Literal["openai", "groq", "openrouter"]) -> Iterator[OpenAICompatibleServer]:
+    with OpenAICompatibleServer(api_key=API_KEY, dialect=dialect) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def groq_server() -> Iterator[OpenAICompatibleServer]:
-    with OpenAICompatibleServer(api_key=API_KEY, dialect="groq") as running:
-        yield running
+    yield from serving("groq")
 
 
 @pytest.fixture(scope="module")
 def openrouter_server() -> Iterator[OpenAICompatibleServer]:
-    with OpenAICompatibleServer(api_key=API_KEY, dialect="openrouter") as running:
-        yield running
+    yield from serving("openrouter")
 
 
 @pytest.fixture(scope="module")
 def openai_server() -> Iterator[OpenAICompatibleServer]:
-    with OpenAICompatibleServer(api_key=API_KEY) as running:
-        yield running
+    yield from serving("openai")
 
 
 @pytest.fixture
@@ -132,11 +122,8 @@ async def test_groq_usage_in_both_places_is_counted_once(
 async def test_x_groq_is_read_only_in_the_groq_dialect(
     groq_server: OpenAICompatibleServer,
 ) -> None:
-    plain = adapter_for(groq_server, OpenAIDialect.OPENAI)
-    try:
+    async with aclosing(adapter_for(groq_server, OpenAIDialect.OPENAI)) as plain:
         events = await collect(plain.stream(request("reply-hello")))
-    finally:
-        await plain.aclose()
 
     assert usages(events) == []
     assert events[-1] == Finish("stop")
@@ -158,16 +145,12 @@ async def test_groq_reasoning_arrives_in_the_reasoning_field(
 async def test_498_capacity_exceeded_is_retryable_only_from_groq(
     groq_server: OpenAICompatibleServer, dialect: OpenAIDialect, retryable: bool
 ) -> None:
-    adapter = adapter_for(groq_server, dialect)
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("fail-498")))
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(groq_server, dialect)) as adapter:
+        error = await failure_of(adapter.stream(request("fail-498")))
 
-    assert caught.value.status_code == 498
-    assert caught.value.retryable is retryable
-    assert "HTTP 498: Flex tier capacity exceeded, try again later." in str(caught.value)
+    assert error.status_code == 498
+    assert error.retryable is retryable
+    assert "HTTP 498: Flex tier capacity exceeded, try again later." in str(error)
 
 
 async def test_a_498_inside_a_groq_stream_is_retryable(groq: OpenAICompatibleProvider) -> None:
@@ -181,12 +164,11 @@ async def test_a_498_inside_a_groq_stream_is_retryable(groq: OpenAICompatiblePro
 async def test_groq_rate_limit_is_retryable_with_retry_after(
     groq: OpenAICompatibleProvider,
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(groq.stream(request("fail-429")))
+    error = await failure_of(groq.stream(request("fail-429")))
 
-    assert caught.value.retryable
-    assert caught.value.retry_after == 2.0
-    assert "Rate limit reached for requests." in str(caught.value)
+    assert error.retryable
+    assert error.retry_after == 2.0
+    assert "Rate limit reached for requests." in str(error)
 
 
 # --- OpenRouter ---------------------------------------------------------------------------------
@@ -330,22 +312,16 @@ async def test_a_finish_reason_of_error_without_details_is_retryable(
 async def test_openrouter_http_errors_keep_its_message_and_metadata(
     openrouter: OpenAICompatibleProvider, status: int, retryable: bool, detail: str
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(openrouter.stream(request(f"fail-{status}")))
+    error = await status_failure(openrouter, status, retryable=retryable)
 
-    assert caught.value.status_code == status
-    assert caught.value.retryable is retryable
-    assert str(caught.value) == f"openrouter/fail-{status}: HTTP {status}: {detail}"
+    assert str(error) == f"openrouter/fail-{status}: HTTP {status}: {detail}"
 
 
 async def test_cost_is_reported_only_by_the_openrouter_dialect(
     openrouter_server: OpenAICompatibleServer,
 ) -> None:
-    plain = adapter_for(openrouter_server, OpenAIDialect.OPENAI)
-    try:
+    async with aclosing(adapter_for(openrouter_server, OpenAIDialect.OPENAI)) as plain:
         events = await collect(plain.stream(request("reply-hello-big-world")))
-    finally:
-        await plain.aclose()
 
     assert usages(events) == [Usage(input_tokens=6, output_tokens=3)]
 
@@ -360,11 +336,8 @@ async def test_plain_openai_reads_cached_cache_write_and_reasoning_tokens(
         "detailed",
         Script(reply="forty two", reasoning="Hmm.", cached_tokens=5, cache_write_tokens=1),
     )
-    adapter = adapter_for(openai_server, OpenAIDialect.OPENAI)
-    try:
+    async with aclosing(adapter_for(openai_server, OpenAIDialect.OPENAI)) as adapter:
         events = await collect(adapter.stream(request("detailed")))
-    finally:
-        await adapter.aclose()
 
     assert usages(events) == [
         Usage(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -15,9 +12,7 @@ import pytest
 
 from core.settings import ProviderEntry, Settings
 from providers.base import (
-    DocumentInput,
     Finish,
-    GenerationRequest,
     ImageInput,
     InputKind,
     PromptMessage,
@@ -31,34 +26,40 @@ from providers.failures import parse_retry_after
 from providers.local import LocalOptions, LocalProvider
 from providers.openai_compatible import OpenAICompatibleProvider
 from providers.registry import ProviderRegistry
-from tests.support.openai_server import OpenAICompatibleServer, RecordedRequest, Script
-from tests.support.provider_events import collect, collect_failure, reasoning_of, text_of
+from tests.support.openai_server import OpenAICompatibleServer, Script
+from tests.support.provider_contract import (
+    PDF,
+    PNG,
+    assert_kept_out,
+    broken_off_failure,
+    check_cancelling_the_consumer_closes_the_connection,
+    check_closing_midway_closes_the_connection,
+    check_streams_text_then_usage_and_finish,
+    closed_origin,
+    connection_refused_failure,
+    only_request,
+    refused_before_sending,
+    request,
+    status_failure,
+    timeout_failure,
+    with_inputs,
+)
+from tests.support.provider_events import (
+    collect,
+    collect_failure,
+    failure_of,
+    reasoning_of,
+    text_of,
+)
 
 API_KEY = "sk-test-0123456789abcdef"
-PROMPT = [
-    PromptMessage("system", "You are terse."),
-    PromptMessage("user", "Say something nice"),
-]
 
 
-def request(
-    model: str,
-    *,
-    messages: list[PromptMessage] | None = None,
-    attempt: int = 1,
-    **options: Any,
-) -> GenerationRequest:
-    return GenerationRequest(
-        model=model,
-        messages=PROMPT if messages is None else messages,
-        options=options,
-        attempt=attempt,
-    )
-
-
-async def wait_for(flag: threading.Event) -> bool:
-    # The server records on its own thread; wait on its Event without blocking the event loop.
-    return await asyncio.to_thread(flag.wait, 5.0)
+def adapter_for(
+    base_url: str, *, api_key: str = API_KEY, **overrides: Any
+) -> OpenAICompatibleProvider:
+    settings: dict[str, Any] = {"models": ["echo"], "timeout_seconds": 10, **overrides}
+    return OpenAICompatibleProvider("test", base_url=base_url, api_key=api_key, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +71,9 @@ def server() -> Iterator[OpenAICompatibleServer]:
 @pytest.fixture
 async def provider(server: OpenAICompatibleServer) -> AsyncIterator[OpenAICompatibleProvider]:
     server.reset()
-    adapter = OpenAICompatibleProvider(
-        "test", base_url=server.base_url, api_key=API_KEY, models=["echo"], timeout_seconds=10
-    )
+    adapter = adapter_for(server.base_url)
     yield adapter
     await adapter.aclose()
-
-
-def only_request(server: OpenAICompatibleServer) -> RecordedRequest:
-    [recorded] = server.requests
-    return recorded
 
 
 # --- local provider ---------------------------------------------------------------------------
@@ -207,12 +201,7 @@ async def test_local_rejects_a_model_it_does_not_have() -> None:
 async def test_streams_text_usage_and_finish_reason(
     provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
 ) -> None:
-    events = await collect(provider.stream(request("reply-hello-big-world")))
-
-    assert [type(event) for event in events[:-2]] == [TextDelta] * 3
-    assert text_of(events) == "hello big world"
-    assert events[-2:] == [Usage(input_tokens=6, output_tokens=3), Finish("stop")]
-    assert only_request(server).finished.is_set()
+    await check_streams_text_then_usage_and_finish(provider, server)
 
 
 async def test_sends_messages_allowed_options_and_the_api_key(
@@ -251,12 +240,9 @@ async def test_sends_messages_allowed_options_and_the_api_key(
 async def test_ill_typed_options_are_rejected_before_any_request(
     provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request("echo", temperature="hot")))
+    error = await refused_before_sending(provider, server, request("echo", temperature="hot"))
 
-    assert not caught.value.retryable
-    assert "providerOptions.test.temperature" in str(caught.value)
-    assert server.requests == []
+    assert "providerOptions.test.temperature" in str(error)
 
 
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
@@ -303,14 +289,7 @@ async def test_reasoning_model_named_by_convention(provider: OpenAICompatiblePro
 async def test_http_status_decides_whether_a_failure_is_retryable(
     provider: OpenAICompatibleProvider, status: int, retryable: bool
 ) -> None:
-    with pytest.raises(ProviderError) as caught:
-        await collect(provider.stream(request(f"fail-{status}")))
-
-    assert caught.value.status_code == status
-    assert caught.value.retryable is retryable
-    expected = ProviderError.PROVIDER_UNAVAILABLE if retryable else ProviderError.PROVIDER_REJECTED
-    assert caught.value.error_type == expected
-    assert f"test/fail-{status}: HTTP {status}" in str(caught.value)
+    await status_failure(provider, status, retryable=retryable)
 
 
 async def test_unknown_model_is_rejected_with_the_servers_message(
@@ -328,22 +307,13 @@ async def test_rejected_credentials_never_appear_in_the_error(
     server: OpenAICompatibleServer,
 ) -> None:
     wrong_key = "sk-wrong-secret-9876543210"
-    adapter = OpenAICompatibleProvider(
-        "test", base_url=server.base_url, api_key=wrong_key, models=["echo"], timeout_seconds=10
-    )
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("echo")))
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(server.base_url, api_key=wrong_key)) as adapter:
+        error = await failure_of(adapter.stream(request("echo")))
 
-    assert caught.value.status_code == 401
-    assert not caught.value.retryable
-    assert "Incorrect API key provided: [redacted]." in str(caught.value)
-    assert wrong_key not in str(caught.value)
-    assert wrong_key not in repr(caught.value)
-    assert caught.value.__cause__ is None
-    assert caught.value.__suppress_context__
+    assert error.status_code == 401
+    assert not error.retryable
+    assert "Incorrect API key provided: [redacted]." in str(error)
+    assert_kept_out(wrong_key, error)
 
 
 async def test_rate_limit_is_retryable_and_carries_retry_after(
@@ -396,83 +366,32 @@ async def test_flaky_model_fails_its_first_requests_then_succeeds(
 
 
 async def test_connection_refused_is_retryable() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
-    adapter = OpenAICompatibleProvider(
-        "test",
-        base_url=f"http://127.0.0.1:{closed_port}/v1",
-        api_key=API_KEY,
-        models=["echo"],
-        timeout_seconds=5,
-    )
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("echo")))
-    finally:
-        await adapter.aclose()
-
-    assert caught.value.retryable
-    assert caught.value.status_code is None
-    assert "connection failed" in str(caught.value)
+    await connection_refused_failure(adapter_for(f"{closed_origin()}/v1", timeout_seconds=5))
 
 
 async def test_a_stalled_stream_times_out_as_retryable(server: OpenAICompatibleServer) -> None:
-    adapter = OpenAICompatibleProvider(
-        "test", base_url=server.base_url, api_key=API_KEY, models=["echo"], timeout_seconds=0.3
-    )
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("slow-5000")))
-    finally:
-        await adapter.aclose()
-
-    assert caught.value.retryable
-    assert "timed out" in str(caught.value)
+    await timeout_failure(adapter_for(server.base_url, timeout_seconds=0.3), "slow-5000")
 
 
 @pytest.mark.parametrize("model", ["midstream-error", "drop"])
 async def test_a_stream_that_breaks_after_some_text_is_retryable(
     provider: OpenAICompatibleProvider, model: str
 ) -> None:
-    seen, error = await collect_failure(provider.stream(request(model)))
+    seen, _ = await broken_off_failure(provider, model)
 
     assert len([event for event in seen if isinstance(event, TextDelta)]) == 3
-    assert not any(isinstance(event, Finish) for event in seen)
-    assert error.retryable
 
 
 async def test_closing_the_stream_midway_closes_the_http_connection(
     provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
 ) -> None:
-    stream = provider.stream(request("slow"))
-    first = [await anext(stream), await anext(stream)]
-    assert text_of(first) == "w0 w1 "
-
-    await stream.aclose()
-
-    sent = only_request(server)
-    assert await wait_for(sent.disconnected)
-    assert not sent.finished.is_set()
+    await check_closing_midway_closes_the_connection(provider, server)
 
 
 async def test_cancelling_the_consumer_closes_the_http_connection(
     provider: OpenAICompatibleProvider, server: OpenAICompatibleServer
 ) -> None:
-    started = asyncio.Event()
-
-    async def consume() -> None:
-        async with aclosing(provider.stream(request("slow"))) as stream:
-            async for _ in stream:
-                started.set()
-
-    task = asyncio.create_task(consume())
-    await started.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-
-    assert await wait_for(only_request(server).disconnected)
+    await check_cancelling_the_consumer_closes_the_connection(provider, server)
 
 
 async def test_a_keyless_provider_streams_without_openai_environment_leaking(
@@ -483,13 +402,8 @@ async def test_a_keyless_provider_streams_without_openai_environment_leaking(
     monkeypatch.setenv("OPENAI_ORG_ID", "org-from-the-environment")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-from-the-environment")
     with OpenAICompatibleServer() as keyless:
-        adapter = OpenAICompatibleProvider(
-            "ollama", base_url=keyless.base_url, api_key="", models=["echo"], timeout_seconds=5
-        )
-        try:
+        async with aclosing(adapter_for(keyless.base_url, api_key="")) as adapter:
             events = await collect(adapter.stream(request("echo")))
-        finally:
-            await adapter.aclose()
         sent = only_request(keyless)
 
     assert text_of(events) == "Say something nice"
@@ -564,41 +478,13 @@ def test_registry_refuses_a_configured_provider_named_local() -> None:
 
 # --- image and document inputs -----------------------------------------------------------------
 
-PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-PDF = b"%PDF-1.7\n" + b"\x00\xff" * 3000
-
-
-def with_inputs(text: str) -> list[PromptMessage]:
-    return [
-        PromptMessage("system", "You are terse."),
-        PromptMessage(
-            "user",
-            text,
-            inputs=(ImageInput("image/png", PNG), DocumentInput("application/pdf", PDF, "r.pdf")),
-        ),
-    ]
-
-
-def adapter_for(server: OpenAICompatibleServer, **kinds: Any) -> OpenAICompatibleProvider:
-    return OpenAICompatibleProvider(
-        "test",
-        base_url=server.base_url,
-        api_key=API_KEY,
-        models=["echo"],
-        timeout_seconds=10,
-        **kinds,
-    )
-
 
 async def test_an_image_and_a_pdf_reach_the_server_as_content_parts(
     server: OpenAICompatibleServer,
 ) -> None:
     server.reset()
-    adapter = adapter_for(server, document_models=["echo"])
-    try:
+    async with aclosing(adapter_for(server.base_url, document_models=["echo"])) as adapter:
         events = await collect(adapter.stream(request("echo", messages=with_inputs("Look"))))
-    finally:
-        await adapter.aclose()
 
     sent = only_request(server)
     parts = sent.user_content_parts()
@@ -614,11 +500,8 @@ async def test_an_image_and_a_pdf_reach_the_server_as_content_parts(
 
 async def test_inputs_without_text_send_no_text_part(server: OpenAICompatibleServer) -> None:
     server.reset()
-    adapter = adapter_for(server, document_models=["echo"])
-    try:
+    async with aclosing(adapter_for(server.base_url, document_models=["echo"])) as adapter:
         await collect(adapter.stream(request("echo", messages=with_inputs(""))))
-    finally:
-        await adapter.aclose()
 
     assert [part["type"] for part in only_request(server).user_content_parts()] == [
         "image_url",
@@ -630,16 +513,12 @@ async def test_inputs_a_model_does_not_take_are_rejected_before_any_request(
     server: OpenAICompatibleServer,
 ) -> None:
     server.reset()
-    adapter = adapter_for(server)  # images yes, documents no
-    try:
-        with pytest.raises(ProviderError) as caught:
-            await collect(adapter.stream(request("echo", messages=with_inputs("Look"))))
-    finally:
-        await adapter.aclose()
+    async with aclosing(adapter_for(server.base_url)) as adapter:  # images yes, documents no
+        error = await refused_before_sending(
+            adapter, server, request("echo", messages=with_inputs("Look"))
+        )
 
-    assert not caught.value.retryable
-    assert "test/echo does not take document inputs" in str(caught.value)
-    assert server.requests == []
+    assert "test/echo does not take document inputs" in str(error)
 
 
 def test_input_kinds_follow_the_provider_entry(server: OpenAICompatibleServer) -> None:
@@ -708,11 +587,8 @@ async def test_a_large_image_is_encoded_off_the_loop_and_arrives_intact(
 ) -> None:
     server.reset()
     large = PNG * 300  # about 3 MB, past the inline threshold
-    adapter = adapter_for(server)
     messages = [PromptMessage("user", "big", inputs=(ImageInput("image/png", large),))]
-    try:
+    async with aclosing(adapter_for(server.base_url)) as adapter:
         await collect(adapter.stream(request("echo", messages=messages)))
-    finally:
-        await adapter.aclose()
 
     assert only_request(server).images() == [("image/png", large)]

@@ -1,9 +1,9 @@
 """A local server speaking Anthropic's Messages API wire format, scripted by model name.
 
 The production adapter (providers/anthropic.py, on the official SDK) runs against it unchanged. It
-runs uvicorn in a background thread on a free 127.0.0.1 port, so a worker started as a separate
-process can be pointed at it too (`server.providers_entry(models)` is a ready `DURACHAT_PROVIDERS`
-entry).
+runs uvicorn in a background thread on a free 127.0.0.1 port (`WireServer`), so a worker started as
+a separate process can be pointed at it too (`server.providers_entry(models)` is a ready
+`DURACHAT_PROVIDERS` entry).
 
 It holds the SDK to what the real API does (the provider wire-format reference, section 1): every
 SSE event is named on an `event:` line (the SDK drops unnamed ones), `ping` events arrive between
@@ -16,19 +16,17 @@ a bad image or PDF block, a document in an assistant message, or a thinking budg
 fit.
 
 Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
+the conventions every test server shares (tests/support/wire_server.py: echo, reply-<words>,
+slow-<ms> pacing the text deltas, fail-<status>, flaky-<n> with 529), and
 
-    echo                   streams the text of the last user message back, word by word
-    reply-<words>          streams <words> with hyphens read as spaces: reply-hello-world
     thinking-<words>       a thinking block ("The user wants <words>. I will answer.", then a
                            signature), then <words> as text; usage reports the thinking tokens
     cached-<words>         the reply, with usage reporting 1000 input tokens read from the prompt
                            cache and 200 written to it (CACHE_READ_TOKENS, CACHE_WRITE_TOKENS)
     stop-<stop_reason>     a short reply ended by that stop_reason: stop-refusal, stop-pause_turn
-    slow / slow-<ms>       1000 words, one delta per 50 ms (or <ms>): for stop/cancel/timeout tests
     stall-<ms>             sends nothing at all, not even headers, for <ms>, then echoes
-    fail-<status>          always that HTTP status with Anthropic's error body; 429 and 529 add
-                           `retry-after: 2`, 401 quotes the presented key back (some gateways do)
-    flaky-<n>[-<tag>]      529 for the first <n> requests to this exact model name, then echo
+    fail-<status>          Anthropic's error body; 429 and 529 add `retry-after: 2`, 401 quotes the
+                           presented key back (some gateways do)
     midstream-overloaded   3 text deltas, then `event: error` with overloaded_error
     midstream-invalid      3 text deltas, then `event: error` with invalid_request_error
     midstream-<type>       3 text deltas, then `event: error` with that error type
@@ -50,28 +48,32 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
-import re
-import threading
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, Self
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.background_app import BackgroundApp
+from tests.support.wire_server import (
+    ChatRequest,
+    Chunk,
+    WireScript,
+    WireServer,
+    model_name_parts,
+    read_json,
+    reasoning_about,
+    sse,
+    word_pieces,
+)
 
 API_VERSION: Final = "2026-10-21"  # what anthropic SDK 2.x sends
 # 2023-06-01 is what SDK 1.x sent; sampling parameters are refused only from 2026-10-21 on.
 KNOWN_API_VERSIONS: Final = frozenset({"2023-06-01", API_VERSION})
 CACHE_READ_TOKENS: Final = 1000
 CACHE_WRITE_TOKENS: Final = 200
-
-_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
 
 _ERROR_TYPES: Final[dict[int, tuple[str, str]]] = {
     400: (
@@ -132,16 +134,14 @@ _IMAGE_MEDIA_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "
 
 
 @dataclass(frozen=True)
-class Script:
-    """How the server answers one model."""
+class Script(WireScript):
+    """How the server answers one model; `chunk_delay` paces the text deltas alone."""
 
-    reply: str | None = None  # None: echo the last user message
+    FLAKY_STATUS = 529  # overloaded_error
+
     thinking: str = ""
     stop_reason: str = "end_turn"
-    delta_delay: float = 0.0  # seconds between text deltas
     stall: float = 0.0  # seconds before answering at all
-    fail_status: int | None = None
-    fail_first: int | None = None  # with fail_status: fail only the first n requests
     retry_after: str | None = None  # `retry-after` sent with failures
     error_after_deltas: int | None = None  # `event: error` after n text deltas
     error_type: str = "overloaded_error"
@@ -150,34 +150,26 @@ class Script:
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
 
+    @classmethod
+    def failing(cls, status: int) -> Self:
+        return cls(fail_status=status, retry_after="2" if status in (429, 529) else None)
+
 
 def script_for_model(model: str) -> Script | None:
     """The Script a model name asks for, or None for an unknown model."""
-    name, _, argument = model.partition("-")
-    words = argument.replace("-", " ")
-    if model == "echo":
-        return Script()
-    if name == "reply" and argument:
-        return Script(reply=words)
+    name, argument, words = model_name_parts(model)
+    if (script := Script.by_convention(model)) is not None:
+        return script
     if name == "thinking" and argument:
-        return Script(reply=words, thinking=f"The user wants {words}. I will answer.")
+        return Script(reply=words, thinking=reasoning_about(words))
     if name == "cached" and argument:
         return Script(
             reply=words, cache_read_tokens=CACHE_READ_TOKENS, cache_write_tokens=CACHE_WRITE_TOKENS
         )
     if name == "stop" and argument:
         return Script(reply="a short answer", stop_reason=argument)
-    if model == "slow" or (name == "slow" and argument.isdigit()):
-        delay = int(argument) / 1000 if argument else 0.05
-        return Script(reply=" ".join(f"w{index}" for index in range(1000)), delta_delay=delay)
     if name == "stall" and argument.isdigit():
         return Script(stall=int(argument) / 1000)
-    if name == "fail" and argument.isdigit():
-        retry_after = "2" if argument in ("429", "529") else None
-        return Script(fail_status=int(argument), retry_after=retry_after)
-    failures, _, _tag = argument.partition("-")
-    if name == "flaky" and failures.isdigit():
-        return Script(fail_status=529, fail_first=int(failures))
     if name == "midstream" and argument:
         return Script(
             reply="this answer breaks off early",
@@ -192,23 +184,8 @@ def script_for_model(model: str) -> Script | None:
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(ChatRequest):
     """One request the server received, as it arrived."""
-
-    path: str
-    headers: dict[str, str]  # lower-cased names
-    body: dict[str, Any]
-    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
-    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
-
-    @property
-    def model(self) -> str:
-        return str(self.body.get("model", ""))
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        messages = self.body.get("messages", [])
-        return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
 
     @property
     def system(self) -> object:
@@ -231,10 +208,7 @@ class RecordedRequest:
 
     def user_blocks(self) -> list[dict[str, Any]]:
         """The last user message's content as blocks; a string content is one text block."""
-        for message in reversed(self.messages):
-            if message.get("role") == "user":
-                return _blocks(message.get("content"))
-        return []
+        return _blocks(self.last_user_content())
 
     def _blocks(self) -> list[dict[str, Any]]:
         return [block for message in self.messages for block in _blocks(message.get("content"))]
@@ -273,99 +247,29 @@ def _decoded(source: dict[str, Any]) -> bytes:
     return base64.b64decode(str(source.get("data", "")), validate=True)
 
 
-@dataclass(frozen=True)
-class _Event:
-    """One SSE event of a streamed answer."""
-
-    data: bytes | None  # None: cut the connection here
-    paced: bool = False  # a text delta: sent after the script's delta_delay (except the first)
-
-
-class _DroppedConnection(Exception):
-    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
-
-
 class _Refused(Exception):
     """A request the API answers with 400 invalid_request_error."""
 
 
-class AnthropicServer:
+class AnthropicServer(WireServer[RecordedRequest, Script]):
     """`with AnthropicServer(api_key=...) as server:` then point a client at `server.base_url`."""
 
+    NAME = "Anthropic test server"
+    PROVIDER_TYPE = "anthropic"
+
     def __init__(self, *, api_key: str = "sk-ant-test-0123456789abcdef") -> None:
-        self.api_key = api_key  # other keys get a 401 authentication_error
-        self._scripts: dict[str, Script] = {}
-        self._attempts: dict[str, int] = {}
-        self._requests: list[RecordedRequest] = []
-        self._lock = threading.Lock()
-        self._background: BackgroundApp | None = None
-        self.port = 0
+        super().__init__()
+        self.api_key: str = api_key  # other keys get a 401 authentication_error
 
-    @property
-    def base_url(self) -> str:
-        # The origin: the SDK appends /v1/messages itself.
-        return f"http://127.0.0.1:{self.port}"
-
-    def script(self, model: str, script: Script) -> None:
-        """Answer `model` with `script`, taking precedence over the model-name conventions."""
-        with self._lock:
-            self._scripts[model] = script
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def requests_for(self, model: str) -> list[RecordedRequest]:
-        return [request for request in self.requests if request.model == model]
-
-    def reset(self) -> None:
-        """Forget recorded requests and flaky-model counters (scripts stay)."""
-        with self._lock:
-            self._requests.clear()
-            self._attempts.clear()
-
-    def providers_entry(self, models: list[str]) -> dict[str, Any]:
-        """A `DURACHAT_PROVIDERS` entry configuring this server as an Anthropic provider."""
-        return {
-            "type": "anthropic",
-            "base_url": self.base_url,
-            "api_key": self.api_key,
-            "models": models,
-        }
-
-    def start(self) -> None:
-        self._background = BackgroundApp(self._app(), name="Anthropic test server")
-        self._background.start()
-        self.port = self._background.port
-
-    def stop(self) -> None:
-        if self._background is not None:
-            self._background.stop()
-            self._background = None
-
-    def __enter__(self) -> AnthropicServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _script_for_model(self, model: str) -> Script | None:
+        return script_for_model(model)
 
     def _app(self) -> Starlette:
         return Starlette(routes=[Route("/v1/messages", self._messages, methods=["POST"])])
 
     async def _messages(self, request: Request) -> Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
-        record = RecordedRequest(
-            path=request.url.path,
-            headers={key.lower(): value for key, value in request.headers.items()},
-            body=body if isinstance(body, dict) else {},
-        )
-        with self._lock:
-            self._requests.append(record)
+        body = await read_json(request)
+        record = self._record(RecordedRequest.of(request, body))
 
         if record.api_key != self.api_key:
             if record.api_key is None:
@@ -386,46 +290,22 @@ class AnthropicServer:
             return _error(400, message=str(refusal))
 
         model = record.model
-        with self._lock:
-            script = self._scripts.get(model) or script_for_model(model)
-            self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
+        script, attempt = self._script_and_attempt(model)
         if script is None:
             return _error(404, model=model)
         if script.stall:
             await asyncio.sleep(script.stall)
-        if script.fail_status is not None and (
-            script.fail_first is None or attempt <= script.fail_first
-        ):
+        if (status := script.failure_on(attempt)) is not None:
             headers = {"retry-after": script.retry_after} if script.retry_after else {}
-            return _error(script.fail_status, model=model, key=record.api_key, headers=headers)
+            return _error(status, model=model, key=record.api_key, headers=headers)
         if body.get("stream") is not True:
             return _error(400, message="this test server answers streamed requests only")
 
-        events = _stream_events(script, body, record)
-        return StreamingResponse(
-            self._paced(record, script, events),
-            media_type="text/event-stream",
+        return self._streamed(
+            record,
+            _stream_events(script, body, record),
             headers={"cache-control": "no-cache", "request-id": _request_id()},
         )
-
-    async def _paced(
-        self, record: RecordedRequest, script: Script, events: list[_Event]
-    ) -> AsyncIterator[bytes]:
-        try:
-            deltas_sent = 0
-            for event in events:
-                if event.data is None:
-                    raise _DroppedConnection
-                if event.paced:
-                    if deltas_sent and script.delta_delay:
-                        await asyncio.sleep(script.delta_delay)
-                    deltas_sent += 1
-                yield event.data
-            record.finished.set()
-        finally:
-            # Starlette cancels this generator when the client disconnects mid-stream.
-            if not record.finished.is_set():
-                record.disconnected.set()
 
 
 def _check(body: dict[str, Any], version: str) -> None:
@@ -513,15 +393,15 @@ def _check_thinking(thinking: object, max_tokens: int) -> None:
             raise _Refused("`max_tokens` must be greater than `thinking.budget_tokens`")
 
 
-def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest) -> list[_Event]:
+def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest) -> list[Chunk]:
     """The SSE events of one streamed answer, in order."""
-    reply = script.reply if script.reply is not None else _last_user_text(record.messages)
+    reply = script.reply if script.reply is not None else _text(record.last_user_content())
     stop_reason, stop_sequence = script.stop_reason, None
     cut = _first_stop_sequence(reply, body.get("stop_sequences"))
     if cut is not None:
         reply, stop_sequence = reply[: cut[0]], cut[1]
         stop_reason = "stop_sequence"
-    pieces = _PIECE.findall(reply)
+    pieces = word_pieces(reply)
     if len(pieces) > body["max_tokens"]:
         pieces, stop_reason, stop_sequence = pieces[: body["max_tokens"]], "max_tokens", None
 
@@ -541,32 +421,34 @@ def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest
         "stop_sequence": None,
         "usage": {**input_usage, "output_tokens": 1},
     }
-    events = [_Event(_sse("message_start", {"message": message})), _Event(_sse("ping", {}))]
+    events = [Chunk(_sse("message_start", {"message": message})), Chunk(_sse("ping", {}))]
     index = 0
     if script.thinking:
         events.append(
-            _Event(_block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
+            Chunk(_block_start(index, {"type": "thinking", "thinking": "", "signature": ""}))
         )
         events += [
-            _Event(_delta(index, {"type": "thinking_delta", "thinking": piece}))
-            for piece in _PIECE.findall(script.thinking)
+            Chunk(_delta(index, {"type": "thinking_delta", "thinking": piece}))
+            for piece in word_pieces(script.thinking)
         ]
         events.append(
-            _Event(_delta(index, {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}))
+            Chunk(_delta(index, {"type": "signature_delta", "signature": "c2lnbmF0dXJl"}))
         )
-        events.append(_Event(_sse("content_block_stop", {"index": index})))
+        events.append(Chunk(_sse("content_block_stop", {"index": index})))
         index += 1
-    events.append(_Event(_block_start(index, {"type": "text", "text": ""})))
+    events.append(Chunk(_block_start(index, {"type": "text", "text": ""})))
     for count, piece in enumerate(pieces):
         if count == script.error_after_deltas:
             text = _STREAM_ERROR_MESSAGES.get(script.error_type, "Error")
             error = {"type": script.error_type, "message": text}
-            return [*events, _Event(_sse("error", {"error": error}))]
+            return [*events, Chunk(_sse("error", {"error": error}))]
         if count == script.drop_after_deltas:
-            return [*events, _Event(None)]
+            return [*events, Chunk(None)]
         if count == script.truncate_after_deltas:
             return events
-        events.append(_Event(_delta(index, {"type": "text_delta", "text": piece}), paced=True))
+        # Only the text deltas are paced, the first sent at once.
+        pause = script.chunk_delay if count else 0.0
+        events.append(Chunk(_delta(index, {"type": "text_delta", "text": piece}), pause))
 
     # Cumulative, as the API sends them: the input counts again, and the whole output so far.
     usage: dict[str, Any] = {
@@ -578,10 +460,10 @@ def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest
     stop = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
     return [
         *events,
-        _Event(_sse("content_block_stop", {"index": index})),
-        _Event(_sse("ping", {})),
-        _Event(_sse("message_delta", {"delta": stop, "usage": usage})),
-        _Event(_sse("message_stop", {})),
+        Chunk(_sse("content_block_stop", {"index": index})),
+        Chunk(_sse("ping", {})),
+        Chunk(_sse("message_delta", {"delta": stop, "usage": usage})),
+        Chunk(_sse("message_stop", {})),
     ]
 
 
@@ -595,8 +477,7 @@ def _block_start(index: int, block: dict[str, Any]) -> bytes:
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     # The SDK dispatches on the `event:` line: an event without one is silently dropped.
-    payload = json.dumps({"type": event, **data}, separators=(",", ":"))
-    return f"event: {event}\ndata: {payload}\n\n".encode()
+    return sse({"type": event, **data}, event=event)
 
 
 def _first_stop_sequence(reply: str, sequences: object) -> tuple[int, str] | None:
@@ -648,10 +529,3 @@ def _text(content: object) -> str:
     return " ".join(
         str(block.get("text", "")) for block in _blocks(content) if block.get("type") == "text"
     )
-
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return _text(message.get("content"))
-    return ""

@@ -1,7 +1,7 @@
 """A local server speaking the Gemini API's streamed generateContent wire format, scripted by model name.
 
 The production adapter runs against it unchanged, through the real `google-genai` SDK. It runs
-uvicorn in a background thread on a free 127.0.0.1 port (`BackgroundApp`), so a worker started as a
+uvicorn in a background thread on a free 127.0.0.1 port (`WireServer`), so a worker started as a
 separate process can be pointed at it too (`server.providers_entry(models)` is a ready
 `DURACHAT_PROVIDERS` entry).
 
@@ -10,10 +10,9 @@ the `x-goog-api-key` header (a missing key is Google's 403, a wrong one its 400 
 The SDK mixes camelCase and snake_case keys in one body (`inlineData` holding `mime_type`), and
 Google accepts both, so bodies are recorded as sent and also normalised to camelCase, which is what
 `RecordedRequest` reads. Behaviour follows the model name (`script_for_model`), or a `Script`
-registered with `script()`:
+registered with `script()`: the conventions every test server shares (tests/support/wire_server.py:
+echo, reply-<words>, slow-<ms>, fail-<status>, flaky-<n> with 503), and
 
-    echo                  streams the last user message's text back, word by word
-    reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
     thinking-<words>      thought parts (`"thought": true`) first, then the reply; as Gemini does,
                           thoughts are sent only when thinkingConfig.includeThoughts is true, are
                           counted in thoughtsTokenCount either way, and a thinkingBudget of 0 turns
@@ -22,12 +21,9 @@ registered with `script()`:
     safety-<words>        the reply, finished with finishReason SAFETY (the rest was blocked)
     blocked               a prompt blocked before any answer: promptFeedback.blockReason SAFETY
                           and no candidates
-    slow / slow-<ms>      1000 words, one chunk per 50 ms (or <ms>): for stop and timeout tests
-    fail-<status>         always that HTTP status with Google's error JSON; fail-429 adds a
-                          RetryInfo of "30s" and `retry-after: 2`; fail-401 and fail-403 quote the
-                          key back (Google's "Consumer 'api_key:...' has been suspended" does)
-    flaky-<n>[-<tag>]     503 for the first <n> requests to this exact model name, then echo;
-                          a unique <tag> per test avoids sharing the count (or call reset())
+    fail-<status>         Google's error JSON; fail-429 adds a RetryInfo of "30s" and
+                          `retry-after: 2`; fail-401 and fail-403 quote the key back (Google's
+                          "Consumer 'api_key:...' has been suspended" does)
     midstream-error       3 chunks, then a `data: {"error": {...}}` 503 event inside the 200 stream
     drop                  3 chunks, then the connection is cut
     truncated             3 chunks, then the body ends cleanly without a finishReason
@@ -44,25 +40,32 @@ early.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import re
-import threading
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Self
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.support.background_app import BackgroundApp
+from tests.support.wire_server import (
+    WireRequest,
+    WireScript,
+    WireServer,
+    evenly_paced,
+    lower_headers,
+    model_name_parts,
+    read_json,
+    reasoning_about,
+    sse,
+    word_pieces,
+)
 
-_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
 _SNAKE = re.compile(r"_([a-z0-9])")
 
 API_VERSIONS = ("v1", "v1beta")
@@ -118,16 +121,12 @@ _BLOCKED_RATINGS = [
 
 
 @dataclass(frozen=True)
-class Script:
+class Script(WireScript):
     """How the server answers one model."""
 
-    reply: str | None = None  # None: echo the last user message's text
     thoughts: str = ""  # thought parts, sent when includeThoughts is true
     thoughts_unasked: bool = False  # send the thought parts even without includeThoughts
     finish_reason: str | None = "STOP"  # None: the stream ends without one
-    chunk_delay: float = 0.0  # seconds between chunks
-    fail_status: int | None = None
-    fail_first: int | None = None  # with fail_status: fail only the first n requests
     retry_after: str | None = None  # `retry-after` header sent with failures
     retry_delay: str | None = None  # RetryInfo.retryDelay in the error's details
     error_after_chunks: int | None = None  # an in-stream error event after n chunks
@@ -137,17 +136,20 @@ class Script:
     block_reason: str | None = None  # promptFeedback.blockReason: no candidates at all
     cached_tokens: int = 0  # reported as cachedContentTokenCount, and inside promptTokenCount
 
+    @classmethod
+    def failing(cls, status: int) -> Self:
+        if status == 429:
+            return cls(fail_status=429, retry_after="2", retry_delay="30s")
+        return cls(fail_status=status)
+
 
 def script_for_model(model: str) -> Script | None:
     """The Script a model name asks for, or None for an unknown model."""
-    name, _, argument = model.partition("-")
-    words = argument.replace("-", " ")
-    if model == "echo":
-        return Script()
-    if name == "reply" and argument:
-        return Script(reply=words)
+    name, argument, words = model_name_parts(model)
+    if (script := Script.by_convention(model)) is not None:
+        return script
     if name == "thinking" and argument:
-        return Script(reply=words, thoughts=f"The user wants {words}. I will answer.")
+        return Script(reply=words, thoughts=reasoning_about(words))
     if model.startswith("max-tokens-"):
         return Script(
             reply=model.removeprefix("max-tokens-").replace("-", " "), finish_reason="MAX_TOKENS"
@@ -156,16 +158,6 @@ def script_for_model(model: str) -> Script | None:
         return Script(reply=words, finish_reason="SAFETY")
     if model == "blocked":
         return Script(block_reason="SAFETY")
-    if model == "slow" or (name == "slow" and argument.isdigit()):
-        delay = int(argument) / 1000 if argument else 0.05
-        return Script(reply=" ".join(f"w{index}" for index in range(1000)), chunk_delay=delay)
-    if name == "fail" and argument.isdigit():
-        if argument == "429":
-            return Script(fail_status=429, retry_after="2", retry_delay="30s")
-        return Script(fail_status=int(argument))
-    failures, _, _tag = argument.partition("-")
-    if name == "flaky" and failures.isdigit():
-        return Script(fail_status=503, fail_first=int(failures))
     broken = "this answer breaks off early"
     if model == "midstream-error":
         return Script(reply=broken, error_after_chunks=3)
@@ -192,16 +184,11 @@ def _camel(key: str) -> str:
 
 
 @dataclass
-class RecordedRequest:
-    """One request the server received, as it arrived."""
+class RecordedRequest(WireRequest):
+    """One request the server received, as it arrived; `body` has camelCase keys."""
 
-    path: str
     query: dict[str, str]
-    headers: dict[str, str]  # lower-cased names
     raw_body: Any  # the JSON as sent, keys spelled however the client spelled them
-    body: dict[str, Any]  # the same with camelCase keys
-    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
-    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
 
     @property
     def version(self) -> str:
@@ -303,71 +290,18 @@ def _refusal(body: dict[str, Any]) -> str | None:
     return None
 
 
-class _DroppedConnection(Exception):
-    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
-
-
-class GeminiServer:
+class GeminiServer(WireServer[RecordedRequest, Script]):
     """`with GeminiServer(api_key=...) as server:` then point a client at `server.base_url`."""
 
+    NAME = "Gemini test server"
+    PROVIDER_TYPE = "google"
+
     def __init__(self, *, api_key: str) -> None:
-        self.api_key = api_key
-        self._scripts: dict[str, Script] = {}
-        self._attempts: dict[str, int] = {}
-        self._requests: list[RecordedRequest] = []
-        self._lock = threading.Lock()
-        self._background: BackgroundApp | None = None
-        self.port = 0
+        super().__init__()
+        self.api_key: str = api_key
 
-    @property
-    def base_url(self) -> str:
-        # The SDK appends the API version itself.
-        return f"http://127.0.0.1:{self.port}"
-
-    def script(self, model: str, script: Script) -> None:
-        """Answer `model` with `script`, taking precedence over the model-name conventions."""
-        with self._lock:
-            self._scripts[model] = script
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def requests_for(self, model: str) -> list[RecordedRequest]:
-        return [request for request in self.requests if request.model == model]
-
-    def reset(self) -> None:
-        """Forget recorded requests and flaky-model counters (scripts stay)."""
-        with self._lock:
-            self._requests.clear()
-            self._attempts.clear()
-
-    def providers_entry(self, models: list[str]) -> dict[str, Any]:
-        """A `DURACHAT_PROVIDERS` entry configuring this server as a Google provider."""
-        return {
-            "type": "google",
-            "base_url": self.base_url,
-            "api_key": self.api_key,
-            "models": models,
-        }
-
-    def start(self) -> None:
-        self._background = BackgroundApp(self._app(), name="Gemini test server")
-        self._background.start()
-        self.port = self._background.port
-
-    def stop(self) -> None:
-        if self._background is not None:
-            self._background.stop()
-            self._background = None
-
-    def __enter__(self) -> GeminiServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _script_for_model(self, model: str) -> Script | None:
+        return script_for_model(model)
 
     def _app(self) -> Starlette:
         return Starlette(
@@ -377,20 +311,17 @@ class GeminiServer:
     async def _models(self, request: Request) -> Response:
         version = request.path_params["version"]
         model, _, method = str(request.path_params["target"]).rpartition(":")
-        try:
-            raw_body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raw_body = None
+        raw_body = await read_json(request)
         body = camel_keys(raw_body) if isinstance(raw_body, dict) else {}
-        record = RecordedRequest(
-            path=request.url.path,
-            query=dict(request.query_params),
-            headers={key.lower(): value for key, value in request.headers.items()},
-            raw_body=raw_body,
-            body=body,
+        record = self._record(
+            RecordedRequest(
+                path=request.url.path,
+                query=dict(request.query_params),
+                headers=lower_headers(request),
+                raw_body=raw_body,
+                body=body,
+            )
         )
-        with self._lock:
-            self._requests.append(record)
 
         if version not in API_VERSIONS or method != "streamGenerateContent" or not model:
             return _error(404, message=f"Method not found: {request.url.path}")
@@ -423,14 +354,10 @@ class GeminiServer:
         if refusal is not None:
             return _error(400, message=refusal)
 
-        with self._lock:
-            script = self._scripts.get(model) or script_for_model(model)
-            self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
+        script, attempt = self._script_and_attempt(model)
         if script is None:
             return _error(404, model=model, version=version)
-        if script.fail_status is not None and (
-            script.fail_first is None or attempt <= script.fail_first
-        ):
+        if (status := script.failure_on(attempt)) is not None:
             details = []
             if script.retry_delay is not None:
                 details.append(
@@ -441,7 +368,7 @@ class GeminiServer:
                 )
             headers = {"retry-after": script.retry_after} if script.retry_after else None
             return _error(
-                script.fail_status,
+                status,
                 model=model,
                 version=version,
                 key=key,
@@ -450,27 +377,9 @@ class GeminiServer:
             )
 
         events = _stream_events(script, model, record)
-        return StreamingResponse(
-            self._paced(record, script, events),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
+        return self._streamed(
+            record, evenly_paced(events, script.chunk_delay), headers={"cache-control": "no-cache"}
         )
-
-    async def _paced(
-        self, record: RecordedRequest, script: Script, events: list[bytes | None]
-    ) -> AsyncIterator[bytes]:
-        try:
-            for index, event in enumerate(events):
-                if event is None:
-                    raise _DroppedConnection
-                if index and script.chunk_delay:
-                    await asyncio.sleep(script.chunk_delay)
-                yield event
-            record.finished.set()
-        finally:
-            # Starlette cancels this generator when the client disconnects mid-stream.
-            if not record.finished.is_set():
-                record.disconnected.set()
 
 
 def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[bytes | None]:
@@ -484,20 +393,20 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
     if script.block_reason is not None:
         feedback = {"blockReason": script.block_reason, "safetyRatings": _BLOCKED_RATINGS}
         counts = {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens}
-        return [_sse({"promptFeedback": feedback, "usageMetadata": counts, **envelope})]
+        return [sse({"promptFeedback": feedback, "usageMetadata": counts, **envelope})]
 
     def chunk(parts: list[dict[str, Any]]) -> bytes:
         candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
-        return _sse({"candidates": [candidate], **envelope})
+        return sse({"candidates": [candidate], **envelope})
 
     config = record.generation_config
     thinking = config.get("thinkingConfig")
     thinking = thinking if isinstance(thinking, dict) else {}
     thinks = bool(script.thoughts) and thinking.get("thinkingBudget") != 0
     shown = thinking.get("includeThoughts") or script.thoughts_unasked
-    thoughts = _PIECE.findall(script.thoughts) if thinks and shown else []
+    thoughts = word_pieces(script.thoughts) if thinks and shown else []
     reply = script.reply if script.reply is not None else _last_user_text(record)
-    pieces = _PIECE.findall(reply)
+    pieces = word_pieces(reply)
     finish_reason = script.finish_reason
     cap = config.get("maxOutputTokens")
     if isinstance(cap, int) and len(pieces) > cap:
@@ -508,7 +417,7 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
         if count == script.error_after_chunks:
             status, message = _ERRORS.get(script.error_status, ("UNKNOWN", "Error."))
             error = {"code": script.error_status, "message": message, "status": status}
-            return [*events, _sse({"error": error})]
+            return [*events, sse({"error": error})]
         if count == script.drop_after_chunks:
             return [*events, None]
         if count == script.garbage_after_chunks:
@@ -534,16 +443,12 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
         last["safetyRatings"] = _BLOCKED_RATINGS
     else:
         last["content"] = {"role": "model", "parts": [{"text": ""}]}
-    events.append(_sse({"candidates": [last], "usageMetadata": usage, **envelope}))
+    events.append(sse({"candidates": [last], "usageMetadata": usage, **envelope}))
     return events
 
 
 def _last_user_text(record: RecordedRequest) -> str:
     return " ".join(_texts({"parts": record.user_parts()}))
-
-
-def _sse(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def _error(

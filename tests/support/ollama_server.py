@@ -1,16 +1,15 @@
 """A local server speaking Ollama's native chat API (`POST /api/chat`, NDJSON), scripted by model name.
 
 The production adapter runs against it unchanged, through the real `ollama` SDK. It runs uvicorn in
-a background thread on a free 127.0.0.1 port (`BackgroundApp`).
+a background thread on a free 127.0.0.1 port (`WireServer`).
 
 Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
+the conventions every test server shares (tests/support/wire_server.py: echo, reply-<words>,
+slow-<ms> with one line per chunk, fail-<status> with Ollama's `{"error": "..."}` body, flaky-<n>
+with 503), and
 
-    echo                  streams the last user message back, word by word
-    reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
     thinking-<words>      `message.thinking` lines first, then the reply
     length-<words>        the reply, finished with done_reason "length"
-    slow / slow-<ms>      1000 words, one line per 50 ms (or <ms>): for stop and timeout tests
-    fail-<status>         always that HTTP status with Ollama's `{"error": "..."}` body
     midstream-error       3 lines, then an `{"error": ...}` line inside the 200 stream
     drop                  3 lines, then the connection is cut before the `done` line
     truncated             3 lines, then the body ends cleanly without a `done` line
@@ -26,25 +25,28 @@ its stream finished or the client left early.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import re
-import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.background_app import BackgroundApp
-
-_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
+from tests.support.wire_server import (
+    ChatRequest,
+    WireScript,
+    WireServer,
+    evenly_paced,
+    model_name_parts,
+    read_json,
+    reasoning_about,
+    word_pieces,
+)
 
 MIDSTREAM_ERROR = "an error was encountered while running the model"
 
@@ -61,14 +63,11 @@ _ERRORS: dict[int, str] = {
 
 
 @dataclass(frozen=True)
-class Script:
+class Script(WireScript):
     """How the server answers one model."""
 
-    reply: str | None = None  # None: echo the last user message
     thinking: str = ""
     done_reason: str = "stop"
-    line_delay: float = 0.0  # seconds between lines
-    fail_status: int | None = None
     error_after_lines: int | None = None  # an `{"error": ...}` line after n content lines
     drop_after_lines: int | None = None  # cut the connection after n content lines
     end_after_lines: int | None = None  # end the body cleanly after n lines, with no `done`
@@ -77,21 +76,13 @@ class Script:
 
 def script_for_model(model: str) -> Script | None:
     """The Script a model name asks for, or None for a model that is not pulled."""
-    name, _, argument = model.partition("-")
-    words = argument.replace("-", " ")
-    if model == "echo":
-        return Script()
-    if name == "reply" and argument:
-        return Script(reply=words)
+    name, argument, words = model_name_parts(model)
+    if (script := Script.by_convention(model)) is not None:
+        return script
     if name == "thinking" and argument:
-        return Script(reply=words, thinking=f"The user wants {words}. I will answer.")
+        return Script(reply=words, thinking=reasoning_about(words))
     if name == "length" and argument:
         return Script(reply=words, done_reason="length")
-    if model == "slow" or (name == "slow" and argument.isdigit()):
-        delay = int(argument) / 1000 if argument else 0.05
-        return Script(reply=" ".join(f"w{index}" for index in range(1000)), line_delay=delay)
-    if name == "fail" and argument.isdigit():
-        return Script(fail_status=int(argument))
     if model == "midstream-error":
         return Script(reply="this answer breaks off early", error_after_lines=3)
     if model == "drop":
@@ -104,27 +95,8 @@ def script_for_model(model: str) -> Script | None:
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(ChatRequest):
     """One request the server received, as it arrived."""
-
-    path: str
-    headers: dict[str, str]  # lower-cased names
-    body: dict[str, Any]
-    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
-    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
-
-    @property
-    def model(self) -> str:
-        return str(self.body.get("model", ""))
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        messages = self.body.get("messages", [])
-        return list(messages) if isinstance(messages, list) else []
-
-    @property
-    def authorization(self) -> str | None:
-        return self.headers.get("authorization")
 
     def raw_images(self) -> list[str]:
         """Every `messages[].images` entry, exactly as it arrived, in order."""
@@ -140,79 +112,25 @@ class RecordedRequest:
         return [base64.b64decode(image, validate=True) for image in self.raw_images()]
 
 
-class _DroppedConnection(Exception):
-    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
-
-
-class OllamaServer:
+class OllamaServer(WireServer[RecordedRequest, Script]):
     """`with OllamaServer() as server:` then point an adapter at `server.base_url`."""
 
+    NAME = "Ollama test server"
+    PROVIDER_TYPE = "ollama"
+
     def __init__(self, *, api_key: str | None = None) -> None:
+        super().__init__()
         self.api_key = api_key  # when set, other bearer tokens get a 401, as ollama.com answers
-        self._scripts: dict[str, Script] = {}
-        self._requests: list[RecordedRequest] = []
-        self._lock = threading.Lock()
-        self._background: BackgroundApp | None = None
-        self.port = 0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def script(self, model: str, script: Script) -> None:
-        """Answer `model` with `script`, taking precedence over the model-name conventions."""
-        with self._lock:
-            self._scripts[model] = script
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def reset(self) -> None:
-        """Forget recorded requests (scripts stay)."""
-        with self._lock:
-            self._requests.clear()
-
-    def providers_entry(self, models: list[str]) -> dict[str, Any]:
-        """One `DURACHAT_PROVIDERS` entry configuring this server as an Ollama provider."""
-        entry: dict[str, Any] = {"type": "ollama", "base_url": self.base_url, "models": models}
-        if self.api_key:
-            entry["api_key"] = self.api_key
-        return entry
-
-    def start(self) -> None:
-        self._background = BackgroundApp(self._app(), name="Ollama test server")
-        self._background.start()
-        self.port = self._background.port
-
-    def stop(self) -> None:
-        if self._background is not None:
-            self._background.stop()
-            self._background = None
-
-    def __enter__(self) -> OllamaServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _script_for_model(self, model: str) -> Script | None:
+        return script_for_model(model)
 
     def _app(self) -> Starlette:
         return Starlette(routes=[Route("/api/chat", self._chat, methods=["POST"])])
 
     async def _chat(self, request: Request) -> Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            body = None
-        record = RecordedRequest(
-            path=request.url.path,
-            headers={key.lower(): value for key, value in request.headers.items()},
-            body=body if isinstance(body, dict) else {},
-        )
-        with self._lock:
-            self._requests.append(record)
+        body = await read_json(request)
+        record = self._record(RecordedRequest.of(request, body))
         if not isinstance(body, dict):
             return _error(400, "invalid character in request body")
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
@@ -223,22 +141,21 @@ class OllamaServer:
         bad_image = _bad_image(record)
         if bad_image is not None:
             return _error(400, bad_image)
-        with self._lock:
-            script = self._scripts.get(model) or script_for_model(model)
+        script, attempt = self._script_and_attempt(model)
         if script is None:
             return _error(404, _ERRORS[404].format(model=model))
-        if script.fail_status is not None:
-            template = _ERRORS.get(script.fail_status, "error")
-            return _error(script.fail_status, template.format(model=model))
+        if (status := script.failure_on(attempt)) is not None:
+            return _error(status, _ERRORS.get(status, "error").format(model=model))
 
-        reply = script.reply if script.reply is not None else _last_user_text(record.messages)
-        pieces = _PIECE.findall(reply)
+        asked = record.last_user_content()
+        reply = script.reply if script.reply is not None else str(asked or "")
+        pieces = word_pieces(reply)
         done_reason = script.done_reason
         options = body.get("options")
         cap = options.get("num_predict") if isinstance(options, dict) else None
         if isinstance(cap, int) and 0 <= cap < len(pieces):
             pieces, done_reason = pieces[:cap], "length"
-        thinking = _PIECE.findall(script.thinking)
+        thinking = word_pieces(script.thinking)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in record.messages)
         output_tokens = len("".join(pieces).split()) + len(thinking)
         final = _final_fields(model, done_reason, prompt_tokens, output_tokens)
@@ -249,25 +166,9 @@ class OllamaServer:
                 message["thinking"] = "".join(thinking)
             return JSONResponse({**final, "message": message})
         lines = _stream_lines(script, model, thinking, pieces, final)
-        return StreamingResponse(
-            self._paced(record, script, lines), media_type="application/x-ndjson"
+        return self._streamed(
+            record, evenly_paced(lines, script.chunk_delay), media_type="application/x-ndjson"
         )
-
-    async def _paced(
-        self, record: RecordedRequest, script: Script, lines: list[bytes | None]
-    ) -> AsyncIterator[bytes]:
-        try:
-            for index, line in enumerate(lines):
-                if line is None:
-                    raise _DroppedConnection
-                if index and script.line_delay:
-                    await asyncio.sleep(script.line_delay)
-                yield line
-            record.finished.set()
-        finally:
-            # Starlette cancels this generator when the client disconnects mid-stream.
-            if not record.finished.is_set():
-                record.disconnected.set()
 
 
 def _stream_lines(
@@ -347,10 +248,3 @@ def _now() -> str:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
-            return str(message.get("content", ""))
-    return ""

@@ -1,22 +1,19 @@
 """A local server speaking OpenAI's chat completions wire format, scripted by model name.
 
 The production adapter runs against it unchanged. It runs uvicorn in a background thread on a free
-127.0.0.1 port, so a worker started as a separate process can be pointed at it too
+127.0.0.1 port (`WireServer`), so a worker started as a separate process can be pointed at it too
 (`server.providers_env()` is a ready `DURACHAT_PROVIDERS` value).
 
 Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
+the conventions every test server shares (tests/support/wire_server.py: echo, reply-<words>,
+slow-<ms>, fail-<status>, flaky-<n> with 503), and
 
-    echo                  streams the last user message back, word by word
     titler                answers like a title model: "About: " and the user message's first four
                           words, in quotes
-    reply-<words>         streams <words> with hyphens read as spaces: reply-hello-world
     reasoning-<words>     `reasoning_content` deltas first (DeepSeek/vLLM style), then the reply
     length-<words>        the reply, finished with finish_reason "length"
-    slow / slow-<ms>      1000 words, one chunk per 50 ms (or <ms>): for stop/cancel tests
-    fail-<status>         always that HTTP status with OpenAI's error JSON; fail-429 adds
-                          `Retry-After: 2`, fail-401 quotes the bearer token back like OpenAI does
-    flaky-<n>[-<tag>]     503 for the first <n> requests to this exact model name, then echo;
-                          a unique <tag> per test avoids sharing the count (or call reset())
+    fail-<status>         OpenAI's error JSON; fail-429 adds `Retry-After: 2`, fail-401 quotes the
+                          bearer token back like OpenAI does
     midstream-error       3 chunks, then an `{"error": ...}` event inside the 200 stream
     midstream-<code>      the same with that error `code` (an int if digits: midstream-402,
                           midstream-server_error), in the dialect's shape
@@ -44,26 +41,30 @@ is echoed by its text parts.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import re
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.background_app import BackgroundApp
-
-_PIECE = re.compile(r"\s*\S+\s*|\s+\Z")
+from tests.support.wire_server import (
+    ChatRequest,
+    WireScript,
+    WireServer,
+    evenly_paced,
+    model_name_parts,
+    read_json,
+    reasoning_about,
+    sse,
+    word_pieces,
+)
 
 _ERRORS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", None, "Invalid request."),
@@ -109,17 +110,13 @@ _DIALECT_USAGE: dict[Dialect, UsagePlacement] = {
 
 
 @dataclass(frozen=True)
-class Script:
+class Script(WireScript):
     """How the server answers one model."""
 
-    reply: str | None = None  # None: echo the last user message
     titles: bool = False  # answer with a quoted title made from the last user message
     reasoning: str = ""
     reasoning_field: Literal["reasoning_content", "reasoning"] = "reasoning_content"
     finish_reason: str = "stop"
-    chunk_delay: float = 0.0  # seconds between chunks
-    fail_status: int | None = None
-    fail_first: int | None = None  # with fail_status: fail only the first n requests
     retry_after: str | None = None  # `Retry-After` sent with failures
     retry_after_ms: str | None = None  # `retry-after-ms` sent with failures
     error_after_chunks: int | None = None  # send an in-stream error event after n chunks
@@ -133,33 +130,26 @@ class Script:
     cache_write_tokens: int = 0  # usage.prompt_tokens_details.cache_write_tokens
     cost: float | str | None = None  # OpenRouter's usage.cost; None: priced from the counts
 
+    @classmethod
+    def failing(cls, status: int) -> Self:
+        return cls(fail_status=status, retry_after="2" if status == 429 else None)
+
 
 def script_for_model(model: str, *, dialect: Dialect = "openai") -> Script | None:
     """The Script a model name asks for, or None for an unknown model."""
-    name, _, argument = model.partition("-")
-    words = argument.replace("-", " ")
-    if model == "echo":
-        return Script()
+    name, argument, words = model_name_parts(model)
+    if (script := Script.by_convention(model)) is not None:
+        return script
     if model == "titler":
         return Script(titles=True)
-    if name == "reply" and argument:
-        return Script(reply=words)
     if name == "reasoning" and argument:
         return Script(
             reply=words,
-            reasoning=f"The user wants {words}. I will answer.",
+            reasoning=reasoning_about(words),
             reasoning_field="reasoning_content" if dialect == "openai" else "reasoning",
         )
     if name == "length" and argument:
         return Script(reply=words, finish_reason="length")
-    if model == "slow" or (name == "slow" and argument.isdigit()):
-        delay = int(argument) / 1000 if argument else 0.05
-        return Script(reply=" ".join(f"w{index}" for index in range(1000)), chunk_delay=delay)
-    if name == "fail" and argument.isdigit():
-        return Script(fail_status=int(argument), retry_after="2" if argument == "429" else None)
-    failures, _, _tag = argument.partition("-")
-    if name == "flaky" and failures.isdigit():
-        return Script(fail_status=503, fail_first=int(failures))
     if model == "midstream-error":
         return Script(reply="this answer breaks off early", error_after_chunks=3)
     if name == "midstream" and argument:
@@ -173,37 +163,16 @@ def script_for_model(model: str, *, dialect: Dialect = "openai") -> Script | Non
 
 
 @dataclass
-class RecordedRequest:
+class RecordedRequest(ChatRequest):
     """One request the server received, as it arrived."""
-
-    path: str
-    headers: dict[str, str]  # lower-cased names
-    body: dict[str, Any]
-    finished: threading.Event = field(default_factory=threading.Event)  # whole body sent
-    disconnected: threading.Event = field(default_factory=threading.Event)  # client left early
-
-    @property
-    def model(self) -> str:
-        return str(self.body.get("model", ""))
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        messages = self.body.get("messages", [])
-        return list(messages) if isinstance(messages, list) else []
-
-    @property
-    def authorization(self) -> str | None:
-        return self.headers.get("authorization")
 
     def user_content_parts(self) -> list[dict[str, Any]]:
         """The last user message's content as parts; a string content is one text part."""
-        for message in reversed(self.messages):
-            if message.get("role") == "user":
-                content = message.get("content")
-                if isinstance(content, str):
-                    return [{"type": "text", "text": content}]
-                return [part for part in content or [] if isinstance(part, dict)]
-        return []
+        content = self.last_user_content()
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        parts = content if isinstance(content, list) else []
+        return [part for part in parts if isinstance(part, dict)]
 
     def _parts(self) -> list[dict[str, Any]]:
         return [
@@ -253,91 +222,33 @@ def _data_url(url: str) -> tuple[str, bytes] | None:
     return header.removeprefix("data:").removesuffix(";base64"), base64.b64decode(data)
 
 
-class _DroppedConnection(Exception):
-    """Raised inside a streaming body so uvicorn aborts the connection mid-response."""
+class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
+    """`with OpenAICompatibleServer() as server:` then point a client at `server.base_url`.
 
+    A `providers_entry` names its dialect by the entry's name: name it `groq` or `openrouter` for
+    those presets (`base_url` then points them here); any other name is a plain OpenAI-compatible
+    server.
+    """
 
-class OpenAICompatibleServer:
-    """`with OpenAICompatibleServer() as server:` then point a client at `server.base_url`."""
+    NAME = "OpenAI-compatible test server"
+    PROVIDER_TYPE = "openai-compatible"
 
     def __init__(self, *, api_key: str | None = None, dialect: Dialect = "openai") -> None:
+        super().__init__()
         self.api_key = api_key  # when set, other bearer tokens get OpenAI's 401
         self.dialect: Dialect = dialect
-        self._scripts: dict[str, Script] = {}
-        self._attempts: dict[str, int] = {}
-        self._requests: list[RecordedRequest] = []
-        self._lock = threading.Lock()
-        self._background: BackgroundApp | None = None
-        self.port = 0
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def script(self, model: str, script: Script) -> None:
-        """Answer `model` with `script`, taking precedence over the model-name conventions."""
-        with self._lock:
-            self._scripts[model] = script
-
-    def forget_script(self, model: str) -> None:
-        """Drop a script registered with `script()`; the model-name conventions apply again."""
-        with self._lock:
-            self._scripts.pop(model, None)
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        with self._lock:
-            return list(self._requests)
-
-    def requests_for(self, model: str) -> list[RecordedRequest]:
-        return [request for request in self.requests if request.model == model]
-
-    def reset(self) -> None:
-        """Forget recorded requests and flaky-model counters (scripts stay)."""
-        with self._lock:
-            self._requests.clear()
-            self._attempts.clear()
+        # The OpenAI SDK appends only the path below the version.
+        return f"{super().base_url}/v1"
 
     def providers_env(self, name: str, models: list[str], *, api_key: str | None = None) -> str:
         """A `DURACHAT_PROVIDERS` value configuring this server as provider `name`."""
-        entry: dict[str, Any] = {"base_url": self.base_url, "models": models}
-        key = api_key if api_key is not None else self.api_key
-        if key:
-            entry["api_key"] = key
-        return json.dumps({name: entry})
+        return json.dumps({name: self._endpoint(models, api_key)})
 
-    def providers_entry(self, models: list[str], *, api_key: str | None = None) -> dict[str, Any]:
-        """One `DURACHAT_PROVIDERS` entry configuring this server.
-
-        The entry's name picks the dialect: name it `groq` or `openrouter` for those presets
-        (`base_url` then points them here); any other name is a plain OpenAI-compatible server.
-        """
-        entry: dict[str, Any] = {
-            "type": "openai-compatible",
-            "base_url": self.base_url,
-            "models": models,
-        }
-        key = api_key if api_key is not None else self.api_key
-        if key:
-            entry["api_key"] = key
-        return entry
-
-    def start(self) -> None:
-        self._background = BackgroundApp(self._app(), name="OpenAI-compatible test server")
-        self._background.start()
-        self.port = self._background.port
-
-    def stop(self) -> None:
-        if self._background is not None:
-            self._background.stop()
-            self._background = None
-
-    def __enter__(self) -> OpenAICompatibleServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+    def _script_for_model(self, model: str) -> Script | None:
+        return script_for_model(model, dialect=self.dialect)
 
     def _app(self) -> Starlette:
         return Starlette(
@@ -354,17 +265,8 @@ class OpenAICompatibleServer:
         return JSONResponse({"object": "list", "data": data})
 
     async def _chat_completions(self, request: Request) -> Response:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            body = None
-        record = RecordedRequest(
-            path=request.url.path,
-            headers={key.lower(): value for key, value in request.headers.items()},
-            body=body if isinstance(body, dict) else {},
-        )
-        with self._lock:
-            self._requests.append(record)
+        body = await read_json(request)
+        record = self._record(RecordedRequest.of(request, body))
         if not isinstance(body, dict):
             return self._error(400, message="We could not parse the JSON body of your request.")
 
@@ -374,32 +276,27 @@ class OpenAICompatibleServer:
         model = record.model
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
             return self._error(401, key=_bearer(record))
-        with self._lock:
-            script = self._scripts.get(model) or script_for_model(model, dialect=self.dialect)
-            self._attempts[model] = attempt = self._attempts.get(model, 0) + 1
+        script, attempt = self._script_and_attempt(model)
         if script is None:
             return self._error(404, model=model)
-        if script.fail_status is not None and (
-            script.fail_first is None or attempt <= script.fail_first
-        ):
+        if (status := script.failure_on(attempt)) is not None:
             headers: dict[str, str] = {}
             if script.retry_after is not None:
                 headers["retry-after"] = script.retry_after
             if script.retry_after_ms is not None:
                 headers["retry-after-ms"] = script.retry_after_ms
-            return self._error(
-                script.fail_status, model=model, key=_bearer(record), headers=headers
-            )
+            return self._error(status, model=model, key=_bearer(record), headers=headers)
 
-        reply = script.reply if script.reply is not None else _last_user_text(record.messages)
+        asked = _text(record.last_user_content())
+        reply = script.reply if script.reply is not None else asked
         if script.titles:
-            reply = '"About: ' + " ".join(_last_user_text(record.messages).split()[:4]) + '"'
-        pieces = _PIECE.findall(reply)
+            reply = '"About: ' + " ".join(asked.split()[:4]) + '"'
+        pieces = word_pieces(reply)
         finish_reason = script.finish_reason
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(cap, int) and len(pieces) > cap:
             pieces, finish_reason = pieces[:cap], "length"
-        reasoning = _PIECE.findall(script.reasoning)
+        reasoning = word_pieces(script.reasoning)
         prompt_tokens = sum(len(_text(m.get("content")).split()) for m in record.messages)
         reasoning_tokens = len(script.reasoning.split())
         completion_tokens = len("".join(pieces).split()) + reasoning_tokens
@@ -453,10 +350,8 @@ class OpenAICompatibleServer:
             usage if in_x_groq else None,
             self.dialect,
         )
-        return StreamingResponse(
-            self._paced(record, script, events),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
+        return self._streamed(
+            record, evenly_paced(events, script.chunk_delay), headers={"cache-control": "no-cache"}
         )
 
     def _error(
@@ -468,29 +363,17 @@ class OpenAICompatibleServer:
         headers: dict[str, str] | None = None,
         message: str | None = None,
     ) -> JSONResponse:
-        if self.dialect != "openrouter":
-            return _error(status, model=model, key=key, headers=headers, message=message)
-        template, metadata = _OPENROUTER_ERRORS.get(status, ("Error.", None))
-        error: dict[str, Any] = {"code": status, "message": message or template.format(model=model)}
-        if metadata is not None:
-            error["metadata"] = metadata
+        error: dict[str, Any]
+        if self.dialect == "openrouter":
+            template, metadata = _OPENROUTER_ERRORS.get(status, ("Error.", None))
+            error = {"code": status, "message": message or template.format(model=model)}
+            if metadata is not None:
+                error["metadata"] = metadata
+        else:
+            error_type, code, template = _ERRORS.get(status, ("server_error", None, "Error."))
+            text = message or template.format(model=model, key=key)
+            error = {"message": text, "type": error_type, "param": None, "code": code}
         return JSONResponse({"error": error}, status_code=status, headers=headers)
-
-    async def _paced(
-        self, record: RecordedRequest, script: Script, events: list[bytes | None]
-    ) -> AsyncIterator[bytes]:
-        try:
-            for index, event in enumerate(events):
-                if event is None:
-                    raise _DroppedConnection
-                if index and script.chunk_delay:
-                    await asyncio.sleep(script.chunk_delay)
-                yield event
-            record.finished.set()
-        finally:
-            # Starlette cancels this generator when the client disconnects mid-stream.
-            if not record.finished.is_set():
-                record.disconnected.set()
 
 
 def _stream_events(
@@ -510,7 +393,7 @@ def _stream_events(
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return _sse({**envelope, "choices": [choice], **extra, **more})
+        return sse({**envelope, "choices": [choice], **extra, **more})
 
     first: dict[str, Any] = {"x_groq": {"id": request_id}} if dialect == "groq" else {}
     events: list[bytes | None] = [KEEPALIVE] if dialect == "openrouter" else []
@@ -533,7 +416,7 @@ def _stream_events(
         }
     events.append(chunk({}, finish_reason, **last))
     if usage is not None:
-        events.append(_sse({**envelope, "choices": [], "usage": usage}))
+        events.append(sse({**envelope, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return events
 
@@ -547,9 +430,9 @@ def _midstream_error(code: int | str, envelope: dict[str, Any], dialect: Dialect
             "metadata": {"provider_name": "TestUpstream"},
         }
         choice = {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
-        return _sse({**envelope, "error": error, "choices": [choice]})
+        return sse({**envelope, "error": error, "choices": [choice]})
     error = {"message": "Upstream provider error.", "type": "server_error", "code": code}
-    return _sse({"error": error})
+    return sse({"error": error})
 
 
 def _price(usage: dict[str, Any]) -> float:
@@ -570,24 +453,6 @@ def _envelope(model: str, kind: str) -> dict[str, Any]:
     }
 
 
-def _sse(data: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _error(
-    status: int,
-    *,
-    model: str = "",
-    key: str = "",
-    headers: dict[str, str] | None = None,
-    message: str | None = None,
-) -> JSONResponse:
-    error_type, code, template = _ERRORS.get(status, ("server_error", None, "Error."))
-    text = message or template.format(model=model, key=key)
-    payload = {"error": {"message": text, "type": error_type, "param": None, "code": code}}
-    return JSONResponse(payload, status_code=status, headers=headers)
-
-
 def _bearer(record: RecordedRequest) -> str:
     return (record.authorization or "").removeprefix("Bearer ")
 
@@ -602,11 +467,4 @@ def _text(content: object) -> str:
             for part in content
             if isinstance(part, dict) and part.get("type") == "text"
         )
-    return ""
-
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return _text(message.get("content"))
     return ""

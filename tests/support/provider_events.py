@@ -33,3 +33,9 @@ async def collect_failure(
     except ProviderError as error:
         return seen, error
     raise AssertionError(f"the stream finished without failing: {seen}")
+
+
+async def failure_of(stream: AsyncGenerator[ProviderEvent, None]) -> ProviderError:
+    """The ProviderError a stream raised, whatever it yielded first."""
+    _, error = await collect_failure(stream)
+    return error
