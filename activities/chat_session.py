@@ -129,8 +129,14 @@ class ChatSessionActivities:
                 tokens=totals.tokens,
                 cost_usd=totals.cost_usd,
             )
+        abort_streamed = (
+            outcome.status is MessageStatus.ABORTED
+            and await self._streams.abort_streamed(outcome.organization_id, outcome.turn_id)
+        )
         await self._streams.append_terminal(
-            outcome.organization_id, outcome.turn_id, terminal_chunks(outcome, metadata)
+            outcome.organization_id,
+            outcome.turn_id,
+            terminal_chunks(outcome, metadata, abort_streamed=abort_streamed),
         )
         return next_turn_id
 
@@ -181,7 +187,7 @@ def finish_metadata(
 
 
 def terminal_chunks(
-    outcome: PersistAssistantMessageInput, metadata: dict[str, Any]
+    outcome: PersistAssistantMessageInput, metadata: dict[str, Any], *, abort_streamed: bool = False
 ) -> list[dict[str, Any]]:
     if outcome.status is MessageStatus.FAILED:
         return [{"type": "error", "errorText": outcome.error or "generation failed"}]
@@ -190,6 +196,6 @@ def terminal_chunks(
         "finishReason": metadata["finishReason"],
         "messageMetadata": metadata,
     }
-    if outcome.status is MessageStatus.ABORTED:
+    if outcome.status is MessageStatus.ABORTED and not abort_streamed:
         return [{"type": "abort"}, finish]
     return [finish]

@@ -69,6 +69,7 @@ CHARS_PER_TOKEN_ESTIMATE = 4
 ANSWER_ROOM_TOKENS = 4_096
 
 T = TypeVar("T")
+ABORT_CHUNK: Chunk = {"type": "abort"}
 
 
 class ChunkPublisher:
@@ -308,10 +309,20 @@ class GenerationActivities:
             watcher.cancel()
             unwatch()
 
-        publisher.send(builder.finish_step())
-        await publisher.flush()
+        # A stop seen here (the Redis flag) ends the open streams with `abort` at once, rather than
+        # a workflow task later with the persist step; the persist step then adds only `finish`,
+        # after the answer is stored (ChatSessionActivities.persist_assistant_message).
+        publisher.send([*builder.finish_step(), *([ABORT_CHUNK] if stopped else [])])
         recorded = attempt_record.of(builder, "stopped" if stopped else "completed")
-        await self._save_parts(request, builder, recorded)
+
+        async def store_answer() -> None:
+            await publisher.flush()
+            await self._save_parts(request, builder, recorded)
+
+        # The stop's cancellation from the workflow often lands right here, just after the Redis
+        # flag ended generation: the answer is stored whole first, then the cancellation is
+        # reported (the workflow records the turn as aborted either way).
+        await _to_completion(store_answer())
         usage = recorded.usage
         return GenerateReplyResult(
             finish_reason="other" if stopped else builder.finish_reason,
@@ -444,6 +455,17 @@ async def _heartbeat_until_stopped(publisher: ChunkPublisher) -> None:
             return
         except TimeoutError:
             pass
+
+
+async def _to_completion(operation: Awaitable[None]) -> None:
+    """Await `operation` to its end even when the caller is cancelled meanwhile; the cancellation
+    is re-raised afterwards, so it is delayed, never lost."""
+    task = asyncio.ensure_future(operation)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
 
 
 async def _waiting_out(

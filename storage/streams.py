@@ -22,6 +22,8 @@ from redis.exceptions import ResponseError
 # A stream ends with `finish` (also after `abort`) or `error`.
 STREAM_END_PREFIXES = ('{"type":"finish"', '{"type":"error"')
 CHUNK_FIELD = "c"
+# `abort` is written with the last batch of a stopped attempt: it is among the newest entries.
+ABORT_LOOKBACK = 4
 # The opening chunks get the smallest possible explicit ids, so writing them twice is a no-op.
 OPENING_ENTRY_IDS = ("0-1", "0-2")
 
@@ -255,6 +257,16 @@ class TurnStreams:
         seconds, microseconds = await self._redis.time()
         now_ms = seconds * 1000 + microseconds // 1000
         return CursorPlace.BEYOND if cursor[0] > now_ms else CursorPlace.INSIDE
+
+    async def abort_streamed(self, organization_id: str, turn_id: str) -> bool:
+        """Whether the turn's stream already ends in `abort` (generation sends it as soon as it
+        sees a stop): the terminal chunks must not repeat it."""
+        entries: list[tuple[str, dict[str, str]]] = await self._redis.xrevrange(
+            self.stream_key(organization_id, turn_id), count=ABORT_LOOKBACK
+        )  # type: ignore[assignment]
+        return any(
+            json.loads(fields[CHUNK_FIELD]).get("type") == "abort" for _entry_id, fields in entries
+        )
 
     async def stops_requested(self, turns: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         """Which of these (organization id, turn id) pairs have a stop requested: one round trip."""
