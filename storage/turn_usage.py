@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import cast, column, func, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.ui_chunks import usage_metadata
 from storage.models import Turn
 
 AttemptOutcome = Literal["completed", "stopped", "failed"]
+# One entry of the attempt log, as `jsonb_array_elements` yields it.
+_ELEMENT = column("value", JSONB)
 
 
 @dataclass(frozen=True)
@@ -111,22 +114,29 @@ def usd_text(amount: Decimal) -> str:
 async def record_attempt(
     session: AsyncSession, organization_id: str, turn_id: str, usage: AttemptUsage
 ) -> None:
-    """Add (or replace) one attempt's entry in the turn's attempt log."""
-    log = await session.scalar(
-        select(Turn.attempt_log)
-        .where(Turn.id == turn_id, Turn.organization_id == organization_id)
-        .with_for_update()
+    """Add (or replace) one attempt's entry in the turn's attempt log, in one statement: the row
+    lock of the UPDATE orders concurrent writers, and an entry of the same model and attempt is
+    dropped before the new one is appended."""
+    entry = usage.as_json()
+    others = (
+        select(func.coalesce(func.jsonb_agg(_ELEMENT), cast([], JSONB)))
+        .select_from(
+            func.jsonb_array_elements(func.coalesce(Turn.attempt_log, cast([], JSONB))).alias(
+                "element"
+            )
+        )
+        .where(
+            or_(
+                _ELEMENT["model"].astext != usage.model,
+                _ELEMENT["attempt"].astext != str(usage.attempt),
+            )
+        )
+        .scalar_subquery()
     )
-    entries = [
-        entry
-        for entry in log or []
-        if (entry.get("model"), entry.get("attempt")) != (usage.model, usage.attempt)
-    ]
-    entries.append(usage.as_json())
     await session.execute(
         update(Turn)
         .where(Turn.id == turn_id, Turn.organization_id == organization_id)
-        .values(attempt_log=entries)
+        .values(attempt_log=others.op("||")(cast([entry], JSONB)))
     )
 
 
