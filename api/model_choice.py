@@ -148,23 +148,17 @@ def _auto(
     requested: str | None,
 ) -> ModelChoice:
     """The first tier, cheapest first, whose model meets the needs; `tier_models` go first."""
+    wanted = needs.describe()
     for tier in _TIER_ORDER:
         ranked = _ranked(providers, tier, tier_models)
-        for card in ranked:
-            if needs.met_by(card):
-                wanted = needs.describe()
-                reason = (
-                    f"auto: the {tier} tier's "
-                    + (
-                        "configured model"
-                        if card.id == _tier_model(providers, tier, tier_models)
-                        else "cheapest model"
-                    )
-                    + (f" that {wanted}" if wanted else "")
-                )
-                return ModelChoice(card.id, reason, requested, _fallbacks(ranked, card, needs))
-    wanted = needs.describe() or "is available"
-    raise _unavailable(providers, f"no available model {wanted}")
+        card = next((card for card in ranked if needs.met_by(card)), None)
+        if card is not None:
+            which = _which(providers, card, tier, tier_models)
+            reason = f"auto: the {tier} tier's {which} model" + (
+                f" that {wanted}" if wanted else ""
+            )
+            return ModelChoice(card.id, reason, requested, _fallbacks(ranked, card, needs))
+    raise _unavailable(providers, f"no available model {wanted or 'is available'}")
 
 
 def _from_tier(
@@ -177,11 +171,10 @@ def _from_tier(
     ranked = _ranked(providers, tier, tier_models)
     # A tier request honours input needs (an image needs a model that sees), not size or reasoning.
     fitting = ModelNeeds(input_kinds=needs.input_kinds)
-    for card in ranked:
-        if fitting.met_by(card):
-            configured = card.id == _tier_model(providers, tier, tier_models)
-            reason = f"the {tier} tier's {'configured' if configured else 'cheapest'} model"
-            return ModelChoice(card.id, reason, requested, _fallbacks(ranked, card, fitting))
+    card = next((card for card in ranked if fitting.met_by(card)), None)
+    if card is not None:
+        reason = f"the {tier} tier's {_which(providers, card, tier, tier_models)} model"
+        return ModelChoice(card.id, reason, requested, _fallbacks(ranked, card, fitting))
     raise _unavailable(providers, f"no available model of the {tier} tier fits this message")
 
 
@@ -229,6 +222,13 @@ def _ranked(
             card.completion_ppm + card.prompt_ppm,
         ),
     )
+
+
+def _which(
+    providers: ProviderRegistry, card: ModelCard, tier: Tier, tier_models: Mapping[str, str]
+) -> str:
+    """How a tier's model was picked, for the choice's reason."""
+    return "configured" if card.id == _tier_model(providers, tier, tier_models) else "cheapest"
 
 
 def _tier_model(
