@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+from pydantic import SecretStr
 
 from core.settings import ProviderEntry, Settings
 from providers.base import (
@@ -474,6 +475,38 @@ def test_registry_refuses_a_configured_provider_named_local() -> None:
     entry = ProviderEntry(base_url="http://127.0.0.1:1/v1", models=["echo"])
     with pytest.raises(ValueError, match="reserved"):
         ProviderRegistry.from_settings(Settings(providers={"local": entry}))
+
+
+@pytest.mark.parametrize("name", ["anthropic", "google", "openai", "groq", "openrouter"])
+async def test_a_known_provider_needs_only_a_key(name: str) -> None:
+    registry = ProviderRegistry.from_settings(
+        Settings(providers={name: ProviderEntry(api_key=SecretStr("a-key-0123456789"))})
+    )
+    try:
+        cards = [card for card in registry.catalog.cards if card.provider == name]
+        assert cards, f"{name} has curated models"
+        assert all(card.priced and card.context_window > 0 for card in cards)
+        assert registry.card(f"{name}/{cards[0].model}") == cards[0]
+    finally:
+        await registry.aclose()
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "says"),
+    [
+        ("ollama", {}, "needs `models`"),
+        ("work-vllm", {"models": ["m"]}, "needs `base_url`"),
+        ("work-vllm", {"base_url": "http://127.0.0.1:1/v1"}, "needs `models`"),
+        ("anthropic", {"type": "google"}, "anthropic adapter"),
+    ],
+)
+def test_provider_entries_that_cannot_work_are_refused_at_startup(
+    name: str, entry: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ValueError, match=says):
+        ProviderRegistry.from_settings(
+            Settings(providers={name: ProviderEntry.model_validate(entry)})
+        )
 
 
 # --- image and document inputs -----------------------------------------------------------------
