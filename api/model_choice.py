@@ -83,6 +83,15 @@ class Defaults:
     organization: str | None = None
     server: str | None = None
 
+    def chain(self, *, with_chat: bool = True) -> list[tuple[str, str | None]]:
+        """(why, model) in precedence order; `provider: "default"` passes over the chat's model."""
+        return [
+            *([("the chat's model", self.chat)] if with_chat else []),
+            ("the user's default", self.user),
+            ("the organization's default", self.organization),
+            ("the server's default", self.server),
+        ]
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -127,13 +136,7 @@ def choose_model(
     if request.provider and request.provider != DEFAULT_PROVIDER:
         return _from_provider(providers, request.provider, defaults, tier_models, requested)
     # `provider: "default"` asks for the caller's default, passing over the chat's model.
-    chain = [
-        *([("the chat's model", defaults.chat)] if request.provider is None else []),
-        ("the user's default", defaults.user),
-        ("the organization's default", defaults.organization),
-        ("the server's default", defaults.server),
-    ]
-    for reason, model in chain:
+    for reason, model in defaults.chain(with_chat=request.provider is None):
         # A stored default whose provider has since been removed from configuration is passed
         # over rather than failing every send that names no model.
         if model and _resolves(providers, model):
@@ -189,15 +192,10 @@ def _from_provider(
     if provider is None:
         raise BadRequestError(
             f"unknown provider {name[:80]!r}; configured providers: "
-            + ", ".join(card_provider for card_provider in _provider_names(providers)),
+            + ", ".join(_provider_names(providers)),
             extra={"availableModels": providers.available_models()},
         )
-    for reason, model in (
-        ("the chat's model", defaults.chat),
-        ("the user's default", defaults.user),
-        ("the organization's default", defaults.organization),
-        ("the server's default", defaults.server),
-    ):
+    for reason, model in defaults.chain():
         if model and _resolves(providers, model):
             canonical = providers.canonical(model)
             if canonical.partition("/")[0] == provider:
