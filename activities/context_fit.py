@@ -6,13 +6,11 @@ input), so nothing is downloaded at run time; the estimate errs high, so a trimm
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Final
 
-from providers.base import InputKind, PromptMessage
+from providers.base import InputKind, PromptMessage, estimated_tokens
 
-CHARS_PER_TOKEN: Final = 4
 # Role markers and separators every message costs, whatever its text.
 TOKENS_PER_MESSAGE: Final = 8
 # What an image or a PDF page costs most providers, roughly; documents count as a few pages.
@@ -21,7 +19,7 @@ TOKENS_PER_INPUT: Final = {InputKind.IMAGE: 1_600, InputKind.DOCUMENT: 8_000}
 
 def estimate_tokens(message: PromptMessage) -> int:
     return (
-        math.ceil(len(message.content) / CHARS_PER_TOKEN)
+        estimated_tokens(len(message.content))
         + TOKENS_PER_MESSAGE
         + sum(TOKENS_PER_INPUT[item.kind] for item in message.inputs)
     )

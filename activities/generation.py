@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -39,6 +38,7 @@ from providers.base import (
     TextDelta,
     UnknownModelError,
     Usage,
+    estimated_tokens,
 )
 from providers.catalog import ModelCard
 from providers.registry import ProviderRegistry
@@ -62,11 +62,6 @@ STOP_POLL_SECONDS = 0.25
 # must not be thrown away because it could not be saved yet. The pauses stay well under the
 # heartbeat timeout; the activity's start-to-close timeout bounds the whole wait.
 DATABASE_WAIT = wait_exponential(multiplier=0.2, max=2)
-# Token counts of an answer the provider reported no usage for (a stop before its final chunk):
-# about four characters a token, the usual rule of thumb for BPE tokenizers on English text.
-CHARS_PER_TOKEN_ESTIMATE = 4
-# Room kept in the context window for the answer when a long history is trimmed to fit.
-ANSWER_ROOM_TOKENS = 4_096
 
 T = TypeVar("T")
 ABORT_CHUNK: Chunk = {"type": "abort"}
@@ -243,7 +238,7 @@ class GenerationActivities:
                     request.organization_id, branch, files, provider.input_kinds(model)
                 ),
             ),
-            card.context_window - min(card.max_output_tokens, ANSWER_ROOM_TOKENS),
+            card.prompt_budget,
         )
         prompt = fitted.messages
         attempt_record = _AttemptRecorder(request, card, attempt, prompt)
@@ -518,8 +513,8 @@ class TurnUsage:
         prompt_chars = sum(len(message.content) for message in prompt)
         return cls(
             TokenCounts(
-                input_tokens=_estimated_tokens(prompt_chars),
-                output_tokens=_estimated_tokens(builder.streamed_chars()),
+                input_tokens=estimated_tokens(prompt_chars),
+                output_tokens=estimated_tokens(builder.streamed_chars()),
             ),
             estimated=True,
         )
@@ -591,10 +586,6 @@ class _AttemptRecorder:
                 error=error,
             ),
         )
-
-
-def _estimated_tokens(chars: int) -> int:
-    return math.ceil(chars / CHARS_PER_TOKEN_ESTIMATE)
 
 
 class _FirstTokenClock:

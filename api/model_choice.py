@@ -14,13 +14,13 @@ from typing import Any, Final
 from api.schemas import ModelRequest
 from core.errors import BadRequestError
 from providers.base import InputKind, UnknownModelError
-from providers.catalog import Capability, ModelCard, Tier
+from providers.catalog import CAPABILITY_OF_INPUT, Capability, ModelCard, Tier
 from providers.registry import ProviderRegistry
 
 AUTO: Final = "auto"
 DEFAULT_PROVIDER: Final = "default"
-# Room kept for the answer when `auto` checks that a history fits a model's context window.
-ANSWER_ROOM_TOKENS: Final = 4_096
+# Prompts past this size are worth naming in an `auto` choice's reason.
+LARGE_PROMPT_TOKENS: Final = 28_000
 # At most this many other models of the tier are tried when the chosen one keeps failing.
 MAX_FALLBACKS: Final = 2
 # providerOptions keys that ask a model to reason, whichever provider they are spelled for.
@@ -36,10 +36,6 @@ _REASONING_OPTIONS: Final = frozenset(
     }
 )
 _TIER_ORDER: Final = (Tier.EVERYDAY, Tier.ADVANCED, Tier.STRATEGIC)
-_CAPABILITY_OF_INPUT: Final = {
-    InputKind.IMAGE: Capability.VISION,
-    InputKind.DOCUMENT: Capability.DOCUMENTS,
-}
 
 
 @dataclass(frozen=True)
@@ -51,15 +47,13 @@ class ModelNeeds:
     reasoning: bool = False
 
     def capabilities(self) -> frozenset[Capability]:
-        needed = {_CAPABILITY_OF_INPUT[kind] for kind in self.input_kinds}
+        needed = {CAPABILITY_OF_INPUT[kind] for kind in self.input_kinds}
         if self.reasoning:
             needed.add(Capability.REASONING)
         return frozenset(needed)
 
     def met_by(self, card: ModelCard) -> bool:
-        return self.capabilities() <= card.capabilities and (
-            self.prompt_tokens + ANSWER_ROOM_TOKENS <= card.context_window
-        )
+        return self.capabilities() <= card.capabilities and self.prompt_tokens <= card.prompt_budget
 
     def describe(self) -> str:
         wants = [
@@ -67,7 +61,7 @@ class ModelNeeds:
             *(["reasons"] if self.reasoning else []),
             *(
                 [f"fits about {self.prompt_tokens:,} prompt tokens"]
-                if self.prompt_tokens + ANSWER_ROOM_TOKENS > 32_000
+                if self.prompt_tokens > LARGE_PROMPT_TOKENS
                 else []
             ),
         ]

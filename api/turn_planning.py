@@ -7,10 +7,8 @@ applies until the turn's persist step settles what it really cost.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,18 +17,12 @@ from api.problems import budget_exceeded_error
 from api.schemas import NewTurn
 from api.state import AppState
 from core.contracts import ChatMode, TurnInput
-from providers.base import InputKind
+from providers.base import InputKind, estimated_tokens
 from providers.catalog import ModelCard
 from storage import budgets, chats, preferences
 from storage.api_keys import Principal
 from storage.chats import Visibility
 from storage.models import Chat
-
-CHARS_PER_TOKEN: Final = 4
-# The answer length a reservation assumes (or the model's maximum, when lower): most answers are
-# far shorter, and the settlement replaces the estimate with the real cost. The prompt part counts
-# the new message, a new chat's seed and, for `auto`, the chat's history.
-RESERVED_ANSWER_TOKENS: Final = 4_096
 
 
 @dataclass
@@ -96,7 +88,7 @@ async def plan_model(
         len(str(part.get("text", ""))) for seed in request.history_seed for part in seed.parts
     )
     prompt_chars = history + seeded + len(request.text()) + len(request.system or "")
-    return ModelPlan(state, request, defaults, math.ceil(prompt_chars / CHARS_PER_TOKEN))
+    return ModelPlan(state, request, defaults, estimated_tokens(prompt_chars))
 
 
 async def reserve_budget(
@@ -104,7 +96,9 @@ async def reserve_budget(
 ) -> bool:
     """Hold the turn's estimated cost against its budgets; BudgetExceededError (403) when one is
     spent. Returns whether this call made the reservation (a repeated send finds its own)."""
-    estimate = card.estimate(prompt_tokens, min(card.max_output_tokens, RESERVED_ANSWER_TOKENS))
+    # The prompt part counts the new message, a new chat's seed and, for `auto`, the chat's history;
+    # the settlement replaces the estimate with the real cost.
+    estimate = card.estimate(prompt_tokens, card.answer_room)
     try:
         async with state.sessions.begin() as session:
             return await budgets.reserve(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -75,6 +76,16 @@ class PromptMessage:
     def __post_init__(self) -> None:
         if self.inputs and self.role != "user":
             raise ValueError(f"only user messages carry inputs, not {self.role} messages")
+
+
+# About four characters a token, the usual rule of thumb for BPE tokenizers on English text: what
+# durachat counts where a provider reported no usage, and what sizes prompts before any call.
+CHARS_PER_TOKEN: Final = 4
+
+
+def estimated_tokens(chars: int) -> int:
+    """The tokens `chars` characters of text are estimated to make (never downloads a tokenizer)."""
+    return math.ceil(chars / CHARS_PER_TOKEN)
 
 
 def input_kinds_of(messages: Iterable[PromptMessage]) -> frozenset[InputKind]:

@@ -39,9 +39,13 @@ class Capability(StrEnum):
 UNKNOWN_CONTEXT_WINDOW: Final = 128_000
 UNKNOWN_MAX_OUTPUT_TOKENS: Final = 8_192
 PER_MILLION: Final = Decimal(1_000_000)
+# The answer length planned for (or the model's maximum, when lower): the room kept in the context
+# window when a prompt is fitted, and what a budget reservation prices. Most answers are shorter.
+PLANNED_ANSWER_TOKENS: Final = 4_096
 ZERO: Final = Decimal(0)
 
-_CAPABILITY_OF_INPUT: Final = {
+# The capability a model needs to take each kind of input.
+CAPABILITY_OF_INPUT: Final = {
     InputKind.IMAGE: Capability.VISION,
     InputKind.DOCUMENT: Capability.DOCUMENTS,
 }
@@ -73,8 +77,14 @@ class ModelCard:
     def id(self) -> str:
         return f"{self.provider}/{self.model}"
 
-    def takes(self, kind: InputKind) -> bool:
-        return _CAPABILITY_OF_INPUT[kind] in self.capabilities
+    @property
+    def answer_room(self) -> int:
+        return min(self.max_output_tokens, PLANNED_ANSWER_TOKENS)
+
+    @property
+    def prompt_budget(self) -> int:
+        """The prompt tokens that fit the context window beside the answer's room."""
+        return self.context_window - self.answer_room
 
     @property
     def takes_images(self) -> bool:
@@ -241,9 +251,6 @@ class ModelCatalog:
 
     def __init__(self, cards: Iterable[ModelCard]) -> None:
         self._cards = {card.id: card for card in cards}
-
-    def __contains__(self, model_ref: object) -> bool:
-        return model_ref in self._cards
 
     def card(self, model_ref: str) -> ModelCard:
         """The card of a configured "provider/model"; KeyError for any other reference."""
