@@ -251,6 +251,38 @@ class Settings(BaseSettings):
     # A remote file (an https URL in a `file` part) must arrive within this long.
     remote_file_timeout_seconds: float = Field(default=30.0, gt=0)
 
+    # Tools (README "Tools"; docs/decisions.md "Tools"). A turn runs at most this many model steps
+    # (a send's `maxSteps` may ask for fewer or more, up to the ceiling); the step that reaches
+    # the bound ends the turn with finish reason `length` and says why.
+    default_max_steps: int = Field(default=10, ge=1)
+    max_steps_ceiling: int = Field(default=50, ge=1)
+    # A tool output is stored whole; only this many characters of it enter the model's context.
+    tool_output_context_chars: int = Field(default=8_000, ge=100)
+    # Built-in tools that wait for a person's approval before they run (`web_search`, `web_fetch`).
+    tools_needing_approval: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # An approval nobody decides ends as denied after this long.
+    approval_timeout_seconds: float = Field(default=86_400.0, gt=0)
+    # Web search backends, tried in this order: SearXNG's JSON API (self-hosted, no key), then
+    # Brave, then Tavily, each when configured. None configured: `web: true` is refused (400).
+    searxng_url: str | None = None
+    brave_api_key: SecretStr | None = None
+    brave_search_url: str = "https://api.search.brave.com/res/v1/web/search"
+    tavily_api_key: SecretStr | None = None
+    tavily_search_url: str = "https://api.tavily.com/search"
+    web_search_results: int = Field(default=5, ge=1, le=20)
+    web_search_timeout_seconds: float = Field(default=10.0, gt=0)
+    # web_fetch reads at most this many bytes of a page within this long, and keeps at most this
+    # many characters of its text.
+    web_fetch_max_bytes: int = Field(default=5_000_000, ge=1_000)
+    web_fetch_timeout_seconds: float = Field(default=15.0, gt=0)
+    web_fetch_max_chars: int = Field(default=100_000, ge=1_000)
+    # The key that encrypts secrets stored at rest (MCP server headers and tokens, bot tokens): a
+    # Fernet key (32 url-safe base64 bytes). Required in production; development uses a fixed one.
+    secrets_key: SecretStr | None = None
+    # MCP tool calls: how long one call may take, and how long listing a server's tools may.
+    mcp_call_timeout_seconds: float = Field(default=60.0, gt=0)
+    mcp_list_timeout_seconds: float = Field(default=10.0, gt=0)
+
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:
         if self.environment is Environment.PRODUCTION:
@@ -268,6 +300,8 @@ class Settings(BaseSettings):
                 raise ValueError("DURACHAT_DEV_API_KEY must not be set in production")
             if self.file_url_secret is None:
                 raise ValueError("production needs DURACHAT_FILE_URL_SECRET to sign file links")
+            if self.secrets_key is None:
+                raise ValueError("production needs DURACHAT_SECRETS_KEY to encrypt stored secrets")
         return self
 
     @field_validator("tier_models")
@@ -292,7 +326,11 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "cors_origins", "attachment_allowed_types", "outbound_allowed_hosts", mode="before"
+        "cors_origins",
+        "attachment_allowed_types",
+        "outbound_allowed_hosts",
+        "tools_needing_approval",
+        mode="before",
     )
     @classmethod
     def _split_comma_separated(cls, value: object) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -67,15 +68,53 @@ PromptInput = ImageInput | DocumentInput
 
 
 @dataclass(frozen=True)
+class ToolDefinition:
+    """A tool offered to the model: its name, what it does, and a JSON Schema of its input."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PromptToolCall:
+    """A tool call the model made earlier in the conversation (on an assistant message)."""
+
+    call_id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PromptToolResult:
+    """The outcome of an earlier tool call, as the model reads it back (a `tool` message)."""
+
+    call_id: str
+    name: str
+    output: str  # already cut to the context's size budget
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
 class PromptMessage:
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
     # Only user messages carry inputs; an adapter places them after the text, in this order.
     inputs: tuple[PromptInput, ...] = ()
+    # Only assistant messages carry tool calls, after their text.
+    tool_calls: tuple[PromptToolCall, ...] = ()
+    # Only `tool` messages carry results (and no content): one message per step, holding every
+    # result of that step's calls in call order. Adapters whose provider wants one message per
+    # result (OpenAI, Ollama) split it; Anthropic and Gemini send them together.
+    tool_results: tuple[PromptToolResult, ...] = ()
 
     def __post_init__(self) -> None:
         if self.inputs and self.role != "user":
             raise ValueError(f"only user messages carry inputs, not {self.role} messages")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool calls, not {self.role} messages")
+        if (self.role == "tool") != bool(self.tool_results):
+            raise ValueError("tool results go in `tool` messages, and only there")
 
 
 # About four characters a token, the usual rule of thumb for BPE tokenizers on English text: what
@@ -116,6 +155,8 @@ class GenerationRequest:
     # This provider's entry of the request's providerOptions.
     options: dict[str, Any] = field(default_factory=dict)
     attempt: int = 1  # the Temporal activity attempt, 1-based
+    # Tools the model may call (choice left to the model); none means a plain answer.
+    tools: tuple[ToolDefinition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +183,54 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """The model began a tool call; its input follows as ToolCallDelta pieces, if streamed."""
+
+    call_id: str  # the provider's id, or one the adapter made when the provider gives none
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    call_id: str
+    input_text: str  # a piece of the call's JSON input text
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete tool call. `input` is the parsed JSON object, or None when the model's input
+    text was not a JSON object (the call then fails without running; `input_text` keeps it)."""
+
+    call_id: str
+    name: str
+    input: dict[str, Any] | None
+    input_text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     reason: FinishReason
 
 
 # A stream yields deltas in order, then at most one Usage, then exactly one Finish as its last
-# event. A stream that fails raises ProviderError instead of yielding Finish.
-ProviderEvent = TextDelta | ReasoningDelta | Usage | Finish
+# event. Each tool call is a ToolCallStart, any ToolCallDeltas, then its ToolCall, before Finish;
+# a stream with tool calls finishes with "tool-calls". A stream that fails raises ProviderError
+# instead of yielding Finish.
+ProviderEvent = (
+    TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | ToolCall | Usage | Finish
+)
+
+
+def parse_tool_input(text: str) -> dict[str, Any] | None:
+    """A tool call's input text as a JSON object; None when it is not one. Empty text is `{}`
+    (models call tools without parameters that way)."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class ModelProvider(Protocol):

@@ -199,6 +199,7 @@ def test_production_needs_an_external_object_store() -> None:
         "redis_url": "redis://redis:6379/0",
         "temporal_address": "temporal:7233",
         "file_url_secret": "a-long-random-secret",
+        "secrets_key": "a-fernet-key",
     }
     with pytest.raises(ValueError, match="DURACHAT_S3_ENDPOINT_URL"):
         Settings.model_validate(external)
@@ -213,6 +214,7 @@ def test_production_needs_a_file_link_secret() -> None:
         "redis_url": "redis://redis:6379/0",
         "temporal_address": "temporal:7233",
         "s3_endpoint_url": "https://s3.internal",
+        "secrets_key": "a-fernet-key",
     }
     with pytest.raises(ValueError, match="DURACHAT_FILE_URL_SECRET"):
         Settings.model_validate(external)
