@@ -323,3 +323,36 @@ class UsageEntry(Base):
         Index(None, "organization_id", "user_id", "created_at"),
         Index(None, "organization_id", "chat_id"),
     )
+
+
+class ToolApproval(Base):
+    """A tool call waiting for (or given) a person's decision before it runs.
+
+    The row is the durable record the api checks a decision against: the call's stored input (never
+    a client's copy), its turn's owner and its pending state. The turn workflow waits on it by id.
+    """
+
+    __tablename__ = "tool_approval"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    id: Mapped[str] = mapped_column(String(64))
+    chat_id: Mapped[str] = mapped_column(String(64))
+    turn_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[str] = mapped_column(String(64))
+    tool_call_id: Mapped[str] = mapped_column(String(200))
+    tool_name: Mapped[str] = mapped_column(String(200))
+    input: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # The user the turn was sent for; None for a turn sent with an organization key and no user.
+    user_id: Mapped[str | None] = mapped_column(String(200))
+    # pending, approved, denied, or expired (nobody decided in time: the call counts as denied)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    decided_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "id"),
+        Index(None, "organization_id", "chat_id", "status"),
+    )
