@@ -1,12 +1,21 @@
-"""Anthropic Messages API adapter, streamed. Never imports temporalio/fastapi/sqlalchemy/redis."""
+"""Anthropic Messages API adapter, streamed. Never imports temporalio/fastapi/sqlalchemy/redis.
+
+Tools go out as custom tools with `tool_choice: {"type": "auto"}`. A call streams as a `tool_use`
+content block: its start names it, `input_json_delta` pieces of its input's JSON text become
+ToolCallDeltas, and its `content_block_stop` completes it. In a prompt, a step's calls are
+`tool_use` blocks of the assistant message, and its results `tool_result` blocks of the user
+message after it, ahead of anything the user said next (the API wants them first, in a message of
+their own role).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
 import anthropic
@@ -24,11 +33,17 @@ from providers.base import (
     ImageInput,
     PromptInput,
     PromptMessage,
+    PromptToolResult,
     ProviderError,
     ProviderEvent,
     ReasoningDelta,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolDefinition,
     Usage,
+    parse_tool_input,
     refuse_unaccepted_inputs,
 )
 from providers.endpoints import ANTHROPIC_BASE_URL
@@ -135,6 +150,10 @@ class AnthropicProvider(ConfiguredModels):
             system, messages = await asyncio.to_thread(_conversation, request.messages)
         else:
             system, messages = _conversation(request.messages)
+        tools: list[wire.ToolUnionParam] | Omit = omit
+        tool_choice: wire.ToolChoiceParam | Omit = omit
+        if request.tools:
+            tools, tool_choice = [_tool_param(tool) for tool in request.tools], {"type": "auto"}
         where = f"{self.name}/{request.model}"
         reader = _MessageReader()
         try:
@@ -146,15 +165,16 @@ class AnthropicProvider(ConfiguredModels):
                 stop_sequences=options.stop_sequences,
                 thinking=options.thinking,
                 output_config=options.output_config,
+                tools=tools,
+                tool_choice=tool_choice,
                 stream=True,
             )
             # Leaving this block any way (end, error, aclose of this generator, task
             # cancellation) closes the HTTP response, so the server stops generating.
             async with events:
                 async for event in events:
-                    delta = reader.read(event)
-                    if delta is not None:
-                        yield delta
+                    for provider_event in reader.read(event):
+                        yield provider_event
         # `from None` on each: SDK and transport messages can echo request details, and a chained
         # cause would travel into workflow history; only the scrubbed translation leaves here.
         except anthropic.APIError as error:
@@ -170,6 +190,9 @@ class AnthropicProvider(ConfiguredModels):
             # Anthropic always ends a message with message_stop: without it the answer is cut
             # short (a proxy closed the stream), and a later attempt may get all of it.
             raise ProviderError.unavailable(f"{where}: the stream ended before message_stop")
+        # Every block stops before message_stop; a gateway that skipped a stop loses no call.
+        for provider_event in reader.complete_calls():
+            yield provider_event
         usage = reader.usage()
         if usage is not None:
             yield usage
@@ -215,8 +238,16 @@ class AnthropicProvider(ConfiguredModels):
         return scrub(text, self._api_key)
 
 
+@dataclass
+class _StreamedCall:
+    call_id: str
+    name: str
+    pieces: list[str] = field(default_factory=list)  # the input's JSON text so far
+
+
 class _MessageReader:
-    """Turns one streamed message's events into deltas, and keeps its usage and stop reason.
+    """Turns one streamed message's events into provider events, and keeps its usage and stop
+    reason.
 
     The SDK builds events without validating them: an event type it does not know arrives as some
     other event class with that `type`, and absent fields are None whatever their annotation. So
@@ -224,27 +255,72 @@ class _MessageReader:
     """
 
     def __init__(self) -> None:
-        self.finish: FinishReason = "other"  # a message_delta without a stop_reason
+        self._finish: FinishReason = "other"  # a message_delta without a stop_reason
         self.stopped = False
         self._counts: dict[str, int] = {}
+        self._calls: dict[int, _StreamedCall] = {}  # the open tool_use blocks, by block index
+        self._made_calls = False
 
-    def read(self, event: wire.RawMessageStreamEvent) -> TextDelta | ReasoningDelta | None:
+    @property
+    def finish(self) -> FinishReason:
+        # A gateway that ends a tool-using message with end_turn still asks for the calls.
+        if self._made_calls and self._finish == "stop":
+            return "tool-calls"
+        return self._finish
+
+    def read(self, event: wire.RawMessageStreamEvent) -> Iterator[ProviderEvent]:
         match event.type:
             case "content_block_delta" if isinstance(event, wire.RawContentBlockDeltaEvent):
-                return _delta_event(event.delta)
+                call = self._calls.get(event.index)
+                if call is not None:
+                    yield from _input_delta(call, event.delta)
+                elif (delta := _delta_event(event.delta)) is not None:
+                    yield delta
             case "content_block_start" if isinstance(event, wire.RawContentBlockStartEvent):
-                # Anthropic starts blocks empty; some compatible gateways put the first text here.
-                return _block_start_event(event.content_block)
+                yield from self._block_start(event.index, event.content_block)
+            case "content_block_stop" if isinstance(event, wire.RawContentBlockStopEvent):
+                call = self._calls.pop(event.index, None)
+                if call is not None:
+                    yield self._complete(call)
             case "message_start" if isinstance(event, wire.RawMessageStartEvent):
                 self._count(getattr(event.message, "usage", None))
             case "message_delta" if isinstance(event, wire.RawMessageDeltaEvent):
                 self._count(event.usage)
                 reason = getattr(event.delta, "stop_reason", None)
                 if isinstance(reason, str):
-                    self.finish = _FINISH_REASONS.get(reason, "other")
+                    self._finish = _FINISH_REASONS.get(reason, "other")
             case "message_stop":
                 self.stopped = True
-        return None
+
+    def complete_calls(self) -> Iterator[ToolCall]:
+        """The tool calls whose blocks never stopped, completed as they are."""
+        for index in sorted(self._calls):
+            yield self._complete(self._calls[index])
+        self._calls.clear()
+
+    def _block_start(self, index: int, block: object) -> Iterator[ProviderEvent]:
+        if getattr(block, "type", None) != "tool_use":
+            # Anthropic starts blocks empty; some compatible gateways put the first text here.
+            if (event := _block_start_event(block)) is not None:
+                yield event
+            return
+        call_id, name = getattr(block, "id", None), getattr(block, "name", None)
+        call = _StreamedCall(
+            call_id if isinstance(call_id, str) and call_id else _call_id(), str(name or "")
+        )
+        self._calls[index] = call
+        yield ToolCallStart(call.call_id, call.name)
+        # Anthropic starts the input empty and streams it; a gateway may send it whole here.
+        start_input = getattr(block, "input", None)
+        if isinstance(start_input, dict) and start_input:
+            text = json.dumps(start_input, ensure_ascii=False)
+            call.pieces.append(text)
+            yield ToolCallDelta(call.call_id, text)
+
+    def _complete(self, call: _StreamedCall) -> ToolCall:
+        self._made_calls = True
+        text = "".join(call.pieces)
+        return ToolCall(call.call_id, call.name, parse_tool_input(text), text)
 
     def _count(self, usage: object) -> None:
         # message_delta repeats the counts so far rather than adding to them, so each overwrites.
@@ -277,8 +353,22 @@ class _MessageReader:
         )
 
 
+def _call_id() -> str:
+    # For a gateway sending a tool_use block without an id.
+    return f"call_{uuid.uuid4().hex}"
+
+
+def _input_delta(call: _StreamedCall, delta: wire.RawContentBlockDelta) -> Iterator[ToolCallDelta]:
+    # The first piece is often empty, which tells a client nothing.
+    if delta.type == "input_json_delta" and (
+        text := _text_of(getattr(delta, "partial_json", None))
+    ):
+        call.pieces.append(text)
+        yield ToolCallDelta(call.call_id, text)
+
+
 def _delta_event(delta: wire.RawContentBlockDelta) -> TextDelta | ReasoningDelta | None:
-    # Signatures, tool-argument JSON and citations have no place in the event contract.
+    # Signatures and citations have no place in the event contract.
     match delta.type:
         case "text_delta" if text := _text_of(getattr(delta, "text", None)):
             return TextDelta(text)
@@ -368,18 +458,77 @@ def _conversation(
     for message in messages:
         match message.role:
             case "user" if message.inputs:
-                conversation.append({"role": "user", "content": _content_blocks(message)})
+                _add_user(conversation, _content_blocks(message))
             # The API refuses empty text, and a message with nothing in it tells the model
             # nothing: a stopped turn can leave an empty assistant message in the history.
             case "user" if message.content:
-                conversation.append({"role": "user", "content": message.content})
+                _add_user(conversation, message.content)
+            case "assistant" if message.tool_calls:
+                conversation.append({"role": "assistant", "content": _tool_use_blocks(message)})
             case "assistant" if message.content:
                 conversation.append({"role": "assistant", "content": message.content})
+            case "tool":
+                results = [_tool_result(result) for result in message.tool_results]
+                conversation.append({"role": "user", "content": results})
     if not system:
         return omit, conversation
     if len(system) == 1:
         return system[0], conversation
     return [{"type": "text", "text": text} for text in system], conversation
+
+
+def _add_user(
+    conversation: list[wire.MessageParam], content: str | list[wire.ContentBlockParam]
+) -> None:
+    last = conversation[-1] if conversation else None
+    if last is None or last["role"] != "user" or not _holds_results(last):
+        conversation.append({"role": "user", "content": content})
+        return
+    # Tool results and what the user said next make one user message, the results first: the
+    # API wants user and assistant messages to alternate.
+    blocks: list[wire.ContentBlockParam] = (
+        [{"type": "text", "text": content}] if isinstance(content, str) else content
+    )
+    cast(list[wire.ContentBlockParam], last["content"]).extend(blocks)
+
+
+def _holds_results(message: wire.MessageParam) -> bool:
+    content = message["content"]
+    return not isinstance(content, str) and any(
+        block.get("type") == "tool_result" for block in cast(list[dict[str, Any]], content)
+    )
+
+
+def _tool_param(tool: ToolDefinition) -> wire.ToolParam:
+    return {
+        "name": tool.name,
+        "description": tool.description,
+        # The SDK's type is a TypedDict of `type`, `properties` and `required`; the API takes any
+        # JSON Schema of an object.
+        "input_schema": cast(wire.tool_param.InputSchema, tool.input_schema),
+    }
+
+
+def _tool_use_blocks(message: PromptMessage) -> list[wire.ContentBlockParam]:
+    # The text first, as Claude writes it, then a block per call in the order they were made.
+    blocks: list[wire.ContentBlockParam] = []
+    if message.content:
+        blocks.append({"type": "text", "text": message.content})
+    blocks.extend(
+        {"type": "tool_use", "id": call.call_id, "name": call.name, "input": call.input}
+        for call in message.tool_calls
+    )
+    return blocks
+
+
+def _tool_result(result: PromptToolResult) -> wire.ToolResultBlockParam:
+    block: wire.ToolResultBlockParam = {"type": "tool_result", "tool_use_id": result.call_id}
+    # Empty text is refused; a result without content is one that said nothing.
+    if result.output:
+        block["content"] = result.output
+    if result.is_error:
+        block["is_error"] = True
+    return block
 
 
 def _content_blocks(message: PromptMessage) -> list[wire.ContentBlockParam]:

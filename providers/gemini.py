@@ -20,13 +20,24 @@ The SDK's own HTTP behaviour is pinned down rather than inherited:
 A prompt Gemini blocks (`promptFeedback.blockReason`, no candidates) ends the stream normally with
 Finish("content-filter"), as an answer blocked part way does: a blocked prompt is the same outcome
 for the user, the AI SDK has the finish reason for it, and the call's usage is still reported.
+
+Tools go out as function declarations with their JSON Schema (`parametersJsonSchema`) and function
+calling mode AUTO. A call arrives whole, as a `functionCall` part (its `id` is often absent, and one
+is made up then), and an answer with calls finishes STOP, which becomes "tool-calls". In a prompt, a
+step's calls are `functionCall` parts of the model content and its results `functionResponse` parts
+of one user content, `{"output": ...}` or `{"error": ...}`. Gemini 3 wants the thought signature it
+put on the first call of each step back with that call; the prompt does not keep it, so that part
+carries the placeholder Google documents for calls it did not sign.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import math
 import re
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,11 +59,17 @@ from providers.base import (
     ImageInput,
     PromptInput,
     PromptMessage,
+    PromptToolResult,
     ProviderError,
     ProviderEvent,
     ReasoningDelta,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolDefinition,
     Usage,
+    parse_tool_input,
     refuse_unaccepted_inputs,
 )
 from providers.endpoints import GEMINI_BASE_URL
@@ -100,6 +117,16 @@ _FINISH_REASONS: Final[Mapping[str, FinishReason]] = {
         )
     },
 }
+
+# Google's placeholder thought signature for a function call it did not sign ("skip validation").
+# The wire field is bytes, base64 in JSON: these bytes are what the placeholder's text decodes to,
+# so it reaches the API spelled exactly as documented.
+SKIP_SIGNATURE_CHECK: Final = base64.urlsafe_b64decode("skip_thought_signature_validator")
+
+# Whether and which of the tools offered to call is the model's to decide.
+_AUTO_FUNCTION_CALLING: Final = types.ToolConfig(
+    function_calling_config=types.FunctionCallingConfig(mode=types.FunctionCallingConfigMode.AUTO)
+)
 
 # google.protobuf.Duration in JSON: seconds with up to nine decimals, then "s".
 _DURATION: Final = re.compile(r"(\d+(?:\.\d{0,9})?)s")
@@ -190,6 +217,8 @@ class GeminiProvider(ConfiguredModels):
             top_k=options.top_k,
             stop_sequences=options.stop_sequences,
             thinking_config=options.thinking,
+            tools=[_tools(request.tools)] if request.tools else None,
+            tool_config=_AUTO_FUNCTION_CALLING if request.tools else None,
             # The SDK never calls tools itself, and never re-sends a request on its own.
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
             automatic_continuation=False,
@@ -277,24 +306,34 @@ class _ResponseReader:
     """
 
     def __init__(self, *, include_thoughts: bool) -> None:
-        self.finish: FinishReason | None = None
+        self._finish: FinishReason | None = None
         self._include_thoughts = include_thoughts
         self._usage: types.GenerateContentResponseUsageMetadata | None = None
+        self._made_calls = False
 
-    def read(self, chunk: types.GenerateContentResponse) -> Iterator[TextDelta | ReasoningDelta]:
+    @property
+    def finish(self) -> FinishReason | None:
+        # Gemini finishes an answer that calls functions with STOP, as it does any other.
+        if self._made_calls and self._finish == "stop":
+            return "tool-calls"
+        return self._finish
+
+    def read(self, chunk: types.GenerateContentResponse) -> Iterator[ProviderEvent]:
         if chunk.usage_metadata is not None:
             # Each chunk's counts are the totals so far, not an increment.
             self._usage = chunk.usage_metadata
         feedback = chunk.prompt_feedback
         if feedback is not None and feedback.block_reason is not None:
-            self.finish = "content-filter"
+            self._finish = "content-filter"
         for candidate in chunk.candidates or ():
             if (candidate.index or 0) != 0:  # we never ask for more than one candidate
                 continue
             parts = candidate.content.parts if candidate.content is not None else None
             for part in parts or ():
-                # Function calls, inline data and thought signatures have no place in the
-                # event contract.
+                if part.function_call is not None:
+                    yield from self._call(part.function_call)
+                    continue
+                # Inline data and thought signatures have no place in the event contract.
                 if not part.text:
                     continue
                 if not part.thought:
@@ -304,7 +343,17 @@ class _ResponseReader:
                     yield ReasoningDelta(part.text)
             if candidate.finish_reason is not None:
                 reason = str(getattr(candidate.finish_reason, "value", candidate.finish_reason))
-                self.finish = _FINISH_REASONS.get(reason.upper(), "other")
+                self._finish = _FINISH_REASONS.get(reason.upper(), "other")
+
+    def _call(self, call: types.FunctionCall) -> Iterator[ProviderEvent]:
+        # Whole, never streamed: its input is one delta. A call without parameters has no args.
+        call_id = call.id or _call_id()
+        name = call.name or ""
+        text = json.dumps(call.args if call.args is not None else {}, ensure_ascii=False)
+        yield ToolCallStart(call_id, name)
+        yield ToolCallDelta(call_id, text)
+        yield ToolCall(call_id, name, parse_tool_input(text), text)
+        self._made_calls = True
 
     def usage(self) -> Usage | None:
         metadata = self._usage
@@ -411,15 +460,55 @@ def _conversation(
     for message in messages:
         if message.role == "system":
             continue
-        # The text first, then the inputs in order. Gemini refuses an empty text part, and a
-        # message with nothing in it tells the model nothing: a stopped turn can leave an empty
-        # assistant message in the history.
+        # The text first, then the inputs or calls in order. Gemini refuses an empty text part,
+        # and a message with nothing in it tells the model nothing: a stopped turn can leave an
+        # empty assistant message in the history.
         parts = [types.Part(text=message.content)] if message.content else []
         parts.extend(_input_part(item) for item in message.inputs)
+        parts.extend(
+            types.Part(
+                function_call=types.FunctionCall(
+                    id=call.call_id or None, name=call.name, args=call.input
+                ),
+                # Gemini 3 refuses the first call of a step without a signature.
+                thought_signature=SKIP_SIGNATURE_CHECK if position == 0 else None,
+            )
+            for position, call in enumerate(message.tool_calls)
+        )
+        parts.extend(_response_part(result) for result in message.tool_results)
         if parts:
             role = "model" if message.role == "assistant" else "user"
             contents.append(types.Content(role=role, parts=parts))
     return contents, types.Content(parts=system) if system else None
+
+
+def _response_part(result: PromptToolResult) -> types.Part:
+    # Google's convention: "output" for what a function returned, "error" for how it failed.
+    response = {"error" if result.is_error else "output": result.output}
+    return types.Part(
+        function_response=types.FunctionResponse(
+            id=result.call_id or None, name=result.name, response=response
+        )
+    )
+
+
+def _tools(tools: Sequence[ToolDefinition]) -> types.Tool:
+    return types.Tool(
+        function_declarations=[
+            # The schema as it is: `parameters` would take only Gemini's OpenAPI subset.
+            types.FunctionDeclaration(
+                name=tool.name,
+                description=tool.description,
+                parameters_json_schema=tool.input_schema,
+            )
+            for tool in tools
+        ]
+    )
+
+
+def _call_id() -> str:
+    # Gemini often leaves a call's id out; the contract wants one per call.
+    return f"call_{uuid.uuid4().hex}"
 
 
 def _input_part(item: PromptInput) -> types.Part:

@@ -1,9 +1,20 @@
-"""Native Ollama adapter (`/api/chat`, NDJSON) on the `ollama` SDK. Never imports temporalio/fastapi/sqlalchemy/redis."""
+"""Native Ollama adapter (`/api/chat`, NDJSON) on the `ollama` SDK. Never imports temporalio/fastapi/sqlalchemy/redis.
+
+Tools go out as `function` tools (Ollama has no tool choice: the model decides). A call arrives
+whole, in a line's `message.tool_calls`, with its arguments as an object; the SDK drops the id
+Ollama sends, so each call gets one made up here. An answer with calls ends `done_reason: "stop"`,
+which becomes "tool-calls". In a prompt, a step's calls ride on the assistant message and each
+result is a role-`tool` message of its own, naming its tool (Ollama's conversation has no call ids).
+Ollama reads a tool's schema into its own type (an object of properties, each with a type,
+description, enum and items), as the SDK does before sending it: other JSON Schema keywords do not
+reach the model.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import uuid
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import httpx
@@ -23,7 +34,12 @@ from providers.base import (
     ProviderEvent,
     ReasoningDelta,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolDefinition,
     Usage,
+    parse_tool_input,
     refuse_unaccepted_inputs,
 )
 from providers.endpoints import OLLAMA_BASE_URL
@@ -117,14 +133,17 @@ class OllamaProvider(ConfiguredModels):
         # Images are handed over as bytes, which the SDK base64-encodes while it builds the body
         # (about 0.2 s of the event loop for 20 MB); its public API offers no way to do that
         # elsewhere, and pre-encoded strings are exactly what must never be passed.
-        messages = [_message(message) for message in request.messages]
+        messages = [m for message in request.messages for m in _messages(message)]
         where = f"{self.name}/{request.model}"
+        tools = [_tool(tool, where) for tool in request.tools]
         usage: Usage | None = None
         finish: FinishReason | None = None
+        made_calls = False
         try:
             parts = await self._client.chat(
                 model=request.model,
                 messages=messages,
+                tools=tools or None,
                 stream=True,
                 think=think,
                 options=options or None,
@@ -135,6 +154,10 @@ class OllamaProvider(ConfiguredModels):
                         yield ReasoningDelta(part.message.thinking)
                     if part.message.content:
                         yield TextDelta(part.message.content)
+                    for call in part.message.tool_calls or ():
+                        for event in _call_events(call):
+                            yield event
+                        made_calls = True
                     if part.done:
                         # Counts are omitted when zero; Ollama reports no cached tokens.
                         usage = Usage(
@@ -142,6 +165,9 @@ class OllamaProvider(ConfiguredModels):
                             output_tokens=part.eval_count or 0,
                         )
                         finish = _FINISH_REASONS.get(part.done_reason or "", "other")
+                        if made_calls and finish == "stop":
+                            # Ollama ends an answer that calls tools as any other.
+                            finish = "tool-calls"
             finally:
                 # Leaving the loop any way (end, error, aclose of this generator, cancellation)
                 # closes the SDK's generator and with it the HTTP response, which is how Ollama
@@ -204,9 +230,50 @@ def ollama_options(
     return selected, think
 
 
-def _message(message: PromptMessage) -> ollama.Message:
+def _messages(message: PromptMessage) -> list[ollama.Message]:
+    if message.role == "tool":
+        # One message per result, naming its tool. The wire has no error flag: an error's text
+        # says so.
+        return [
+            ollama.Message(role="tool", content=result.output, tool_name=result.name)
+            for result in message.tool_results
+        ]
     images = [_image(item) for item in message.inputs]
-    return ollama.Message(role=message.role, content=message.content, images=images or None)
+    calls = [
+        ollama.Message.ToolCall(
+            function=ollama.Message.ToolCall.Function(name=call.name, arguments=call.input)
+        )
+        for call in message.tool_calls
+    ]
+    return [
+        ollama.Message(
+            role=message.role,
+            content=message.content,
+            images=images or None,
+            tool_calls=calls or None,
+        )
+    ]
+
+
+def _tool(tool: ToolDefinition, where: str) -> ollama.Tool:
+    function = {"name": tool.name, "description": tool.description, "parameters": tool.input_schema}
+    try:
+        return ollama.Tool.model_validate({"type": "function", "function": function})
+    except pydantic.ValidationError:
+        # The SDK's type takes only an object schema of properties; nothing was sent yet.
+        raise ProviderError.rejected(
+            f"{where}: the input schema of tool {tool.name!r} is not one Ollama takes "
+            "(an object of typed properties)"
+        ) from None
+
+
+def _call_events(call: ollama.Message.ToolCall) -> Iterator[ProviderEvent]:
+    # Whole, never streamed: its input is one delta.
+    call_id = f"call_{uuid.uuid4().hex}"  # the SDK drops the id Ollama sends
+    text = json.dumps(dict(call.function.arguments), ensure_ascii=False)
+    yield ToolCallStart(call_id, call.function.name)
+    yield ToolCallDelta(call_id, text)
+    yield ToolCall(call_id, call.function.name, parse_tool_input(text), text)
 
 
 def _image(item: PromptInput) -> ollama.Image:

@@ -5,24 +5,37 @@ dialect of this adapter rather than an adapter of its own: Groq reports usage in
 and answers 498 when its flex tier is out of capacity (worth retrying); OpenRouter reports the
 call's cost in `usage.cost`, sends `: OPENROUTER PROCESSING` keep-alive comments (the SDK skips
 them) and relays upstream failures as an error chunk inside a 200 stream.
+
+Tools go out as `function` tools with `tool_choice: "auto"`. A streamed call arrives in
+`delta.tool_calls` pieces keyed by `index`: the first names it (with its id), the rest carry pieces
+of its arguments' JSON text, which become ToolCallDeltas; every call is complete once the choice
+finishes (or the stream ends), and only then is it parsed. In a prompt, a step's calls ride on the
+assistant message and each result is a role-`tool` message of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import json
+import uuid
+from collections.abc import AsyncGenerator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from typing import Any, Final
 
 import openai
+from openai import Omit, omit
 from openai.types.chat import (
     ChatCompletionChunk,
     ChatCompletionContentPartParam,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
+    ChatCompletionToolChoiceOptionParam,
 )
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall
 from openai.types.completion_usage import CompletionUsage
 
 from providers.base import KEYLESS_API_KEY as KEYLESS_API_KEY  # also this module's name
@@ -35,11 +48,17 @@ from providers.base import (
     ImageInput,
     PromptInput,
     PromptMessage,
+    PromptToolCall,
     ProviderError,
     ProviderEvent,
     ReasoningDelta,
     TextDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolDefinition,
     Usage,
+    parse_tool_input,
     refuse_unaccepted_inputs,
 )
 from providers.endpoints import (  # re-exported: the dialects' endpoints
@@ -154,15 +173,22 @@ class OpenAICompatibleProvider(ConfiguredModels):
             messages = await asyncio.to_thread(_message_params, request.messages)
         else:
             messages = _message_params(request.messages)
+        tools: list[ChatCompletionFunctionToolParam] | Omit = omit
+        tool_choice: ChatCompletionToolChoiceOptionParam | Omit = omit
+        if request.tools:
+            tools, tool_choice = [_tool_param(tool) for tool in request.tools], "auto"
         usage: Usage | None = None
         groq_usage: Usage | None = None  # used only when no standard usage arrives
         finish: FinishReason = "other"  # a server that never sends finish_reason
+        calls = _ToolCallAssembler()
         try:
             chunks = await self._client.chat.completions.create(
                 model=request.model,
                 messages=messages,
                 stream=True,
                 stream_options={"include_usage": True},
+                tools=tools,
+                tool_choice=tool_choice,
                 **params,
             )
             # Leaving this block any way (end, error, aclose of this generator, task
@@ -181,6 +207,8 @@ class OpenAICompatibleProvider(ConfiguredModels):
                             yield ReasoningDelta(reasoning)
                         if choice.delta.content:
                             yield TextDelta(choice.delta.content)
+                        for event in calls.read(choice.delta.tool_calls or ()):
+                            yield event
                         if choice.finish_reason == "error":
                             # OpenRouter's failure chunk comes with a top-level `error`, which
                             # the SDK raises on; this is the same failure without its details.
@@ -189,10 +217,18 @@ class OpenAICompatibleProvider(ConfiguredModels):
                             )
                         if choice.finish_reason is not None:
                             finish = _FINISH_REASONS.get(choice.finish_reason, "other")
+                            for event in calls.complete():
+                                yield event
         except openai.APIError as error:
             # `from None`: SDK messages can echo request details, and a chained cause would
             # travel into workflow history; only the scrubbed translation leaves this module.
             raise self._translate(error, request.model) from None
+        # A server that never finished the choice: its calls are as complete as they will get.
+        for event in calls.complete():
+            yield event
+        if calls.made and finish == "stop":
+            # Some compatible servers finish a tool-calling answer with "stop".
+            finish = "tool-calls"
         usage = usage or groq_usage
         if usage is not None:
             yield usage
@@ -247,31 +283,125 @@ def sampling_params(options: Mapping[str, Any], *, provider: str) -> dict[str, A
     return ProviderOptions(options, provider).allow_listed(_OPTIONS)
 
 
+@dataclass
+class _StreamedCall:
+    call_id: str
+    name: str = ""
+    pieces: list[str] = field(default_factory=list)  # the arguments' JSON text so far
+    started: bool = False  # its ToolCallStart was yielded
+
+
+class _ToolCallAssembler:
+    """Turns the `delta.tool_calls` pieces of one choice into tool call events.
+
+    OpenAI names a call (id, name) in its first piece and sends only argument text after that,
+    keyed by `index`; compatible servers differ in the details (an id on every piece, no id at
+    all, a whole call in one piece), which this tolerates.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _StreamedCall] = {}
+        self.made = False  # some call was completed
+
+    def read(self, pieces: Iterable[ChoiceDeltaToolCall]) -> Iterator[ProviderEvent]:
+        for position, piece in enumerate(pieces):
+            # The SDK does not validate chunks: a server leaving out `index` gets its position.
+            index = piece.index if isinstance(piece.index, int) else position
+            call = self._calls.get(index)
+            if call is None:
+                call = self._calls[index] = _StreamedCall(piece.id or _call_id())
+            function = piece.function
+            if function is not None and function.name and not call.name:
+                call.name = function.name
+            arguments = function.arguments if function is not None else None
+            if arguments:
+                call.pieces.append(arguments)
+            # Not started before its name is known: a start without a name tells a client nothing.
+            if not call.started and call.name:
+                call.started = True
+                yield ToolCallStart(call.call_id, call.name)
+                if call.pieces:
+                    yield ToolCallDelta(call.call_id, "".join(call.pieces))
+            elif call.started and arguments:
+                yield ToolCallDelta(call.call_id, arguments)
+
+    def complete(self) -> Iterator[ProviderEvent]:
+        """Every call read so far, as ToolCalls in index order; the assembler is then empty."""
+        for index in sorted(self._calls):
+            call = self._calls[index]
+            text = "".join(call.pieces)
+            if not call.started:
+                yield ToolCallStart(call.call_id, call.name)
+                if text:
+                    yield ToolCallDelta(call.call_id, text)
+            yield ToolCall(call.call_id, call.name, parse_tool_input(text), text)
+            self.made = True
+        self._calls.clear()
+
+
+def _call_id() -> str:
+    # For a server sending a call without an id.
+    return f"call_{uuid.uuid4().hex}"
+
+
+def _tool_param(tool: ToolDefinition) -> ChatCompletionFunctionToolParam:
+    return {
+        "type": "function",
+        "function": {
+            "name": tool.name,
+            "description": tool.description,
+            "parameters": tool.input_schema,
+        },
+    }
+
+
 def _reasoning_text(delta: ChoiceDelta) -> str | None:
     # Not in OpenAI's schema, so the SDK keeps it in model_extra. DeepSeek and vLLM send
     # `reasoning_content`, OpenRouter and Ollama `reasoning`; a server sending both repeats itself.
     extra = delta.model_extra or {}
-    for field in ("reasoning_content", "reasoning"):
-        value = extra.get(field)
+    for name in ("reasoning_content", "reasoning"):
+        value = extra.get(name)
         if isinstance(value, str) and value:
             return value
     return None
 
 
 def _message_params(messages: Sequence[PromptMessage]) -> list[ChatCompletionMessageParam]:
-    return [_message_param(message) for message in messages]
+    return [param for message in messages for param in _message_param(message)]
 
 
-def _message_param(message: PromptMessage) -> ChatCompletionMessageParam:
+def _message_param(message: PromptMessage) -> list[ChatCompletionMessageParam]:
     match message.role:
         case "system":
-            return {"role": "system", "content": message.content}
+            return [{"role": "system", "content": message.content}]
         case "user" if message.inputs:
-            return {"role": "user", "content": _content_parts(message)}
+            return [{"role": "user", "content": _content_parts(message)}]
         case "user":
-            return {"role": "user", "content": message.content}
+            return [{"role": "user", "content": message.content}]
+        case "assistant" if message.tool_calls:
+            return [
+                {
+                    "role": "assistant",
+                    "content": message.content,
+                    "tool_calls": [_tool_call_param(call) for call in message.tool_calls],
+                }
+            ]
         case "assistant":
-            return {"role": "assistant", "content": message.content}
+            return [{"role": "assistant", "content": message.content}]
+        case "tool":
+            # One message per result. The wire has no error flag: an error's text says so.
+            return [
+                {"role": "tool", "tool_call_id": result.call_id, "content": result.output}
+                for result in message.tool_results
+            ]
+
+
+def _tool_call_param(call: PromptToolCall) -> ChatCompletionMessageFunctionToolCallParam:
+    return {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.input, ensure_ascii=False)},
+    }
 
 
 def _content_parts(message: PromptMessage) -> list[ChatCompletionContentPartParam]:

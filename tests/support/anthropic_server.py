@@ -13,7 +13,9 @@ response. A request is refused as the API refuses it: without `anthropic-version
 (`x-api-key` or `Authorization: Bearer`; `x-api-key` wins when both come), with `temperature`,
 `top_p`, `top_k` or any other field the API does not know, without `max_tokens`, with empty text,
 a bad image or PDF block, a document in an assistant message, or a thinking budget that does not
-fit.
+fit; and, for tools, a tool without a name or an object `input_schema`, a `tool_choice` of an unknown
+type, a `tool_use` not answered by a `tool_result` in the next message, a `tool_result` answering no
+`tool_use` of the message before it, or text ahead of the `tool_result` blocks of a message.
 
 Behaviour follows the model name (`script_for_model`), or a `Script` registered with `script()`:
 the conventions every test server shares (tests/support/wire_server.py: echo, reply-<words>,
@@ -32,7 +34,14 @@ slow-<ms> pacing the text deltas, fail-<status>, flaky-<n> with 529), and
     midstream-<type>       3 text deltas, then `event: error` with that error type
     drop                   3 text deltas, then the connection is cut mid-response
     truncated              3 text deltas, then the response ends cleanly without message_stop
+    calls-<tool_name>      a tool call, then a reply quoting its result (wire_server.py)
     anything else          404 not_found_error, as Anthropic answers an unknown model
+
+A Script's `tool_steps` (wire_server.py) stream as Anthropic streams tool use: after the text block
+(sent only when `text_before_calls` gives it text), one `tool_use` block per call
+(`content_block_start` with its `toolu_...` id, name and empty input, then `input_json_delta`
+pieces, the first one empty as the API often sends it), and stop_reason "tool_use". A round of tool
+results is a user message holding `tool_result` blocks.
 
 `max_tokens` caps the reply in words and ends it with stop_reason "max_tokens"; a `stop_sequences`
 entry found in the reply cuts it there with "stop_sequence". Usage counts words: the prompt's text
@@ -40,7 +49,8 @@ as input, the reply and thinking as output; message_start carries the input coun
 message_delta repeats them with the final output count, cumulative, as the API does.
 
 Every request is recorded (`requests`), with whether its stream finished or the client left early;
-`RecordedRequest.system`, `images()`, `documents()` and `user_blocks()` read what arrived.
+`RecordedRequest.system`, `images()`, `documents()`, `user_blocks()`, `tools`, `tool_choice` and
+`tool_history()` read what arrived.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final, Self
@@ -60,8 +71,13 @@ from starlette.routing import Route
 from tests.support.wire_server import (
     ChatRequest,
     Chunk,
+    PlannedCall,
+    SeenToolCall,
+    SeenToolResult,
+    ToolHistory,
     WireScript,
     WireServer,
+    json_pieces,
     model_name_parts,
     read_json,
     reasoning_about,
@@ -131,6 +147,8 @@ _REQUEST_FIELDS: Final = frozenset(
 )
 _SAMPLING_FIELDS: Final = ("temperature", "top_p", "top_k")
 _IMAGE_MEDIA_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
+_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+_TOOL_CHOICES: Final = frozenset({"auto", "any", "tool", "none"})
 
 
 @dataclass(frozen=True)
@@ -210,6 +228,52 @@ class RecordedRequest(ChatRequest):
         """The last user message's content as blocks; a string content is one text block."""
         return _blocks(self.last_user_content())
 
+    def last_user_text(self) -> str:
+        """The text of the last user message that has any (tool results alone have none)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user" and (text := _text(message.get("content"))):
+                return text
+        return ""
+
+    @property
+    def tools(self) -> list[Any]:
+        """`tools` as sent; [] when absent."""
+        tools = self.body.get("tools")
+        return tools if isinstance(tools, list) else []
+
+    @property
+    def tool_choice(self) -> object:
+        return self.body.get("tool_choice")
+
+    def tool_history(self) -> ToolHistory:
+        """The `tool_use` blocks of assistant messages and the `tool_result` blocks of user
+        messages, in order."""
+        history = ToolHistory()
+        for message in self.messages:
+            user = message.get("role") == "user"
+            for block in _blocks(message.get("content")):
+                match block.get("type"):
+                    case "tool_use":
+                        history.called(
+                            SeenToolCall(
+                                block.get("id"), str(block.get("name")), block.get("input")
+                            )
+                        )
+                    case "tool_result":
+                        history.answered(
+                            SeenToolResult(
+                                block.get("tool_use_id"),
+                                None,
+                                _result_text(block.get("content")),
+                                block.get("is_error") is True,
+                            )
+                        )
+                    case _ if user:
+                        history.user_said()
+                    case _:
+                        history.model_said()
+        return history
+
     def _blocks(self) -> list[dict[str, Any]]:
         return [block for message in self.messages for block in _blocks(message.get("content"))]
 
@@ -228,6 +292,15 @@ class RecordedRequest(ChatRequest):
             for block in self._blocks()
             if block.get("type") == "document" and _base64_source(block)
         ]
+
+
+def _result_text(content: object) -> str:
+    # A tool_result's content is a string, or blocks of which the text ones count.
+    if isinstance(content, str):
+        return content
+    return "".join(
+        str(block.get("text", "")) for block in _blocks(content) if block.get("type") == "text"
+    )
 
 
 def _blocks(content: object) -> list[dict[str, Any]]:
@@ -301,9 +374,11 @@ class AnthropicServer(WireServer[RecordedRequest, Script]):
         if body.get("stream") is not True:
             return _error(400, message="this test server answers streamed requests only")
 
+        history = record.tool_history()
+        calls = script.due_calls(history, record.last_user_text(), _tool_use_id)
         return self._streamed(
             record,
-            _stream_events(script, body, record),
+            _stream_events(script, body, record, history, calls),
             headers={"cache-control": "no-cache", "request-id": _request_id()},
         )
 
@@ -352,6 +427,78 @@ def _check(body: dict[str, Any], version: str) -> None:
                     )
                 _check_source(where, block, frozenset({"application/pdf"}))
     _check_thinking(body.get("thinking"), max_tokens)
+    _check_tools(body)
+    _check_tool_use(messages)
+
+
+def _check_tools(body: dict[str, Any]) -> None:
+    tools = body.get("tools", [])
+    if not isinstance(tools, list):
+        raise _Refused("tools: Input should be a valid list")
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not _TOOL_NAME.fullmatch(str(tool.get("name", ""))):
+            raise _Refused(f"tools.{index}.custom.name: String should match pattern")
+        schema = tool.get("input_schema")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise _Refused(f"tools.{index}.custom.input_schema.type: Input should be 'object'")
+    choice = body.get("tool_choice")
+    if choice is not None and (
+        not isinstance(choice, dict) or choice.get("type") not in _TOOL_CHOICES
+    ):
+        raise _Refused("tool_choice: Input tag does not match any of the expected tags")
+
+
+def _check_tool_use(messages: list[Any]) -> None:
+    """Each tool_use must be answered by a tool_result in the very next message, whose tool_result
+    blocks come before anything else; a tool_result answers a tool_use of the message before."""
+    asked: list[str] = []  # the tool_use ids of the message before, each to be answered
+    for index, message in enumerate(messages):
+        where = f"messages.{index}"
+        blocks = _blocks(message.get("content"))
+        results = [block for block in blocks if block.get("type") == "tool_result"]
+        if results and message["role"] != "user":
+            raise _Refused(f"{where}: `tool_result` blocks can only be in user messages")
+        if any(block.get("type") != "tool_result" for block in blocks[: len(results)]):
+            raise _Refused(f"{where}: `tool_result` blocks must come first in the content")
+        answered = [str(block.get("tool_use_id")) for block in results]
+        unexpected = [tool_use_id for tool_use_id in answered if tool_use_id not in asked]
+        if unexpected:
+            raise _Refused(
+                f"{where}.content.0: unexpected `tool_use_id` found in `tool_result` blocks: "
+                f"{unexpected[0]}. Each `tool_result` block must have a corresponding `tool_use` "
+                "block in the previous message."
+            )
+        missing = [tool_use_id for tool_use_id in asked if tool_use_id not in answered]
+        if missing:
+            raise _Refused(_unanswered(index - 1, missing))
+        _check_text_blocks(
+            where,
+            [
+                inner
+                for block in results
+                if isinstance(block.get("content"), list)
+                for inner in _blocks(block["content"])
+            ],
+        )
+        asked = []
+        for block in blocks:
+            if block.get("type") != "tool_use":
+                continue
+            if message["role"] != "assistant":
+                raise _Refused(f"{where}: `tool_use` blocks can only be in assistant messages")
+            if not block.get("id") or not isinstance(block.get("input"), dict):
+                raise _Refused(f"{where}: a `tool_use` block needs an id and an input object")
+            asked.append(str(block["id"]))
+    if asked:
+        raise _Refused(_unanswered(len(messages) - 1, asked))
+
+
+def _unanswered(index: int, tool_use_ids: list[str]) -> str:
+    return (
+        f"messages.{index}: `tool_use` ids were found without `tool_result` blocks immediately "
+        f"after: {', '.join(tool_use_ids)}. Each `tool_use` block must have a corresponding "
+        "`tool_result` block in the next message."
+    )
 
 
 def _check_text_blocks(where: str, blocks: list[dict[str, Any]]) -> None:
@@ -393,10 +540,20 @@ def _check_thinking(thinking: object, max_tokens: int) -> None:
             raise _Refused("`max_tokens` must be greater than `thinking.budget_tokens`")
 
 
-def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest) -> list[Chunk]:
-    """The SSE events of one streamed answer, in order."""
-    reply = script.reply if script.reply is not None else _text(record.last_user_content())
-    stop_reason, stop_sequence = script.stop_reason, None
+def _stream_events(
+    script: Script,
+    body: dict[str, Any],
+    record: RecordedRequest,
+    history: ToolHistory,
+    calls: list[PlannedCall],
+) -> list[Chunk]:
+    """The SSE events of one streamed answer, in order: `calls` after the text when given."""
+    if calls:
+        reply, stop_reason = script.text_before_calls, "tool_use"
+    else:
+        asked = _text(record.last_user_content()) or record.last_user_text()
+        reply, stop_reason = script.reply_to(asked, history), script.stop_reason
+    stop_sequence = None
     cut = _first_stop_sequence(reply, body.get("stop_sequences"))
     if cut is not None:
         reply, stop_sequence = reply[: cut[0]], cut[1]
@@ -436,35 +593,52 @@ def _stream_events(script: Script, body: dict[str, Any], record: RecordedRequest
         )
         events.append(Chunk(_sse("content_block_stop", {"index": index})))
         index += 1
-    events.append(Chunk(_block_start(index, {"type": "text", "text": ""})))
-    for count, piece in enumerate(pieces):
-        if count == script.error_after_deltas:
-            text = _STREAM_ERROR_MESSAGES.get(script.error_type, "Error")
-            error = {"type": script.error_type, "message": text}
-            return [*events, Chunk(_sse("error", {"error": error}))]
-        if count == script.drop_after_deltas:
-            return [*events, Chunk(None)]
-        if count == script.truncate_after_deltas:
-            return events
-        # Only the text deltas are paced, the first sent at once.
-        pause = script.chunk_delay if count else 0.0
-        events.append(Chunk(_delta(index, {"type": "text_delta", "text": piece}), pause))
+    # A tool-use answer has a text block only when it says something before its calls.
+    if pieces or not calls:
+        events.append(Chunk(_block_start(index, {"type": "text", "text": ""})))
+        for count, piece in enumerate(pieces):
+            if count == script.error_after_deltas:
+                text = _STREAM_ERROR_MESSAGES.get(script.error_type, "Error")
+                error = {"type": script.error_type, "message": text}
+                return [*events, Chunk(_sse("error", {"error": error}))]
+            if count == script.drop_after_deltas:
+                return [*events, Chunk(None)]
+            if count == script.truncate_after_deltas:
+                return events
+            # Only the text deltas are paced, the first sent at once.
+            pause = script.chunk_delay if count else 0.0
+            events.append(Chunk(_delta(index, {"type": "text_delta", "text": piece}), pause))
+        events.append(Chunk(_sse("content_block_stop", {"index": index})))
+        index += 1
+    for call in calls:
+        block = {"type": "tool_use", "id": call.call_id, "name": call.name, "input": {}}
+        events.append(Chunk(_block_start(index, block)))
+        events += [
+            Chunk(_delta(index, {"type": "input_json_delta", "partial_json": piece}))
+            for piece in ["", *json_pieces(call.input_text)]
+        ]
+        events.append(Chunk(_sse("content_block_stop", {"index": index})))
+        index += 1
 
     # Cumulative, as the API sends them: the input counts again, and the whole output so far.
+    call_tokens = sum(len(call.input_text.split()) for call in calls)
     usage: dict[str, Any] = {
         **input_usage,
-        "output_tokens": len("".join(pieces).split()) + thinking_tokens,
+        "output_tokens": len("".join(pieces).split()) + thinking_tokens + call_tokens,
     }
     if thinking_tokens:
         usage["output_tokens_details"] = {"thinking_tokens": thinking_tokens}
     stop = {"stop_reason": stop_reason, "stop_sequence": stop_sequence}
     return [
         *events,
-        Chunk(_sse("content_block_stop", {"index": index})),
         Chunk(_sse("ping", {})),
         Chunk(_sse("message_delta", {"delta": stop, "usage": usage})),
         Chunk(_sse("message_stop", {})),
     ]
+
+
+def _tool_use_id() -> str:
+    return f"toolu_01{uuid.uuid4().hex[:22]}"
 
 
 def _delta(index: int, delta: dict[str, Any]) -> bytes:

@@ -28,14 +28,25 @@ echo, reply-<words>, slow-<ms>, fail-<status>, flaky-<n> with 503), and
     drop                  3 chunks, then the connection is cut
     truncated             3 chunks, then the body ends cleanly without a finishReason
     garbage               3 chunks, then a `data:` line that is not JSON
+    calls-<tool_name>     a function call, then a reply quoting its result (wire_server.py)
     anything else         404 NOT_FOUND, as Gemini answers an unknown model
+
+A Script's `tool_steps` (wire_server.py) stream as Gemini sends function calls: whole, as
+`functionCall` parts (`name`, `args`; an `id` only when the Script's `function_call_ids` is set, as
+the Gemini API mostly sends none) in the chunk that carries finishReason STOP, the first part with a
+`thoughtSignature` as Gemini 3 sends it. `bad_input` does not apply: `args` is always an object. A
+round of tool results is a user content holding `functionResponse` parts.
 
 Every chunk is `data: <GenerateContentResponse JSON>` and a blank line; the last one carries the
 finishReason and usageMetadata. generationConfig.maxOutputTokens caps the reply in words and
 finishes it with MAX_TOKENS. As Gemini does, the server refuses a content with a role other than
 user or model, an empty text part and inline data of a type Gemini does not take (image/gif among
-them). Every request is recorded (`requests`), with whether its stream finished or the client left
-early.
+them). For function calling, as Gemini 3 does, it refuses a `functionCall` outside a model content, a
+content of function responses that does not answer each call of the model content before it, and a
+step of the current turn (after the last user content with text) whose first `functionCall` part
+has no `thoughtSignature`. Every request is recorded (`requests`), with whether its stream finished
+or the client left early; `RecordedRequest.tools`, `tool_config`, `function_declarations()` and
+`tool_history()` read the tools offered and the calls and results in the contents.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import binascii
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -54,6 +66,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.support.wire_server import (
+    PlannedCall,
+    SeenToolCall,
+    SeenToolResult,
+    ToolHistory,
     WireRequest,
     WireScript,
     WireServer,
@@ -135,6 +151,7 @@ class Script(WireScript):
     garbage_after_chunks: int | None = None  # send a line that is not JSON after n chunks
     block_reason: str | None = None  # promptFeedback.blockReason: no candidates at all
     cached_tokens: int = 0  # reported as cachedContentTokenCount, and inside promptTokenCount
+    function_call_ids: bool = False  # give each functionCall an `id`
 
     @classmethod
     def failing(cls, status: int) -> Self:
@@ -231,6 +248,53 @@ class RecordedRequest(WireRequest):
                 return _parts(content)
         return []
 
+    def last_user_text(self) -> str:
+        """The text of the last user content that has any (function responses alone have none)."""
+        for content in reversed(self.contents):
+            if content.get("role", "user") == "user" and (texts := _texts(content)):
+                return " ".join(texts)
+        return ""
+
+    @property
+    def tools(self) -> list[Any]:
+        """`tools` as sent (camelCase); [] when absent."""
+        tools = self.body.get("tools")
+        return tools if isinstance(tools, list) else []
+
+    @property
+    def tool_config(self) -> object:
+        return self.body.get("toolConfig")
+
+    def function_declarations(self) -> list[dict[str, Any]]:
+        """Every functionDeclarations entry of `tools`, in order."""
+        return [
+            declaration
+            for tool in self.tools
+            if isinstance(tool, dict)
+            for declaration in tool.get("functionDeclarations") or []
+            if isinstance(declaration, dict)
+        ]
+
+    def tool_history(self) -> ToolHistory:
+        """The `functionCall` parts of model contents and the `functionResponse` parts of user
+        contents, in order."""
+        history = ToolHistory()
+        for content in self.contents:
+            user = content.get("role", "user") == "user"
+            for part in _parts(content):
+                call, response = part.get("functionCall"), part.get("functionResponse")
+                if isinstance(call, dict):
+                    history.called(
+                        SeenToolCall(call.get("id"), str(call.get("name")), call.get("args"))
+                    )
+                elif isinstance(response, dict):
+                    history.answered(_seen_result(response))
+                elif user:
+                    history.user_said()
+                else:
+                    history.model_said()
+        return history
+
     def inline_data(self) -> list[tuple[str, bytes]]:
         """Media type and decoded bytes of every inlineData part in the contents, in order."""
         return [
@@ -246,6 +310,16 @@ def decode_bytes(value: object) -> bytes:
     sends the URL-safe one)."""
     text = str(value).replace("-", "+").replace("_", "/")
     return base64.b64decode(text, validate=True)
+
+
+def _seen_result(response: dict[str, Any]) -> SeenToolResult:
+    # Google's convention: the output under "output", a failure under "error".
+    body = response.get("response")
+    body = body if isinstance(body, dict) else {}
+    is_error = "error" in body and "output" not in body
+    value = body.get("error" if is_error else "output", body)
+    output = value if isinstance(value, str) else json.dumps(value)
+    return SeenToolResult(response.get("id"), response.get("name"), output, is_error)
 
 
 def _parts(content: dict[str, Any]) -> list[dict[str, Any]]:
@@ -287,6 +361,61 @@ def _refusal(body: dict[str, Any]) -> str | None:
                 decode_bytes(inline.get("data", ""))
             except (binascii.Error, ValueError):
                 return f"* {where}: Invalid value at 'inline_data.data' (TYPE_BYTES), Base64 decoding failed"
+    return _function_refusal(contents) or _tools_refusal(body.get("tools"))
+
+
+def _function_refusal(contents: list[Any]) -> str | None:
+    """Gemini's 400 message for function calls and responses it would refuse, or None."""
+    # The current turn starts after the last user content with anything but function responses.
+    turn_start = 0
+    for index, content in enumerate(contents):
+        if content.get("role", "user") == "user" and any(
+            "functionResponse" not in part for part in _parts(content)
+        ):
+            turn_start = index + 1
+    calls = 0  # the function calls of the content before
+    for index, content in enumerate(contents):
+        where = f"* GenerateContentRequest.contents[{index}]"
+        parts = _parts(content)
+        call_parts = [part for part in parts if "functionCall" in part]
+        responses = [part["functionResponse"] for part in parts if "functionResponse" in part]
+        if content.get("role", "user") == "user":
+            if call_parts:
+                return f"{where}: a function call must be in a model content."
+            if responses and len(responses) != calls:
+                return (
+                    "Please ensure that the number of function response parts is equal to the "
+                    "number of function call parts of the function call turn."
+                )
+            for response in responses:
+                if not isinstance(response, dict) or not response.get("name"):
+                    return f"{where}.function_response.name: Name cannot be empty."
+                if not isinstance(response.get("response"), dict):
+                    return f"{where}.function_response.response: must be an object."
+        elif responses or calls:
+            return (
+                "Please ensure that function response turn comes immediately after a function "
+                "call turn."
+            )
+        if call_parts and index >= turn_start and not call_parts[0].get("thoughtSignature"):
+            name = call_parts[0]["functionCall"].get("name")
+            return (
+                f"Function call `{name}` in the `{index + 1}.` content block is missing a "
+                "`thought_signature`."
+            )
+        calls = len(call_parts)
+    return None
+
+
+def _tools_refusal(tools: object) -> str | None:
+    for index, tool in enumerate(tools if isinstance(tools, list) else []):
+        declarations = tool.get("functionDeclarations") if isinstance(tool, dict) else None
+        for position, declaration in enumerate(declarations or []):
+            where = f"* GenerateContentRequest.tools[{index}].function_declarations[{position}]"
+            if not isinstance(declaration, dict) or not declaration.get("name"):
+                return f"{where}.name: Name cannot be empty."
+            if "parameters" in declaration and "parametersJsonSchema" in declaration:
+                return f"{where}: parameters and parameters_json_schema are mutually exclusive."
     return None
 
 
@@ -376,14 +505,35 @@ class GeminiServer(WireServer[RecordedRequest, Script]):
                 headers=headers,
             )
 
-        events = _stream_events(script, model, record)
+        history = record.tool_history()
+        calls = script.due_calls(history, record.last_user_text(), _call_id(script))
+        events = _stream_events(script, model, record, history, calls)
         return self._streamed(
             record, evenly_paced(events, script.chunk_delay), headers={"cache-control": "no-cache"}
         )
 
 
-def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[bytes | None]:
-    """The SSE byte strings of one streamed answer; None marks where the connection drops."""
+def _call_id(script: Script) -> Callable[[], str]:
+    # An empty id is left out of the functionCall, as the Gemini API mostly leaves it.
+    return (lambda: uuid.uuid4().hex[:8]) if script.function_call_ids else (lambda: "")
+
+
+def _function_call(call: PlannedCall) -> dict[str, Any]:
+    function_call: dict[str, Any] = {"name": call.name, "args": call.input}
+    if call.call_id:
+        function_call["id"] = call.call_id
+    return {"functionCall": function_call}
+
+
+def _stream_events(
+    script: Script,
+    model: str,
+    record: RecordedRequest,
+    history: ToolHistory,
+    calls: list[PlannedCall],
+) -> list[bytes | None]:
+    """The SSE byte strings of one streamed answer, `calls` in its last chunk when given; None
+    marks where the connection drops."""
     envelope = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
     prompt_tokens = script.cached_tokens + sum(
         len(text.split())
@@ -405,7 +555,8 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
     thinks = bool(script.thoughts) and thinking.get("thinkingBudget") != 0
     shown = thinking.get("includeThoughts") or script.thoughts_unasked
     thoughts = word_pieces(script.thoughts) if thinks and shown else []
-    reply = script.reply if script.reply is not None else _last_user_text(record)
+    asked = _last_user_text(record)
+    reply = script.text_before_calls if calls else script.reply_to(asked, history)
     pieces = word_pieces(reply)
     finish_reason = script.finish_reason
     cap = config.get("maxOutputTokens")
@@ -428,6 +579,7 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
 
     thought_tokens = len(script.thoughts.split()) if thinks else 0
     candidate_tokens = len("".join(pieces).split())
+    candidate_tokens += sum(len(json.dumps(call.input).split()) for call in calls)
     usage: dict[str, Any] = {
         "promptTokenCount": prompt_tokens,
         "candidatesTokenCount": candidate_tokens,
@@ -441,6 +593,11 @@ def _stream_events(script: Script, model: str, record: RecordedRequest) -> list[
     last: dict[str, Any] = {"finishReason": finish_reason, "index": 0}
     if finish_reason in CONTENT_FILTER_REASONS:
         last["safetyRatings"] = _BLOCKED_RATINGS
+    elif calls:
+        # Gemini 3 signs the first call of a step (and only that one, for parallel calls).
+        parts = [_function_call(call) for call in calls]
+        parts[0]["thoughtSignature"] = base64.b64encode(b"signature").decode()
+        last["content"] = {"role": "model", "parts": parts}
     else:
         last["content"] = {"role": "model", "parts": [{"text": ""}]}
     events.append(sse({"candidates": [last], "usageMetadata": usage, **envelope}))

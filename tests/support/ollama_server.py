@@ -14,13 +14,23 @@ with 503), and
     drop                  3 lines, then the connection is cut before the `done` line
     truncated             3 lines, then the body ends cleanly without a `done` line
     garbage               3 lines, then one that is not JSON, as a proxy's page would be
+    calls-<tool_name>     a tool call, then a reply quoting its result (wire_server.py)
     anything else         404 `model 'x' not found`, as Ollama answers a model not pulled
+
+A Script's `tool_steps` (wire_server.py) stream as Ollama sends tool calls: whole, every call of the
+step in one line's `message.tool_calls` (`id` and `function.index`, which the Python SDK drops,
+`function.name` and `function.arguments` as an object), then the `done` line with done_reason
+"stop". `bad_input` does not apply: arguments are always an object. A round of tool results is a run
+of role-`tool` messages (each naming its tool in `tool_name`). As Ollama does, a tool that is not
+`{"type": "function", "function": {"name", ...}}` or a call whose arguments are not an object is
+refused with 400.
 
 Every line is one JSON object followed by `\\n`, as `application/x-ndjson`; the last one has
 `done: true`, `done_reason` and the token counts (omitted when zero, as Ollama does).
 `options.num_predict` caps the reply in words and finishes it with "length". Images must be bare
 base64 strings (anything else is Ollama's 400). Every request is recorded (`requests`), with whether
-its stream finished or the client left early.
+its stream finished or the client left early; `RecordedRequest.tools` and `tool_history()` read the
+tools offered and the calls and results in the messages.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +50,10 @@ from starlette.routing import Route
 
 from tests.support.wire_server import (
     ChatRequest,
+    PlannedCall,
+    SeenToolCall,
+    SeenToolResult,
+    ToolHistory,
     WireScript,
     WireServer,
     evenly_paced,
@@ -111,6 +126,36 @@ class RecordedRequest(ChatRequest):
         """The decoded bytes of every image in the request, in order."""
         return [base64.b64decode(image, validate=True) for image in self.raw_images()]
 
+    @property
+    def tools(self) -> list[Any]:
+        """`tools` as sent; [] when absent."""
+        tools = self.body.get("tools")
+        return tools if isinstance(tools, list) else []
+
+    def tool_history(self) -> ToolHistory:
+        """The `tool_calls` of assistant messages and the role-`tool` messages, in order. Ollama
+        carries no call ids in a conversation: results name their tool."""
+        history = ToolHistory()
+        for message in self.messages:
+            match message.get("role"):
+                case "user":
+                    history.user_said()
+                case "assistant":
+                    history.model_said()
+                    for call in message.get("tool_calls") or []:
+                        function = call.get("function") if isinstance(call, dict) else None
+                        function = function if isinstance(function, dict) else {}
+                        history.called(
+                            SeenToolCall(None, str(function.get("name")), function.get("arguments"))
+                        )
+                case "tool":
+                    history.answered(
+                        SeenToolResult(
+                            None, message.get("tool_name"), str(message.get("content", ""))
+                        )
+                    )
+        return history
+
 
 class OllamaServer(WireServer[RecordedRequest, Script]):
     """`with OllamaServer() as server:` then point an adapter at `server.base_url`."""
@@ -141,14 +186,19 @@ class OllamaServer(WireServer[RecordedRequest, Script]):
         bad_image = _bad_image(record)
         if bad_image is not None:
             return _error(400, bad_image)
+        bad_tools = _bad_tools(record)
+        if bad_tools is not None:
+            return _error(400, bad_tools)
         script, attempt = self._script_and_attempt(model)
         if script is None:
             return _error(404, _ERRORS[404].format(model=model))
         if (status := script.failure_on(attempt)) is not None:
             return _error(status, _ERRORS.get(status, "error").format(model=model))
 
-        asked = record.last_user_content()
-        reply = script.reply if script.reply is not None else str(asked or "")
+        asked = str(record.last_user_content() or "")
+        history = record.tool_history()
+        calls = script.due_calls(history, asked, _call_id)
+        reply = script.text_before_calls if calls else script.reply_to(asked, history)
         pieces = word_pieces(reply)
         done_reason = script.done_reason
         options = body.get("options")
@@ -158,14 +208,17 @@ class OllamaServer(WireServer[RecordedRequest, Script]):
         thinking = word_pieces(script.thinking)
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in record.messages)
         output_tokens = len("".join(pieces).split()) + len(thinking)
+        output_tokens += sum(len(call.input_text.split()) for call in calls)
         final = _final_fields(model, done_reason, prompt_tokens, output_tokens)
 
         if body.get("stream") is False:
-            message = {"role": "assistant", "content": "".join(pieces)}
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
             if thinking:
                 message["thinking"] = "".join(thinking)
+            if calls:
+                message["tool_calls"] = _tool_calls(calls)
             return JSONResponse({**final, "message": message})
-        lines = _stream_lines(script, model, thinking, pieces, final)
+        lines = _stream_lines(script, model, thinking, pieces, calls, final)
         return self._streamed(
             record, evenly_paced(lines, script.chunk_delay), media_type="application/x-ndjson"
         )
@@ -176,11 +229,13 @@ def _stream_lines(
     model: str,
     thinking: list[str],
     pieces: list[str],
+    calls: list[PlannedCall],
     final: dict[str, Any],
 ) -> list[bytes | None]:
-    """The NDJSON lines of one streamed answer; None marks where the connection drops."""
+    """The NDJSON lines of one streamed answer, `calls` in one line after the text; None marks
+    where the connection drops."""
 
-    def line(**message: str) -> bytes:
+    def line(**message: Any) -> bytes:
         return _line(
             {
                 "model": model,
@@ -201,8 +256,43 @@ def _stream_lines(
         if count == script.garbage_after_lines:
             return [*lines, b"<html><body>502 Bad Gateway</body></html>\n"]
         lines.append(line(content=piece))
+    if calls:
+        lines.append(line(content="", tool_calls=_tool_calls(calls)))
     lines.append(_line({**final, "message": {"role": "assistant", "content": ""}}))
     return lines
+
+
+def _tool_calls(calls: list[PlannedCall]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": call.call_id,
+            "function": {"index": index, "name": call.name, "arguments": call.input},
+        }
+        for index, call in enumerate(calls)
+    ]
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:8]}"
+
+
+def _bad_tools(record: RecordedRequest) -> str | None:
+    # What Go's decoding of Ollama's api.Tool and api.ToolCall refuses.
+    for tool in record.body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not function.get("name"):
+            return "json: cannot unmarshal value into Go struct field ChatRequest.tools"
+    for message in record.messages:
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if not isinstance(arguments, dict):
+                return (
+                    "json: cannot unmarshal value into Go struct field "
+                    "ToolCallFunction.messages.tool_calls.function.arguments of type "
+                    "api.ToolCallFunctionArguments"
+                )
+    return None
 
 
 def _final_fields(

@@ -19,7 +19,17 @@ slow-<ms>, fail-<status>, flaky-<n> with 503), and
                           midstream-server_error), in the dialect's shape
     error-finish          3 chunks, then finish_reason "error" with no error object
     drop                  3 chunks, then the connection is cut without a terminating chunk
+    calls-<tool_name>     a tool call, then a reply quoting its result (wire_server.py)
     anything else         404 model_not_found, as OpenAI answers an unknown model
+
+A Script's `tool_steps` (wire_server.py) stream as OpenAI streams tool calls: per call, a
+`delta.tool_calls` entry with its `index`, `id` (`call_...`), type and name and empty arguments,
+then its `arguments` text in three pieces keyed by that index; the choice finishes with
+"tool_calls". A round of tool results is an assistant message with `tool_calls` answered by
+role-`tool` messages. Requests are refused as OpenAI refuses them: a `tool_choice` without
+`tools`, a tool that is not `{"type": "function", "function": {"name", ...}}`, a `tool` message
+answering no call of the assistant message before it, or a call left without its answer.
+`RecordedRequest.tools`, `tool_choice` and `tool_history()` read what arrived.
 
 `dialect=` makes the server speak as Groq or OpenRouter do on top of that (default "openai"):
 
@@ -56,9 +66,14 @@ from starlette.routing import Route
 
 from tests.support.wire_server import (
     ChatRequest,
+    PlannedCall,
+    SeenToolCall,
+    SeenToolResult,
+    ToolHistory,
     WireScript,
     WireServer,
     evenly_paced,
+    json_pieces,
     model_name_parts,
     read_json,
     reasoning_about,
@@ -174,6 +189,44 @@ class RecordedRequest(ChatRequest):
         parts = content if isinstance(content, list) else []
         return [part for part in parts if isinstance(part, dict)]
 
+    @property
+    def tools(self) -> list[Any]:
+        """`tools` as sent; [] when absent."""
+        tools = self.body.get("tools")
+        return tools if isinstance(tools, list) else []
+
+    @property
+    def tool_choice(self) -> object:
+        return self.body.get("tool_choice")
+
+    def tool_history(self) -> ToolHistory:
+        """The tool calls (`tool_calls` of assistant messages) and results (role-`tool`
+        messages) in the conversation."""
+        history = ToolHistory()
+        for message in self.messages:
+            match message.get("role"):
+                case "user":
+                    history.user_said()
+                case "assistant":
+                    history.model_said()
+                    for call in _dicts(message.get("tool_calls")):
+                        function = call.get("function")
+                        function = function if isinstance(function, dict) else {}
+                        history.called(
+                            SeenToolCall(
+                                call.get("id"),
+                                str(function.get("name", "")),
+                                _parsed(function.get("arguments")),
+                            )
+                        )
+                case "tool":
+                    history.answered(
+                        SeenToolResult(
+                            message.get("tool_call_id"), None, _text(message.get("content"))
+                        )
+                    )
+        return history
+
     def _parts(self) -> list[dict[str, Any]]:
         return [
             part
@@ -203,6 +256,74 @@ class RecordedRequest(ChatRequest):
                 if decoded is not None:
                     found.append((str(file.get("filename", "")), *decoded))
         return found
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _parsed(arguments: object) -> object:
+    # OpenAI sends arguments as JSON text; what is not JSON is kept as the text.
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
+
+
+def _tool_refusal(record: RecordedRequest) -> str | None:
+    """OpenAI's 400 message for tools or tool messages it would refuse, or None."""
+    body = record.body
+    if "tool_choice" in body and not record.tools:
+        return (
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+            "specified."
+        )
+    for index, tool in enumerate(body.get("tools") or []):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            return f"Invalid value for 'tools[{index}]': expected a function tool."
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            return f"Missing required parameter: 'tools[{index}].function.name'."
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            return f"Invalid type for 'tools[{index}].function.parameters': expected an object."
+    unanswered: list[str] = []
+    for index, message in enumerate(record.messages):
+        role = message.get("role")
+        if role == "tool":
+            if message.get("tool_call_id") not in unanswered:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'."
+                )
+            unanswered.remove(message["tool_call_id"])
+            continue
+        if unanswered:
+            return _unanswered(unanswered)
+        if role == "assistant":
+            for call in _dicts(message.get("tool_calls")):
+                function = call.get("function")
+                arguments = function.get("arguments") if isinstance(function, dict) else None
+                if not isinstance(arguments, str):
+                    return (
+                        f"Invalid type for 'messages[{index}].tool_calls[].function.arguments':"
+                        " expected a string."
+                    )
+                unanswered.append(str(call.get("id")))
+    return _unanswered(unanswered) if unanswered else None
+
+
+def _unanswered(ids: list[str]) -> str:
+    return (
+        "An assistant message with 'tool_calls' must be followed by tool messages responding "
+        f"to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+        f"{', '.join(ids)}"
+    )
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def _bad_image_url(record: RecordedRequest) -> str | None:
@@ -273,6 +394,9 @@ class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
         bad_image = _bad_image_url(record)
         if bad_image is not None:
             return self._error(400, message=bad_image)
+        tool_refusal = _tool_refusal(record)
+        if tool_refusal is not None:
+            return self._error(400, message=tool_refusal)
         model = record.model
         if self.api_key is not None and record.authorization != f"Bearer {self.api_key}":
             return self._error(401, key=_bearer(record))
@@ -288,11 +412,15 @@ class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
             return self._error(status, model=model, key=_bearer(record), headers=headers)
 
         asked = _text(record.last_user_content())
-        reply = script.reply if script.reply is not None else asked
+        history = record.tool_history()
+        calls = script.due_calls(history, asked, _call_id)
+        reply = script.reply_to(asked, history)
         if script.titles:
             reply = '"About: ' + " ".join(asked.split()[:4]) + '"'
-        pieces = word_pieces(reply)
         finish_reason = script.finish_reason
+        if calls:
+            reply, finish_reason = script.text_before_calls, "tool_calls"
+        pieces = word_pieces(reply)
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         if isinstance(cap, int) and len(pieces) > cap:
             pieces, finish_reason = pieces[:cap], "length"
@@ -300,6 +428,7 @@ class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
         prompt_tokens = sum(len(_text(m.get("content")).split()) for m in record.messages)
         reasoning_tokens = len(script.reasoning.split())
         completion_tokens = len("".join(pieces).split()) + reasoning_tokens
+        completion_tokens += sum(len(call.input_text.split()) for call in calls)
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -317,16 +446,13 @@ class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
             usage["is_byok"] = False
 
         if body.get("stream") is not True:
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+            if calls:
+                message["tool_calls"] = [_tool_call(call) for call in calls]
             return JSONResponse(
                 {
                     **_envelope(model, "chat.completion"),
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(pieces)},
-                            "finish_reason": finish_reason,
-                        }
-                    ],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
                     "usage": usage,
                 }
             )
@@ -345,6 +471,7 @@ class OpenAICompatibleServer(WireServer[RecordedRequest, Script]):
             model,
             reasoning,
             pieces,
+            calls,
             finish_reason,
             usage if in_chunk else None,
             usage if in_x_groq else None,
@@ -381,6 +508,7 @@ def _stream_events(
     model: str,
     reasoning: list[str],
     pieces: list[str],
+    calls: list[PlannedCall],
     finish_reason: str,
     usage: dict[str, Any] | None,
     x_groq_usage: dict[str, Any] | None,
@@ -405,6 +533,14 @@ def _stream_events(
         if count == script.drop_after_chunks:
             return [*events, None]
         events.append(chunk({"content": piece}))
+    for index, call in enumerate(calls):
+        # The first entry of a call names it; its arguments follow, keyed by the index alone.
+        start = {"index": index, **_tool_call(call, arguments="")}
+        events.append(chunk({"tool_calls": [start]}))
+        events += [
+            chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            for piece in json_pieces(call.input_text)
+        ]
     if dialect == "openrouter":
         events.append(KEEPALIVE)
     last: dict[str, Any] = {}
@@ -419,6 +555,15 @@ def _stream_events(
         events.append(sse({**envelope, "choices": [], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+def _tool_call(call: PlannedCall, *, arguments: str | None = None) -> dict[str, Any]:
+    text = call.input_text if arguments is None else arguments
+    return {
+        "id": call.call_id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": text},
+    }
 
 
 def _midstream_error(code: int | str, envelope: dict[str, Any], dialect: Dialect) -> bytes:

@@ -26,6 +26,7 @@ from providers.base import (
     ProviderError,
     ProviderEvent,
     TextDelta,
+    ToolDefinition,
     Usage,
 )
 from tests.support.provider_events import collect, collect_failure, failure_of, text_of
@@ -55,14 +56,17 @@ def request(
     *,
     messages: list[PromptMessage] | None = None,
     attempt: int = 1,
+    offered_tools: tuple[ToolDefinition, ...] = (),
     **options: Any,
 ) -> GenerationRequest:
-    """A request for `model` of PROMPT (or `messages`), with `options` as its providerOptions."""
+    """A request for `model` of PROMPT (or `messages`), offering `offered_tools`, with `options`
+    as its providerOptions (`tools` among them is a providerOption, as a caller may send one)."""
     return GenerationRequest(
         model=model,
         messages=PROMPT if messages is None else messages,
         options=options,
         attempt=attempt,
+        tools=offered_tools,
     )
 
 

@@ -1,11 +1,11 @@
-"""Reading a provider adapter's event stream in tests: every event, the text, the reasoning, the failure."""
+"""Reading a provider adapter's event stream in tests: every event, the text, the reasoning, the tool calls, the failure."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from providers.base import ProviderError, ProviderEvent, ReasoningDelta, TextDelta
+from providers.base import ProviderError, ProviderEvent, ReasoningDelta, TextDelta, ToolCall
 
 
 async def collect(stream: AsyncGenerator[ProviderEvent, None]) -> list[ProviderEvent]:
@@ -19,6 +19,10 @@ def text_of(events: list[ProviderEvent]) -> str:
 
 def reasoning_of(events: list[ProviderEvent]) -> str:
     return "".join(event.text for event in events if isinstance(event, ReasoningDelta))
+
+
+def tool_calls_of(events: list[ProviderEvent]) -> list[ToolCall]:
+    return [event for event in events if isinstance(event, ToolCall)]
 
 
 async def collect_failure(

@@ -15,15 +15,26 @@ conventions every server follows:
     flaky-<n>[-<tag>]     the provider's "try again" status for the first <n> requests to this
                           exact model name, then echo; a unique <tag> per test avoids sharing the
                           count (or call reset())
+    calls-<tool_name>     calls <tool_name> with `{"query": <the last user message's text>}`, then,
+                          once the conversation holds that call's result, replies "done: " and the
+                          first 60 characters of the last tool result's text
+
+Scripted tool calls (`WireScript.tool_steps`, or `calls-<tool_name>`): each server reads the tool
+calls and results in a request's history into a `ToolHistory`, in its own wire format, and counts the
+rounds of tool results after the last user message. While fewer rounds than steps are answered, the
+next step's calls stream (after `text_before_calls`, if any) and the answer finishes with the
+provider's tool-calls reason; then the reply streams as usual. `bad_input` makes the first call of
+each step send input text that is not JSON, where the wire format carries input as text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import threading
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
@@ -57,6 +68,88 @@ def model_name_parts(model: str) -> tuple[str, str, str]:
     return name, argument, argument.replace("-", " ")
 
 
+def json_pieces(text: str, count: int = 3) -> list[str]:
+    """`text` cut into `count` pieces (fewer when it is shorter), as a model streams a tool call's
+    input JSON."""
+    size = max(1, math.ceil(len(text) / count))
+    return [text[start : start + size] for start in range(0, len(text), size)]
+
+
+# What a `bad_input` call sends as its input: cut off, so no JSON parser takes it.
+BAD_INPUT_TEXT = '{"query": "unterminated'
+
+# One step of scripted tool calls: each call's tool name and input.
+ToolStep = list[tuple[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class SeenToolCall:
+    """A tool call found in a request's history, in any wire format."""
+
+    call_id: str | None  # None where the format carries no ids (Ollama)
+    name: str
+    input: object  # the object sent, or OpenAI's argument text parsed (the text itself if not JSON)
+
+
+@dataclass(frozen=True)
+class SeenToolResult:
+    """A tool result found in a request's history, in any wire format."""
+
+    call_id: str | None
+    # Where a result names only its call (OpenAI, Anthropic), the name of the call with its id;
+    # None when no earlier call has it.
+    name: str | None
+    output: str
+    is_error: bool = False
+
+
+class ToolHistory:
+    """The tool calls and results of a request's history, in order, and how many rounds of results
+    came after the last user message. Each server feeds it from its own wire format."""
+
+    def __init__(self) -> None:
+        self.calls: list[SeenToolCall] = []
+        self.results: list[SeenToolResult] = []
+        self.rounds = 0
+        self._answering = False  # the last thing read was a tool result
+
+    def user_said(self) -> None:
+        """A user message with content of its own: a new turn, with no tool rounds yet."""
+        self.rounds = 0
+        self._answering = False
+
+    def model_said(self) -> None:
+        self._answering = False
+
+    def called(self, call: SeenToolCall) -> None:
+        self.calls.append(call)
+        self._answering = False
+
+    def answered(self, result: SeenToolResult) -> None:
+        """A tool result; a run of them (one message or several in a row) is one round."""
+        if result.name is None and result.call_id is not None:
+            names = [call.name for call in self.calls if call.call_id == result.call_id]
+            if names:
+                result = SeenToolResult(result.call_id, names[-1], result.output, result.is_error)
+        self.results.append(result)
+        if not self._answering:
+            self.rounds += 1
+        self._answering = True
+
+    def last_output(self) -> str | None:
+        return self.results[-1].output if self.results else None
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """A tool call a server is about to stream."""
+
+    call_id: str
+    name: str
+    input: dict[str, Any]
+    input_text: str  # the input's JSON text, or text that is not JSON for a `bad_input` call
+
+
 def sse(data: dict[str, Any], *, event: str | None = None) -> bytes:
     """One server-sent event of compact JSON, named on an `event:` line when `event` is given."""
     named = f"event: {event}\n" if event is not None else ""
@@ -74,6 +167,14 @@ class WireScript:
     chunk_delay: float = 0.0  # seconds between the chunks of the answer
     fail_status: int | None = None
     fail_first: int | None = None  # with fail_status: fail only the first n requests
+    # The calls of each step, answered before the reply: step n streams while the history holds
+    # fewer than n rounds of tool results after the last user message.
+    tool_steps: list[ToolStep] = field(default_factory=list)
+    text_before_calls: str = ""  # streamed before each step's calls
+    bad_input: bool = False  # the first call of each step sends BAD_INPUT_TEXT as its input
+    # `calls-<tool_name>`: one step calling this tool with the last user message as its query,
+    # then a reply quoting the last tool result.
+    calls_tool: str | None = None
 
     @classmethod
     def failing(cls, status: int) -> Self:
@@ -92,10 +193,36 @@ class WireScript:
             return cls(reply=SLOW_REPLY, chunk_delay=int(argument) / 1000 if argument else 0.05)
         if name == "fail" and argument.isdigit():
             return cls.failing(int(argument))
+        if name == "calls" and argument:
+            return cls(calls_tool=argument)
         failures, _, _tag = argument.partition("-")
         if name == "flaky" and failures.isdigit():
             return cls(fail_status=cls.FLAKY_STATUS, fail_first=int(failures))
         return None
+
+    def due_calls(
+        self, history: ToolHistory, asked: str, new_id: Callable[[], str]
+    ) -> list[PlannedCall]:
+        """The calls this request is answered with (`asked`: the last user message's text, named
+        with `new_id`); none when every step has its results and the reply is due."""
+        steps = self.tool_steps
+        if self.calls_tool is not None:
+            steps = [[(self.calls_tool, {"query": asked})]]
+        if history.rounds >= len(steps):
+            return []
+        planned = []
+        for position, (name, tool_input) in enumerate(steps[history.rounds]):
+            text = BAD_INPUT_TEXT if self.bad_input and position == 0 else json.dumps(tool_input)
+            planned.append(PlannedCall(new_id(), name, tool_input, text))
+        return planned
+
+    def reply_to(self, asked: str, history: ToolHistory) -> str:
+        """The reply once no calls are due: `reply`, or what `asked` said, or for `calls-<tool>`
+        "done: " and the start of the last tool result."""
+        last_output = history.last_output()
+        if self.calls_tool is not None and last_output is not None:
+            return "done: " + last_output[:60]
+        return self.reply if self.reply is not None else asked
 
     def failure_on(self, attempt: int) -> int | None:
         """The status the `attempt`-th request to this model fails with; None: it is answered."""
