@@ -26,8 +26,13 @@ from activities.attachments import AttachmentActivities, AttachmentLimits, Model
 from activities.chat_session import ChatSessionActivities
 from activities.generation import GenerationActivities, StopFlagPoller
 from activities.maintenance import MaintenanceActivities
+from activities.tool_set import ToolSet
+from activities.tools import ToolActivities
+from agent_tools.mcp import McpToolkits
+from agent_tools.web import WebTools
 from core.contracts import PurgeDeletedChatsInput
 from core.logging import configure_logging
+from core.secrets import SecretBox
 from core.settings import Settings, get_settings
 from core.temporal import connect_temporal
 from outbound.guard import GuardedHttpClient, OutboundPolicy
@@ -74,14 +79,28 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         lost_turns = LostTurns(client, streams)
         session_activities = ChatSessionActivities(sessions, streams, lost_turns)
         stop_flags = StopFlagPoller(streams)
+        # Web fetches go out through the outbound guard like attachment fetches (WebTools builds
+        # its guarded client from the same policy); toolkit (MCP) servers too (McpToolkits).
+        web_tools = WebTools(settings)
+        resources.push_async_callback(web_tools.aclose)
+        tool_set = ToolSet(
+            sessions,
+            web_tools,
+            McpToolkits.from_settings(settings),
+            SecretBox.from_settings(settings),
+            builtins_needing_approval=settings.tools_needing_approval,
+        )
         generation_activities = GenerationActivities(
             sessions,
             streams,
             providers,
             stop_flags,
             ModelInputs(objects),
+            tool_set,
             title_model=settings.title_model,
+            tool_output_chars=settings.tool_output_context_chars,
         )
+        tool_activities = ToolActivities(sessions, streams, tool_set)
         # The one way out to URLs users name (attachment URLs), through the outbound guard.
         outbound = await resources.enter_async_context(
             GuardedHttpClient(
@@ -111,6 +130,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 session_activities.drop_queued_turn,
                 generation_activities.generate_reply,
                 generation_activities.title_chat,
+                tool_activities.run_tool,
+                tool_activities.fail_tool_call,
+                tool_activities.pause_turn,
+                tool_activities.resume_turn,
                 attachment_activities.prepare_attachments,
                 MaintenanceActivities(sessions, objects).purge_deleted_chats,
             ],

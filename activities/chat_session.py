@@ -177,6 +177,10 @@ def finish_metadata(
         metadata["cost"] = usd_text(totals.cost_usd)
     if outcome.messages_left_out:
         metadata["messagesLeftOut"] = outcome.messages_left_out
+    if outcome.steps is not None and outcome.steps > 1:
+        metadata["steps"] = outcome.steps
+    if outcome.step_limit_reached:
+        metadata["stepLimitReached"] = True
     if outcome.ttft_ms is not None:
         metadata["ttftMs"] = outcome.ttft_ms
     if outcome.duration_ms is not None:

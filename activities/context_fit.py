@@ -18,9 +18,12 @@ TOKENS_PER_INPUT: Final = {InputKind.IMAGE: 1_600, InputKind.DOCUMENT: 8_000}
 
 
 def estimate_tokens(message: PromptMessage) -> int:
+    tool_chars = sum(len(result.output) for result in message.tool_results) + sum(
+        len(str(call.input)) + len(call.name) for call in message.tool_calls
+    )
     return (
-        estimated_tokens(len(message.content))
-        + TOKENS_PER_MESSAGE
+        estimated_tokens(len(message.content) + tool_chars)
+        + TOKENS_PER_MESSAGE * (1 + len(message.tool_calls) + len(message.tool_results))
         + sum(TOKENS_PER_INPUT[item.kind] for item in message.inputs)
     )
 
@@ -32,18 +35,23 @@ class FittedPrompt:
     estimated_tokens: int
 
 
-def fit_prompt(messages: list[PromptMessage], budget_tokens: int) -> FittedPrompt:
+def fit_prompt(
+    messages: list[PromptMessage], budget_tokens: int, *, keep_last: int = 1
+) -> FittedPrompt:
     """`messages` without their oldest history until the estimate is within `budget_tokens`.
 
-    System messages (instructions, mood, the request's system text) and the newest message (the
-    one being answered) always stay. History is dropped from the oldest, and an assistant message
-    left at the front goes too, since providers expect the conversation to open with the user.
+    System messages (instructions, mood, the request's system text) and the newest `keep_last`
+    messages (the one being answered, and the steps of this turn so far) always stay. History is
+    dropped from the oldest, and an assistant or tool message left at the front goes too, since
+    providers expect the conversation to open with the user.
     """
     system = [message for message in messages if message.role == "system"]
     history = [message for message in messages if message.role != "system"]
     total = sum(estimate_tokens(message) for message in messages)
     dropped = 0
-    while len(history) > 1 and (total > budget_tokens or history[0].role == "assistant"):
+    while len(history) > keep_last and (
+        total > budget_tokens or history[0].role in ("assistant", "tool")
+    ):
         if total <= budget_tokens and dropped == 0:
             break  # an untrimmed history may open with the assistant; leave it as it was
         total -= estimate_tokens(history.pop(0))

@@ -25,8 +25,10 @@ from tenacity import (
 
 from activities.attachments import MessageFiles, ModelInputs
 from activities.context_fit import fit_prompt
+from activities.tool_context import assistant_messages, parts_before_step
+from activities.tool_set import ToolSet
 from activities.ui_message import Chunk, UiMessageBuilder
-from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput
+from core.contracts import GenerateReplyInput, GenerateReplyResult, TitleChatInput, TurnTools
 from core.errors import ErrorType
 from core.ui_chunks import opening_chunks
 from providers.base import (
@@ -40,9 +42,9 @@ from providers.base import (
     Usage,
     estimated_tokens,
 )
-from providers.catalog import ModelCard
+from providers.catalog import Capability, ModelCard
 from providers.registry import ProviderRegistry
-from storage import attachments, chats, turn_usage
+from storage import attachments, chats, tool_calls, turn_usage
 from storage.db import is_database_unavailable
 from storage.models import Attachment, Chat, Message
 from storage.objects import ObjectStoreUnavailable
@@ -62,6 +64,9 @@ STOP_POLL_SECONDS = 0.25
 # must not be thrown away because it could not be saved yet. The pauses stay well under the
 # heartbeat timeout; the activity's start-to-close timeout bounds the whole wait.
 DATABASE_WAIT = wait_exponential(multiplier=0.2, max=2)
+
+# Characters of a tool output that enter the model's context (Settings.tool_output_context_chars).
+DEFAULT_TOOL_OUTPUT_CHARS = 8_000
 
 T = TypeVar("T")
 ABORT_CHUNK: Chunk = {"type": "abort"}
@@ -186,8 +191,12 @@ class GenerationActivities:
         providers: ProviderRegistry,
         stop_flags: StopFlagPoller,
         model_inputs: ModelInputs,
+        tool_set: ToolSet,
         title_model: str | None = None,
+        tool_output_chars: int = DEFAULT_TOOL_OUTPUT_CHARS,
     ) -> None:
+        self._tool_set = tool_set
+        self._tool_output_chars = tool_output_chars
         self._sessions = session_factory
         self._streams = streams
         self._providers = providers
@@ -210,9 +219,7 @@ class GenerationActivities:
                 str(exc), type=ErrorType.PROVIDER_REJECTED, non_retryable=True
             ) from exc
 
-        async def load_context(
-            session: AsyncSession,
-        ) -> tuple[Chat | None, list[Message], dict[str, Attachment]]:
+        async def load_context(session: AsyncSession) -> _StepContext:
             await chats.record_attempt(session, request.organization_id, request.turn_id, attempt)
             chat = await chats.get_live_chat(
                 session, chats.Visibility(request.organization_id), request.chat_id
@@ -225,20 +232,39 @@ class GenerationActivities:
                 request.organization_id,
                 [i for message in branch for i in attachments.attachment_ids_in(message.parts)],
             )
-            return chat, branch, files
+            earlier: list[dict[str, Any]] = []
+            if request.step > 1:
+                answer = await chats.get_message(
+                    session, request.organization_id, request.assistant_message_id
+                )
+                earlier = parts_before_step(list(answer.parts) if answer else [], request.step)
+            turn_tools = await tool_calls.load_turn_tools(
+                session, request.organization_id, request.turn_id
+            )
+            return _StepContext(chat, branch, files, earlier, turn_tools)
 
-        chat, branch, files = await self._in_transaction(load_context)
-        fitted = fit_prompt(
-            build_prompt(
-                request.system,
-                chat.instructions if chat else None,
-                chat.mood if chat else None,
-                branch,
-                await self._load_files(
-                    request.organization_id, branch, files, provider.input_kinds(model)
-                ),
+        context = await self._in_transaction(load_context)
+        chat = context.chat
+        # A model without tool calling is offered none (a chat's `web` setting asks for them
+        # without knowing the model; a send that asks explicitly was refused by the api).
+        offered = (
+            await self._tool_set.offered(request.organization_id, context.turn_tools)
+            if Capability.TOOLS in card.capabilities
+            else {}
+        )
+        prompt_messages = build_prompt(
+            request.system,
+            chat.instructions if chat else None,
+            chat.mood if chat else None,
+            context.branch,
+            await self._load_files(
+                request.organization_id, context.branch, context.files, provider.input_kinds(model)
             ),
-            card.prompt_budget,
+            tool_output_chars=self._tool_output_chars,
+        )
+        continuation = assistant_messages(context.earlier_parts, self._tool_output_chars)
+        fitted = fit_prompt(
+            [*prompt_messages, *continuation], card.prompt_budget, keep_last=1 + len(continuation)
         )
         prompt = fitted.messages
         attempt_record = _AttemptRecorder(request, card, attempt, prompt)
@@ -252,20 +278,31 @@ class GenerationActivities:
                 request.assistant_message_id, request.chat_id, request.turn_id, request.model
             ),
         )
+        if request.step > 1:
+            # A later step opens once, whichever attempt gets here first: a retried attempt's
+            # `reset-step` then clears only this step's parts, never the step before.
+            await self._streams.append_once(
+                request.organization_id,
+                request.turn_id,
+                f"step-{request.step}",
+                [{"type": "start-step"}],
+            )
         await self._streams.begin_attempt(request.organization_id, request.turn_id, attempt)
         publisher = ChunkPublisher(self._streams, request.organization_id, request.turn_id, attempt)
-        builder = UiMessageBuilder(attempt)
+        builder = UiMessageBuilder(attempt, earlier_parts=context.earlier_parts, tools=offered)
         timing = _FirstTokenClock(started)
-        if attempt > 1:
+        if activity.info().attempt > 1 or request.replaces_failed_model is not None:
             # Clients drop whatever the failed attempt (or the model that failed before this
             # one) streamed into the step before this attempt's output; the step itself stays
             # open, so no new `start-step` follows.
             publisher.send([{"type": "reset-step"}])
+        publisher.send(builder.add_sources(request.sources))
         generation = GenerationRequest(
             model=model,
             messages=prompt,
             options=_options_for(request.provider_options, provider.name),
             attempt=attempt,
+            tools=tuple(tool.definition for tool in offered.values()),
         )
         streaming = asyncio.create_task(
             _stream_into(provider, generation, builder, publisher, timing)
@@ -304,6 +341,23 @@ class GenerationActivities:
             watcher.cancel()
             unwatch()
 
+        finish_reason = "other" if stopped else builder.finish_reason
+        if finish_reason == "tool-calls" and not builder.called_tools:
+            finish_reason = "other"  # a provider that says so without calling any: nothing to run
+        step_limit_reached = False
+        if builder.called_tools and not stopped:
+            finish_reason = "tool-calls"
+            if request.step >= request.max_steps:
+                step_limit_reached = True
+                # The bound: this step's calls are not run, and the turn ends here.
+                finish_reason = "length"
+                publisher.send(
+                    builder.refuse_tool_calls(
+                        f"not run: the turn reached its limit of {request.max_steps} steps"
+                    )
+                )
+        elif stopped:
+            builder.tool_calls = []
         # A stop seen here (the Redis flag) ends the open streams with `abort` at once, rather than
         # a workflow task later with the persist step; the persist step then adds only `finish`,
         # after the answer is stored (ChatSessionActivities.persist_assistant_message).
@@ -320,7 +374,7 @@ class GenerationActivities:
         await _to_completion(store_answer())
         usage = recorded.usage
         return GenerateReplyResult(
-            finish_reason="other" if stopped else builder.finish_reason,
+            finish_reason=finish_reason,
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             ttft_ms=timing.ttft_ms,
@@ -328,6 +382,8 @@ class GenerationActivities:
             stopped=stopped,
             usage_estimated=usage.estimated,
             messages_left_out=fitted.left_out,
+            tool_calls=builder.tool_calls,
+            step_limit_reached=step_limit_reached,
         )
 
     @activity.defn
@@ -485,6 +541,18 @@ def _heartbeat_while_waiting(retry_state: RetryCallState) -> None:
         "generation waits for the database or the object store",
         extra={"tries": retry_state.attempt_number, "error": repr(retry_state.outcome)},
     )
+
+
+@dataclass(frozen=True)
+class _StepContext:
+    """What a step reads from Postgres before it calls the model."""
+
+    chat: Chat | None
+    branch: list[Message]
+    files: dict[str, Attachment]
+    # The assistant message's parts from the turn's earlier steps (none in the first step).
+    earlier_parts: list[dict[str, Any]]
+    turn_tools: TurnTools
 
 
 @dataclass(frozen=True)
@@ -660,16 +728,22 @@ def build_prompt(
     mood: str | None,
     branch: list[Message],
     files: Mapping[str, MessageFiles] | None = None,
+    *,
+    tool_output_chars: int = DEFAULT_TOOL_OUTPUT_CHARS,
 ) -> list[PromptMessage]:
     """The provider prompt: system text (the chat's instructions and mood, then the request's own
     system text), then the conversation up to the user message: its text parts, and what each user
-    message's files give the model (text blocks after the text, images and documents as inputs)."""
+    message's files give the model (text blocks after the text, images and documents as inputs).
+    Assistant messages read back step by step, their tool calls and results included."""
     prompt: list[PromptMessage] = []
     mood_line = MOOD_LINES.get(mood or "")
     system_text = "\n\n".join(text for text in (instructions, mood_line, system) if text)
     if system_text:
         prompt.append(PromptMessage(role="system", content=system_text))
     for message in branch:
+        if message.role == "assistant":
+            prompt += assistant_messages(message.parts, tool_output_chars)
+            continue
         text = "".join(
             str(part.get("text", "")) for part in message.parts if part.get("type") == "text"
         )
@@ -677,7 +751,7 @@ def build_prompt(
         if given is not None:
             text = "\n\n".join(piece for piece in (text, *given.text_blocks) if piece)
         inputs = tuple(given.inputs) if given is not None else ()
-        if message.role in ("user", "assistant", "system") and (text or inputs):
+        if message.role in ("user", "system") and (text or inputs):
             prompt.append(
                 PromptMessage(role=message.role, content=text, inputs=inputs)  # type: ignore[arg-type]
             )

@@ -20,7 +20,17 @@ from api.http_semantics import HeadAsGetMiddleware, ProblemHttpToolsProtocol
 from api.limits import RequestSizeLimitMiddleware
 from api.openapi import install_openapi
 from api.problems import install_problem_handlers
-from api.routers import budgets, chat_management, chats, files, health, keys, models
+from api.routers import (
+    approvals,
+    budgets,
+    chat_management,
+    chats,
+    files,
+    health,
+    keys,
+    models,
+    toolkits,
+)
 from api.state import AppState
 from api.unavailable import (
     install_object_store_unavailable_handler,
@@ -171,6 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(keys.router, dependencies=parameter_checks)
     app.include_router(budgets.router, dependencies=parameter_checks)
     app.include_router(models.router, dependencies=parameter_checks)
+    app.include_router(toolkits.router, dependencies=parameter_checks)
+    app.include_router(approvals.router, dependencies=parameter_checks)
     # Inside the size limit, so the body it holds is bounded; outside everything that parses one.
     app.add_middleware(
         JsonBodyBoundsMiddleware,

@@ -28,6 +28,7 @@ log = structlog.get_logger(__name__)
 # been lost, or the turn may have ended before the cursor; pings keep the connection alive meanwhile.
 IDLE_CHECK_SECONDS = float(BLOCKING_READ_LIMIT_SECONDS)
 FROM_START = "0-0"
+START_PREFIX = '{"type":"start",'
 # The longest cursor this service issues: a turn id (a UUID) and two 20-digit decimals.
 MAX_CURSOR_CHARS = 100
 UI_MESSAGE_STREAM_HEADERS = {
@@ -81,6 +82,7 @@ async def relay_turn(
 ) -> AsyncIterator[ServerSentEvent]:
     cursor = after_entry_id
     streams = reader.streams
+    resumed_after_pause = False
 
     async def ending() -> list[ServerSentEvent] | None:
         """The events that end this response now, or None to keep following."""
@@ -119,12 +121,30 @@ async def relay_turn(
                 continue
             for entry in batch:
                 cursor = entry.entry_id
+                if resumed_after_pause and entry.chunk_json.startswith(START_PREFIX):
+                    # The continuation's `start` repeats what this response already opened with.
+                    resumed_after_pause = False
+                    continue
+                if entry.pauses_turn and await _continued(
+                    streams, organization_id, turn_id, cursor
+                ):
+                    # The client answered this pause already: the same response reads on, as one
+                    # message, rather than ending where the turn waited.
+                    resumed_after_pause = True
+                    continue
                 yield ServerSentEvent(
                     data=entry.chunk_json, id=format_cursor(turn_id, entry.entry_id)
                 )
                 if entry.ends_stream:
                     yield ServerSentEvent(data="[DONE]")
                     return
+
+
+async def _continued(
+    streams: TurnStreams, organization_id: str, turn_id: str, entry_id: str
+) -> bool:
+    """Whether the turn's stream goes on after this entry."""
+    return bool(await streams.read_range(organization_id, turn_id, entry_id, count=1))
 
 
 def ui_message_stream_response(

@@ -5,13 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+import httpx
+import jsonschema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
+from agent_tools.mcp import TOOLKIT_NAME_PATTERN
 from api.file_intake import GivenFile, given_file_of
-from core.contracts import IfBusy, SeedMessage, TurnKind
+from core.contracts import ClientTool, IfBusy, SeedMessage, TurnKind
 from providers.catalog import Tier
 from storage.chats import iso
 from storage.models import Attachment, Chat
+from storage.toolkits import ToolkitRecord
 
 CHAT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ChatId = Annotated[
@@ -219,6 +230,8 @@ class NewTurn:
     extra_files: list[GivenFile] = field(default_factory=list)
     # An edit that names no files of its own keeps the files of the message it replaces.
     keeps_edited_files: bool = False
+    # What the model may call (a send's `web`, `tools`, `toolkitIds`, `functions`, `maxSteps`).
+    tool_options: ToolOptionsIn | None = None
 
     def text(self) -> str:
         return "".join(
@@ -298,7 +311,68 @@ class BranchRequest(RequestBody):
     )
 
 
-class SendMessageRequest(ModelChoiceIn):
+TOOL_NAME_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_-]{0,63}$"
+
+
+class ClientToolIn(BaseModel):
+    """A tool the client runs itself (AI SDK client-side tools); the model may call it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN, description="What the model calls it.")
+    description: str = Field(default="", max_length=4_000)
+    input_schema: dict[str, Any] = Field(
+        alias="inputSchema",
+        description="A JSON Schema (an object schema) the call's input is checked against "
+        "before it reaches the client.",
+    )
+
+    @field_validator("input_schema")
+    @classmethod
+    def _an_object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type", "object") != "object":
+            raise ValueError("a tool's inputSchema describes an object (`type: object`)")
+        try:
+            jsonschema.validators.validator_for(value).check_schema(value)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"inputSchema is not a valid JSON Schema: {exc.message}") from exc
+        return value
+
+    def as_contract(self) -> ClientTool:
+        return ClientTool(self.name, self.description, self.input_schema)
+
+
+class ToolOptionsIn(BaseModel):
+    """What a send lets its model call, and how many model steps its turn may take."""
+
+    web: bool | None = Field(
+        default=None,
+        description="Offer the built-in `web_search` and `web_fetch` tools (default: the chat's "
+        "`web` setting).",
+    )
+    tools: list[ClientToolIn] | None = Field(default=None, max_length=64)
+    toolkit_ids: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, alias="toolkitIds", max_length=16
+    )
+    functions: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, max_length=128, description="Single toolkit tools to offer, by name."
+    )
+    max_steps: int | None = Field(
+        default=None,
+        alias="maxSteps",
+        ge=1,
+        description="How many model steps the turn may take (tools run between steps).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_tool_names(self) -> Self:
+        names = [tool.name for tool in self.tools or []]
+        if len(names) != len(set(names)):
+            raise ValueError("two tools in `tools` have the same name")
+        return self
+
+
+class SendMessageRequest(ModelChoiceIn, ToolOptionsIn):
     """A send: the durachat shape, or the exact body the AI SDK's DefaultChatTransport posts."""
 
     model_config = ConfigDict(
@@ -344,8 +418,11 @@ class SendMessageRequest(ModelChoiceIn):
     def _one_source_of_the_new_message(self) -> SendMessageRequest:
         if (self.message is None) == (not self.messages):
             raise ValueError("send exactly one of `message` or a non-empty `messages`")
-        if self.messages and self.messages[-1].role != "user":
-            raise ValueError("the last of `messages` must be the new user message (role `user`)")
+        if self.messages and self.messages[-1].role != "user" and not self.continues_answer:
+            raise ValueError(
+                "the last of `messages` must be the new user message (role `user`), or the "
+                "assistant message a `submit-message` continues"
+            )
         if self.image_mime_type is not None and self.image is None:
             raise ValueError("`imageMimeType` describes an `image`, and none was sent")
         return self
@@ -388,6 +465,7 @@ class SendMessageRequest(ModelChoiceIn):
                 self.provider_options,
                 self.message_id,
                 if_busy=self.if_busy,
+                tool_options=self,
             )
         return NewTurn(
             TurnKind.SEND,
@@ -400,10 +478,22 @@ class SendMessageRequest(ModelChoiceIn):
             client_message_id=self.client_message_id(),
             if_busy=self.if_busy,
             extra_files=self.extra_files(),
+            tool_options=self,
         )
 
     def client_message_id(self) -> str | None:
         return self.messages[-1].id if self.messages else None
+
+    @property
+    def continues_answer(self) -> bool:
+        """The AI SDK's answer to a paused turn: its tool approvals or client-side tool outputs,
+        on the assistant message it continues (the last message)."""
+        return (
+            self.trigger == "submit-message"
+            and bool(self.messages)
+            and self.messages is not None
+            and self.messages[-1].role == "assistant"
+        )
 
     def history_seed(self) -> list[SeedMessage]:
         if not self.messages:
@@ -466,6 +556,7 @@ class ChatSummaryOut(BaseModel):
     model: str | None = Field(description="The default model of sends that name none.")
     instructions: str | None = Field(description="The chat's own system prompt.")
     mood: Mood
+    web: bool = Field(description="Sends that do not say offer the built-in web tools.")
     folder: str | None
     externalChannel: ExternalChannelOut | None  # noqa: N815
     activeTurnId: str | None  # noqa: N815
@@ -481,6 +572,7 @@ class ChatSummaryOut(BaseModel):
             "model": chat.model,
             "instructions": chat.instructions,
             "mood": chat.mood or "normal",
+            "web": chat.web,
             "folder": chat.folder,
             "externalChannel": (
                 ExternalChannelOut(source=chat.external_source, id=chat.external_id)
@@ -513,6 +605,7 @@ class ChatUpdateIn(RequestBody):
     instructions: str | None = Field(default=None, max_length=20_000)
     model: str | None = Field(default=None, max_length=200, description="`provider/model`")
     mood: Mood | None = None
+    web: bool = Field(default=False, description="Offer the built-in web tools to sends.")
     folder: (
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
         | None
@@ -645,3 +738,229 @@ class StopRequest(RequestBody):
 class StopOut(BaseModel):
     stopped: bool = Field(description="True when a turn was running and has been told to stop.")
     turnId: str | None  # noqa: N815
+
+
+# --- toolkits (MCP servers) -----------------------------------------------------------------------
+
+# Headers the MCP transport sets itself, and hop-by-hop ones: a toolkit may not set them.
+RESERVED_TOOLKIT_HEADERS = frozenset(
+    {
+        "accept",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "keep-alive",
+        "last-event-id",
+        "mcp-protocol-version",
+        "mcp-session-id",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+MAX_TOOLKIT_HEADERS = 20
+MAX_TOOLKIT_TOOLS = 200
+
+ToolkitName = Annotated[
+    str,
+    Field(
+        pattern=TOOLKIT_NAME_PATTERN,
+        description="A slug unique in the organization (a-z, 0-9 and _, starting with a letter, at "
+        "most 31 characters): models call its tools `<name>__<tool>`.",
+        examples=["glossary"],
+    ),
+]
+ToolkitUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2_048,
+        description="The MCP server's streamable HTTP endpoint, http or https, without "
+        "credentials (give those as `token` or `headers`).",
+        examples=["https://mcp.example.com/mcp"],
+    ),
+]
+ToolkitDescription = Annotated[str, Field(max_length=1_000, description="What the toolkit is for.")]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")]
+HeaderValue = Annotated[str, StringConstraints(max_length=4_000, pattern=r"^[^\r\n\x00]*$")]
+ToolkitHeaders = Annotated[
+    dict[HeaderName, HeaderValue],
+    Field(
+        max_length=MAX_TOOLKIT_HEADERS,
+        description="Extra request headers for the server (`X-Api-Key`, ...); write-only: answers "
+        "name them but never show a value.",
+    ),
+]
+ToolkitToken = Annotated[
+    str,
+    Field(
+        pattern=r"^[\x21-\x7e]{1,4096}$",
+        description="Sent as `Authorization: Bearer <token>`; write-only: answers say only "
+        "`hasToken`.",
+    ),
+]
+McpToolName = Annotated[str, StringConstraints(pattern=r"^\S{1,128}$")]
+ToolNameList = Annotated[list[McpToolName], Field(max_length=MAX_TOOLKIT_TOOLS)]
+
+
+def check_toolkit_url(url: str | None) -> str | None:
+    """`url` when it is an http(s) URL with a host and no credentials (where it leads is the
+    outbound guard's to judge)."""
+    if url is None:
+        return None
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError("must be an http or https URL")
+    if not parsed.host:
+        raise ValueError("must name a host")
+    if parsed.userinfo:
+        raise ValueError("may not carry credentials: give them as `token` or `headers`")
+    if parsed.fragment:
+        raise ValueError("may not have a fragment")
+    return url
+
+
+def check_toolkit_headers(headers: dict[str, str], *, with_token: bool) -> dict[str, str]:
+    names = [name.lower() for name in headers]
+    if len(set(names)) != len(names):
+        raise ValueError("headers names a header twice (names are case-insensitive)")
+    reserved = sorted(set(names) & RESERVED_TOOLKIT_HEADERS)
+    if reserved:
+        raise ValueError(f"headers may not set {', '.join(reserved)}: the MCP transport does")
+    if with_token and "authorization" in names:
+        raise ValueError("give either `token` or an Authorization header, not both")
+    return headers
+
+
+def check_tool_names(names: list[str] | None) -> list[str] | None:
+    if names is not None and len(set(names)) != len(names):
+        raise ValueError("names a tool twice")
+    return names
+
+
+class ToolkitCreate(RequestBody):
+    """A new toolkit: an MCP server whose tools the organization's turns may call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolkitName
+    description: ToolkitDescription = ""
+    url: ToolkitUrl
+    headers: ToolkitHeaders = Field(default_factory=dict)
+    token: ToolkitToken | None = None
+    allowed_tools: ToolNameList | None = Field(
+        default=None,
+        alias="allowedTools",
+        description="The server's tool names offered to turns; null or left out: every tool.",
+    )
+    approval_tools: ToolNameList = Field(
+        default_factory=list,
+        alias="approvalTools",
+        description='Tool names that wait for a person\'s approval before they run; ["*"]: all.',
+    )
+    enabled: bool = Field(default=True, strict=True)
+
+    _url = field_validator("url")(check_toolkit_url)
+    _tool_names = field_validator("allowed_tools", "approval_tools")(check_tool_names)
+
+    @model_validator(mode="after")
+    def _token_or_authorization(self) -> Self:
+        check_toolkit_headers(self.headers, with_token=self.token is not None)
+        return self
+
+
+class ToolkitUpdate(RequestBody):
+    """Changes to a toolkit: fields left out stay as they are. `headers` replaces every header
+    (`{}` or null: none); `token: null` removes the token; `allowedTools: null` offers every tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ToolkitName | None = None
+    description: ToolkitDescription | None = None
+    url: ToolkitUrl | None = None
+    headers: ToolkitHeaders | None = None
+    token: ToolkitToken | None = None
+    allowed_tools: ToolNameList | None = Field(default=None, alias="allowedTools")
+    approval_tools: ToolNameList | None = Field(default=None, alias="approvalTools")
+    enabled: bool | None = Field(default=None, strict=True)
+
+    _url = field_validator("url")(check_toolkit_url)
+    _tool_names = field_validator("allowed_tools", "approval_tools")(check_tool_names)
+
+    @field_validator("name", "description", "url", "approval_tools", "enabled", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # Left out keeps a field; null would mean nothing for these.
+        if value is None:
+            raise ValueError("may not be null (leave it out to keep it)")
+        return value
+
+    @model_validator(mode="after")
+    def _token_or_authorization(self) -> Self:
+        if self.headers is not None:
+            # A token kept from before is the router's to check: it knows the toolkit.
+            check_toolkit_headers(self.headers, with_token=self.token is not None)
+        return self
+
+
+class ToolkitPublic(BaseModel):
+    """A toolkit as admins read it: header names and whether a token is set, never a secret."""
+
+    id: str
+    name: str
+    description: str
+    url: str
+    headerNames: list[str] = Field(  # noqa: N815 - wire names are camelCase
+        description="The names of the extra headers sent; their values are never shown."
+    )
+    hasToken: bool = Field(description="Whether a bearer token is set.")  # noqa: N815
+    allowedTools: list[str] | None = Field(  # noqa: N815
+        description="The server's tool names offered; null: every tool."
+    )
+    approvalTools: list[str]  # noqa: N815
+    enabled: bool
+    createdAt: str  # noqa: N815
+    updatedAt: str  # noqa: N815
+
+    @classmethod
+    def of(cls, record: ToolkitRecord) -> ToolkitPublic:
+        return cls(
+            id=record.id,
+            name=record.name,
+            description=record.description,
+            url=record.url,
+            headerNames=record.header_names,
+            hasToken=record.has_token,
+            allowedTools=record.allowed_tools,
+            approvalTools=record.approval_tools,
+            enabled=record.enabled,
+            createdAt=iso(record.created_at),
+            updatedAt=iso(record.updated_at),
+        )
+
+
+class ToolkitListOut(BaseModel):
+    items: list[ToolkitPublic] = Field(description="By name.")
+
+
+class ToolkitToolOut(BaseModel):
+    """One tool the toolkit's server offers, as turns would offer it to a model."""
+
+    name: str = Field(description="The name models call it by: `<toolkit>__<tool>`.")
+    toolName: str = Field(description="The server's own name for it.")  # noqa: N815
+    description: str
+    inputSchema: dict[str, Any] = Field(description="JSON Schema of its input.")  # noqa: N815
+    needsApproval: bool = Field(  # noqa: N815
+        description="Whether a call waits for a person's approval before it runs."
+    )
+
+
+class ToolkitToolsOut(BaseModel):
+    toolkitId: str  # noqa: N815
+    tools: list[ToolkitToolOut] = Field(description="In the server's order, allow list applied.")

@@ -53,6 +53,8 @@ class TurnStatus(StrEnum):
     COMPLETED = "completed"
     ABORTED = "aborted"
     FAILED = "failed"
+    # Only a search attribute: the turn waits for a person's approval or its client's tool outputs.
+    AWAITING_INPUT = "awaiting-input"
 
 
 class MessageStatus(StrEnum):
@@ -74,6 +76,27 @@ class SeedMessage:
 
     role: str
     parts: list[dict[str, Any]]
+
+
+@dataclass
+class ClientTool:
+    """A tool the client declared on a send and runs itself (the AI SDK's client-side tools)."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+
+
+@dataclass
+class TurnTools:
+    """The tools a turn offers its model. Stored on the turn row; activities read them by turn id."""
+
+    # None: as the chat's `web` setting says (activities read it with the turn's tools).
+    web: bool | None = None
+    client_tools: list[ClientTool] = field(default_factory=list)
+    toolkit_ids: list[str] = field(default_factory=list)
+    # Single toolkit tools to offer (their exposed names); None offers every allowed tool.
+    functions: list[str] | None = None
 
 
 @dataclass
@@ -106,6 +129,11 @@ class TurnInput:
     model_choice: dict[str, Any] | None = None
     # Models of the same tier to try, in order, when `model` keeps failing after its retries.
     fallback_models: list[str] = field(default_factory=list)
+    # The tools the model may call, and how many model steps the turn may take (one without tools).
+    tools: TurnTools | None = None
+    max_steps: int = 1
+    # How long a tool call waits for a person's approval (or a client-side tool for its output).
+    approval_timeout_seconds: float = 86_400.0
 
 
 @dataclass
@@ -210,6 +238,110 @@ class GenerateReplyInput:
     replaces_failed_model: str | None = None
     # Attempts the turn's earlier models used: this model's attempts are numbered after them.
     attempt_offset: int = 0
+    # The model step (1-based): a step after the first continues the same assistant message, after
+    # the tool results of the step before.
+    step: int = 1
+    # The step bound: the last step's tool calls are not run.
+    max_steps: int = 1
+    # Pages the step before's tools cited ({"url", "title"}): this step opens with them as
+    # `source-url` parts.
+    sources: list[dict[str, str | None]] = field(default_factory=list)
+
+
+class ToolRunner(StrEnum):
+    """Who runs a tool call."""
+
+    SERVER = "server"  # a built-in tool or a toolkit's, as an activity of the turn
+    CLIENT = "client"  # the client, which sends the output back
+
+
+@dataclass
+class ToolCallDescriptor:
+    """A tool call of a step, small enough for workflow history: its input stays in Postgres."""
+
+    call_id: str
+    name: str
+    runner: ToolRunner
+    needs_approval: bool = False
+
+
+@dataclass
+class RunToolInput:
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    assistant_message_id: str
+    call_id: str
+    # fail_tool_call: the error the call ends with.
+    error: str | None = None
+
+
+@dataclass
+class RunToolResult:
+    is_error: bool
+    # Pages the output cites ({"url", "title"}), for the next step's `source-url` parts.
+    sources: list[dict[str, str | None]] = field(default_factory=list)
+
+
+class PauseReason(StrEnum):
+    """Why a turn waits for its client between steps."""
+
+    APPROVAL = "approval"  # a tool call waits for a person's decision
+    CLIENT_TOOLS = "client-tools"  # the client runs tool calls and sends their outputs back
+
+
+@dataclass
+class PauseTurnInput:
+    """Ask for approvals (when any), then end the client's response with a pausing `finish`."""
+
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    assistant_message_id: str
+    user_id: str | None
+    step: int
+    approval_call_ids: list[str]
+    client_call_ids: list[str]
+    approval_timeout_seconds: float
+
+
+@dataclass
+class PendingApproval:
+    approval_id: str
+    call_id: str
+
+
+@dataclass
+class ApprovalDecision:
+    """A person's decision on a pending approval (the api checked owner and organization)."""
+
+    approval_id: str
+    approved: bool
+    reason: str | None = None
+    decided_by: str | None = None
+
+
+@dataclass
+class ClientToolOutputs:
+    """The client stored the outputs of these calls in the assistant message (the api did)."""
+
+    call_ids: list[str]
+
+
+@dataclass
+class ResumeTurnInput:
+    """After a pause: record decisions (denied and expired ones get their outcome), and open the
+    client's next response with `start`."""
+
+    organization_id: str
+    chat_id: str
+    turn_id: str
+    assistant_message_id: str
+    model: str
+    step: int
+    decisions: list[ApprovalDecision]
+    expired_approval_ids: list[str]
+    client_call_ids: list[str]
 
 
 @dataclass
@@ -225,6 +357,11 @@ class GenerateReplyResult:
     usage_estimated: bool = False
     # Oldest history messages left out of the prompt to fit the model's context window.
     messages_left_out: int = 0
+    # The step's tool calls that are to run (finish reason "tool-calls"); calls whose input was
+    # refused already hold their error in the message.
+    tool_calls: list[ToolCallDescriptor] = field(default_factory=list)
+    # The model called tools in the turn's last allowed step: they were not run, the turn ends.
+    step_limit_reached: bool = False
 
 
 @dataclass
@@ -246,6 +383,9 @@ class PersistAssistantMessageInput:
     # The user the turn was sent for: whose spend the usage ledger settles.
     user_id: str | None = None
     messages_left_out: int | None = None
+    # Model steps the turn took (tools run between steps), and whether it stopped at its bound.
+    steps: int | None = None
+    step_limit_reached: bool = False
 
 
 @dataclass

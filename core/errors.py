@@ -21,6 +21,10 @@ class ErrorType:
     ATTACHMENT_REFUSED = "AttachmentRefused"
     # A remote file's server or the network failed for now (5xx, timeout, reset): retried.
     REMOTE_FILE_UNAVAILABLE = "RemoteFileUnavailable"
+    # A tool's backend failed for now (a timeout, a 5xx, the network): the call is run again.
+    TOOL_UNAVAILABLE = "ToolUnavailable"
+    # A decision on an approval the turn is not waiting for (unknown, or decided already).
+    APPROVAL_NOT_PENDING = "ApprovalNotPending"
 
 
 class DurachatError(Exception):

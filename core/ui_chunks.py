@@ -72,14 +72,19 @@ def stored_message_chunks(
     )
     for index, part in enumerate(parts):
         kind = part.get("type")
-        if kind not in ("text", "reasoning"):
-            continue
-        part_id = f"stored-{index}"
-        chunks += [
-            {"type": f"{kind}-start", "id": part_id},
-            {"type": f"{kind}-delta", "id": part_id, "delta": part.get("text", "")},
-            {"type": f"{kind}-end", "id": part_id},
-        ]
+        if kind == "step-start" and index > 0:
+            chunks += [{"type": "finish-step"}, {"type": "start-step"}]
+        elif kind == "source-url":
+            chunks.append(dict(part))
+        elif kind == "dynamic-tool" or str(kind).startswith("tool-"):
+            chunks += tool_part_chunks(part)
+        elif kind in ("text", "reasoning"):
+            part_id = f"stored-{index}"
+            chunks += [
+                {"type": f"{kind}-start", "id": part_id},
+                {"type": f"{kind}-delta", "id": part_id, "delta": part.get("text", "")},
+                {"type": f"{kind}-end", "id": part_id},
+            ]
     chunks.append({"type": "finish-step"})
     if status == "failed":
         chunks.append(
@@ -92,6 +97,65 @@ def stored_message_chunks(
         "messageMetadata": metadata,
     }
     return [*chunks, {"type": "abort"}, finish] if status == "aborted" else [*chunks, finish]
+
+
+def tool_part_chunks(part: dict[str, Any]) -> list[Chunk]:
+    """A stored tool part as the chunks that build it: its input, approval and outcome."""
+    dynamic = part["type"] == "dynamic-tool"
+    name = part.get("toolName") if dynamic else str(part["type"]).removeprefix("tool-")
+    base: Chunk = {"toolCallId": part["toolCallId"], "toolName": name}
+    if dynamic:
+        base["dynamic"] = True
+    state = part.get("state")
+    chunks: list[Chunk] = [{"type": "tool-input-start", **base}]
+    if state == "output-error" and not isinstance(part.get("input"), dict):
+        return [
+            *chunks,
+            {
+                "type": "tool-input-error",
+                **base,
+                "input": part.get("input"),
+                "errorText": part.get("errorText", ""),
+            },
+        ]
+    chunks.append({"type": "tool-input-available", **base, "input": part.get("input")})
+    approval = part.get("approval")
+    if isinstance(approval, dict):
+        chunks.append(
+            {
+                "type": "tool-approval-request",
+                "approvalId": approval["id"],
+                "toolCallId": part["toolCallId"],
+            }
+        )
+        if "approved" in approval:
+            response: Chunk = {
+                "type": "tool-approval-response",
+                "approvalId": approval["id"],
+                "approved": approval["approved"],
+            }
+            if approval.get("reason"):
+                response["reason"] = approval["reason"]
+            chunks.append(response)
+    if state == "output-available":
+        chunks.append(
+            {
+                "type": "tool-output-available",
+                "toolCallId": part["toolCallId"],
+                "output": part.get("output"),
+            }
+        )
+    elif state == "output-error":
+        chunks.append(
+            {
+                "type": "tool-output-error",
+                "toolCallId": part["toolCallId"],
+                "errorText": part.get("errorText", ""),
+            }
+        )
+    elif state == "output-denied":
+        chunks.append({"type": "tool-output-denied", "toolCallId": part["toolCallId"]})
+    return chunks
 
 
 def streamed_parts(chunks: list[Chunk]) -> list[dict[str, Any]]:

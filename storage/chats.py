@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
@@ -296,6 +296,7 @@ async def _upsert_turn_row(
             assistant_message_id=turn.assistant_message_id,
             model=turn.model,
             model_choice=turn.model_choice,
+            tools=asdict(turn.tools) if turn.tools is not None else None,
             **values,
         )
         .on_conflict_do_update(index_elements=[Turn.id], set_=values)

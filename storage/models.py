@@ -91,6 +91,8 @@ class Chat(Base):
     # serious, friendly or normal (NULL): a line of the system prompt.
     mood: Mapped[str | None] = mapped_column(String(16))
     folder: Mapped[str | None] = mapped_column(String(100))
+    # Offer the built-in web tools to sends that do not say (`web` on a send overrides it).
+    web: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     external_source: Mapped[str | None] = mapped_column(String(32))
     external_id: Mapped[str | None] = mapped_column(String(200))
     # The leaf of the branch the chat shows; walking parent_id from it gives the conversation.
@@ -191,6 +193,8 @@ class Turn(Base):
     # A SHA-256 of the request that started the turn under an `Idempotency-Key`: a later request
     # with the same key must be the same request.
     request_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The tools the turn offers its model (core.contracts.TurnTools as JSON); NULL offers none.
+    tools: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     # While queued: the user message the turn will store when it runs, so chat reads can show it.
     queued_user_parts: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
@@ -355,4 +359,35 @@ class ToolApproval(Base):
     __table_args__ = (
         PrimaryKeyConstraint("organization_id", "id"),
         Index(None, "organization_id", "chat_id", "status"),
+    )
+
+
+class Toolkit(Base):
+    """An MCP server an organization's admins registered: the tools it serves can be offered to
+    the organization's turns.
+
+    `secrets` is a SecretBox-sealed JSON object (`headers`, `token`): the only copy of what the
+    server's requests carry, never read back by any endpoint. Deleting a toolkit deletes the row, so
+    its secrets go with it.
+    """
+
+    __tablename__ = "toolkit"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    id: Mapped[str] = mapped_column(String(64))
+    # A slug (`^[a-z][a-z0-9_]{0,30}$`): it prefixes the names its tools are offered under.
+    name: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    url: Mapped[str] = mapped_column(Text)
+    secrets: Mapped[str] = mapped_column(Text)
+    # The server's tool names offered (NULL: all); names needing a person's approval (["*"]: all).
+    allowed_tools: Mapped[list[str] | None] = mapped_column(JSONB)
+    approval_tools: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "id"),
+        Index("uq_toolkit_organization_id_name", "organization_id", "name", unique=True),
     )

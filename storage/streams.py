@@ -22,6 +22,10 @@ from redis.exceptions import ResponseError
 # A stream ends with `finish` (also after `abort`) or `error`.
 STREAM_END_PREFIXES = ('{"type":"finish"', '{"type":"error"')
 CHUNK_FIELD = "c"
+# In the metadata of a pausing `finish` (see StreamEntry.pauses_turn).
+PAUSE_METADATA_KEY = "awaiting"
+PAUSE_MARK = f'"{PAUSE_METADATA_KEY}":'
+
 # `abort` is written with the last batch of a stopped attempt: it is among the newest entries.
 ABORT_LOOKBACK = 4
 # The opening chunks get the smallest possible explicit ids, so writing them twice is a no-op.
@@ -72,6 +76,18 @@ return 1
 """
 
 
+# KEYS: stream, markers hash. ARGV: lifetime seconds, marker, chunk json... Appends the chunks only
+# the first time `marker` is seen for the turn: steps opened, tool outcomes, approval requests and
+# pauses are published by activities that may run again, and each must reach clients once. These
+# writes are not fenced: they come between generation attempts, never beside one.
+_APPEND_ONCE = """
+if redis.call('HSETNX', KEYS[2], ARGV[2], '1') == 0 then return 0 end
+for i = 3, #ARGV do redis.call('XADD', KEYS[1], '*', 'c', ARGV[i]) end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+
+
 def encode_chunk(chunk: dict[str, Any]) -> str:
     return json.dumps(chunk, separators=(",", ":"), ensure_ascii=False)
 
@@ -85,6 +101,12 @@ class StreamEntry:
     def ends_stream(self) -> bool:
         # Every chunk is encoded with "type" first, so a prefix test avoids parsing each delta.
         return self.chunk_json.startswith(STREAM_END_PREFIXES)
+
+    @property
+    def pauses_turn(self) -> bool:
+        """A `finish` that ends the client's response while the turn waits for it (an approval,
+        client-side tool outputs); the turn's stream goes on after the client answers."""
+        return self.chunk_json.startswith(STREAM_END_PREFIXES[0]) and PAUSE_MARK in self.chunk_json
 
 
 @dataclass(frozen=True)
@@ -135,6 +157,7 @@ class TurnStreams:
         self._fenced_append = redis.register_script(_FENCED_APPEND)
         self._claim_attempt = redis.register_script(_CLAIM_ATTEMPT)
         self._append_terminal = redis.register_script(_APPEND_TERMINAL)
+        self._append_once = redis.register_script(_APPEND_ONCE)
 
     @staticmethod
     def stream_key(organization_id: str, turn_id: str) -> str:
@@ -143,6 +166,10 @@ class TurnStreams:
     @staticmethod
     def _fence_key(organization_id: str, turn_id: str) -> str:
         return f"{organization_id}:turn:{turn_id}:fence"
+
+    @staticmethod
+    def _markers_key(organization_id: str, turn_id: str) -> str:
+        return f"{organization_id}:turn:{turn_id}:once"
 
     @staticmethod
     def _abort_key(organization_id: str, turn_id: str) -> str:
@@ -194,6 +221,29 @@ class TurnStreams:
             raise StaleAttemptError(f"attempt {attempt} of turn {turn_id} was superseded")
         last_id, stop_requested = result
         return AppendResult(last_entry_id=str(last_id), stop_requested=bool(stop_requested))
+
+    async def append_once(
+        self, organization_id: str, turn_id: str, marker: str, chunks: Sequence[dict[str, Any]]
+    ) -> bool:
+        """Append `chunks` unless chunks under `marker` were appended for this turn before;
+        False when they were."""
+        appended = await self._append_once(
+            keys=[
+                self.stream_key(organization_id, turn_id),
+                self._markers_key(organization_id, turn_id),
+            ],
+            args=[self._max_lifetime, marker, *(encode_chunk(chunk) for chunk in chunks)],
+        )
+        return bool(appended)
+
+    async def append_transient(
+        self, organization_id: str, turn_id: str, chunk: dict[str, Any]
+    ) -> None:
+        """Append a chunk clients show but never store (a running tool's status): written as it
+        comes, since one that repeats after a retry only says the same thing again."""
+        await self._redis.xadd(
+            self.stream_key(organization_id, turn_id), {CHUNK_FIELD: encode_chunk(chunk)}
+        )
 
     async def request_stop(self, organization_id: str, turn_id: str) -> None:
         """The fast path of a stop: generation sees this flag at its next write or poll."""
@@ -248,9 +298,11 @@ class TurnStreams:
         cursor, last = parse_entry_id(after_entry_id), parse_entry_id(tail.entry_id)
         if cursor < last:
             return CursorPlace.INSIDE
+        # A paused turn's stream goes on once its client answers.
+        ended = tail.ends_stream and not tail.pauses_turn
         if cursor == last:
-            return CursorPlace.AT_END if tail.ends_stream else CursorPlace.INSIDE
-        if tail.ends_stream:
+            return CursorPlace.AT_END if ended else CursorPlace.INSIDE
+        if ended:
             return CursorPlace.BEYOND
         # Past the last entry of a running turn: a stream Redis lost and the turn wrote again starts
         # over at the current time, so a cursor up to the server's clock may still be reached.

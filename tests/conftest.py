@@ -28,6 +28,18 @@ from tests.support.gemini_server import GeminiServer
 from tests.support.ollama_server import OllamaServer
 from tests.support.openai_server import OpenAICompatibleServer
 from tests.support.processes import ServiceProcess, wait_until_ready
+from tests.support.search_server import SearchServer
+
+# Mock models that call tools, as scripted by each test (`provider_server.script`) or by name
+# (`calls-<tool>`); the catalog gives them the `tools` capability (tests/test_tools.py).
+TOOL_MODELS = [
+    "tools-agent",
+    "tools-slow",
+    "tools-many",
+    "tools-client",
+    "tools-approval",
+    "calls-web_search",
+]
 
 # Models the test provider `mock` serves (see tests/support/openai_server.py for what each does).
 MOCK_MODELS = [
@@ -45,6 +57,7 @@ MOCK_MODELS = [
     "flaky-1",
     "drop",
     "titler",
+    *TOOL_MODELS,
 ]
 
 
@@ -145,7 +158,12 @@ def catalog_for_tests() -> list[dict[str, Any]]:
             for model in models
         ),
         *(
-            {"id": f"mock/{model}", "internal": True, **SMALL_WINDOWS.get(model, {})}
+            {
+                "id": f"mock/{model}",
+                "internal": True,
+                **SMALL_WINDOWS.get(model, {}),
+                **({"capabilities": ["tools"]} if model in TOOL_MODELS else {}),
+            }
             for model in MOCK_MODELS
             if f"mock/{model}" not in routable
         ),
@@ -153,10 +171,18 @@ def catalog_for_tests() -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def search_server() -> Iterator[SearchServer]:
+    """A SearXNG-shaped search backend the worker's `web_search` asks (tests/test_tools.py)."""
+    with SearchServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def stack_settings(
     tmp_path_factory: pytest.TempPathFactory,
     provider_server: OpenAICompatibleServer,
     native_servers: NativeServers,
+    search_server: SearchServer,
 ) -> Settings:
     data_dir = tmp_path_factory.mktemp("durachat-data")
     return Settings(
@@ -185,6 +211,7 @@ def stack_settings(
         # Small, so the refusals of tests/test_attachments.py need no large files.
         max_attachment_bytes=MAX_TEST_ATTACHMENT_BYTES,
         max_attachments_per_message=3,
+        searxng_url=search_server.searxng_url,
     )
 
 

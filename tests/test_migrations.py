@@ -28,6 +28,8 @@ SCHEMA_TABLES = {
     "user_preference",
     "budget",
     "usage_ledger",
+    "tool_approval",
+    "toolkit",
 }
 
 

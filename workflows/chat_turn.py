@@ -29,21 +29,30 @@ with workflow.unsafe.imports_passed_through():
     from activities.attachments import AttachmentActivities
     from activities.chat_session import ChatSessionActivities
     from activities.generation import GenerationActivities
+    from activities.tools import TOOL_MAX_ATTEMPTS, ToolActivities
     from core.contracts import (
         CHAT_RELEASED_SIGNAL,
         TURN_WORKFLOW_NAME,
         AcceptTurnRequest,
+        ApprovalDecision,
         ChatMode,
         ChatReleased,
         ClaimSessionResult,
+        ClientToolOutputs,
         DropQueuedTurnInput,
         GenerateReplyInput,
+        GenerateReplyResult,
         MessageStatus,
+        PauseTurnInput,
         PersistAssistantMessageInput,
         PrepareAttachmentsInput,
+        ResumeTurnInput,
+        RunToolInput,
         StopTurnRequest,
         StoreUserMessageInput,
         TitleChatInput,
+        ToolCallDescriptor,
+        ToolRunner,
         TurnAccepted,
         TurnInput,
         TurnResult,
@@ -102,6 +111,20 @@ ATTACHMENTS_ATTEMPT_TIMEOUT = timedelta(minutes=2)
 ATTACHMENTS_TIMEOUT = timedelta(minutes=10)
 ATTACHMENTS_HEARTBEAT_TIMEOUT = timedelta(seconds=20)
 
+# A tool call retries trouble that may pass (its backend's 5xx, timeouts) a few times; a dead
+# worker's call is noticed by its heartbeat and run again elsewhere. Its last attempt stores the
+# failure as the call's error, which the model reads (activities/tools.py).
+TOOL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=TOOL_MAX_ATTEMPTS,
+)
+TOOL_TIMEOUT = timedelta(minutes=2)
+TOOL_HEARTBEAT_TIMEOUT = timedelta(seconds=5)
+# Pausing, resuming and failing a call are short Postgres and Redis writes.
+TOOL_BOOKKEEPING_TIMEOUT = timedelta(seconds=15)
+
 # Titling a new chat is best effort: a few tries, then the chat stays untitled.
 TITLE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_attempts=3)
 TITLE_TIMEOUT = timedelta(seconds=30)
@@ -129,6 +152,16 @@ class ChatTurnWorkflow:
         self._stop: StopTurnRequest | None = None
         self._chat_released = False
         self._local_session_steps = False
+        # Model steps: attempts used so far (attempts are numbered across the turn), the model in
+        # use (an index into the turn's model and its fallbacks) and the model each step began with.
+        self._attempts_used = 0
+        self._model_index = 0
+        self._step_first_model: dict[int, int] = {}
+        # A pause between steps: the approvals and client-side calls waited on, and what came in.
+        self._pending_approvals: dict[str, str] = {}
+        self._decisions: dict[str, ApprovalDecision] = {}
+        self._awaited_client_calls: set[str] = set()
+        self._client_outputs: set[str] = set()
 
     @workflow.run
     async def run(self, turn: TurnInput) -> TurnResult:
@@ -386,31 +419,74 @@ class ChatTurnWorkflow:
         user_message_id: str,
         outcome: PersistAssistantMessageInput,
     ) -> None:
-        """Run generation to its end, or until a stop; record what happened in `outcome`.
+        """Run the turn's model steps to the end, or until a stop; record what happened in `outcome`.
+
+        A step whose model calls tools is followed by those calls (each its own activity, the
+        calls of one step in parallel) and then by the next step, which reads the results back
+        from Postgres. Calls that wait for a person's approval or for the client pause the turn.
+        """
+        sources: list[dict[str, str | None]] = []
+        step = 1
+        while True:
+            reply = await self._generate_step(
+                turn, chat_id, user_message_id, outcome, step=step, sources=sources
+            )
+            outcome.steps = step
+            if reply is None or self._stop is not None or reply.finish_reason != "tool-calls":
+                outcome.step_limit_reached = reply is not None and reply.step_limit_reached
+                return
+            sources = await self._run_tool_calls(turn, chat_id, step, reply.tool_calls)
+            if self._stop is not None:
+                outcome.status = MessageStatus.ABORTED
+                outcome.finish_reason = "other"
+                return
+            step += 1
+
+    async def _generate_step(
+        self,
+        turn: TurnInput,
+        chat_id: str,
+        user_message_id: str,
+        outcome: PersistAssistantMessageInput,
+        *,
+        step: int,
+        sources: list[dict[str, str | None]],
+    ) -> GenerateReplyResult | None:
+        """One model step, with its retries; None when it failed or was stopped (`outcome` says).
 
         A model that keeps failing after its retries (unavailable, not a rejection) hands the turn
         to the next of `turn.fallback_models`; only turns routed by tier or `auto` have any.
         """
         models = [turn.model, *turn.fallback_models]
-        for index, model in enumerate(models):
-            may_fall_back = await self._generate_with(
+        for index in range(self._model_index, len(models)):
+            self._model_index = index
+            model = models[index]
+            replaced = models[index - 1] if index > self._first_model_index(step) else None
+            reply, may_fall_back = await self._generate_with(
                 turn,
                 model,
                 chat_id,
                 user_message_id,
                 outcome,
-                replaces_failed_model=models[index - 1] if index else None,
-                # A model is handed over only after its retries ran out.
-                attempt_offset=index * (GENERATION_RETRY.maximum_attempts or 1),
+                replaces_failed_model=replaced,
+                step=step,
+                sources=sources,
             )
-            if not may_fall_back or self._stop is not None or index == len(models) - 1:
-                return
+            if reply is not None or not may_fall_back or self._stop is not None:
+                return reply
+            if index == len(models) - 1:
+                return None
             workflow.logger.warning(
                 "model %s kept failing; turn %s falls back to %s",
                 model,
                 turn.turn_id,
                 models[index + 1],
             )
+        return None
+
+    def _first_model_index(self, step: int) -> int:
+        """The model a step began with: a fallback replaces only a model that failed in this step."""
+        return self._step_first_model.setdefault(step, self._model_index)
 
     async def _generate_with(
         self,
@@ -421,11 +497,14 @@ class ChatTurnWorkflow:
         outcome: PersistAssistantMessageInput,
         *,
         replaces_failed_model: str | None,
-        attempt_offset: int,
-    ) -> bool:
-        """One model's generation, with its retries; True when it failed in a way another model
-        might not (the provider unavailable or not answering in time)."""
+        step: int,
+        sources: list[dict[str, str | None]],
+    ) -> tuple[GenerateReplyResult | None, bool]:
+        """One model's generation of a step, with its retries: the reply, or None and whether the
+        failure is one another model might not have (the provider unavailable or not answering)."""
         outcome.model = model
+        # Attempts are numbered across the turn's steps and models.
+        attempt_offset = self._attempts_used
         generation = workflow.start_activity_method(
             GenerationActivities.generate_reply,
             GenerateReplyInput(
@@ -439,6 +518,9 @@ class ChatTurnWorkflow:
                 provider_options=turn.provider_options,
                 replaces_failed_model=replaces_failed_model,
                 attempt_offset=attempt_offset,
+                step=step,
+                max_steps=turn.max_steps,
+                sources=sources,
             ),
             start_to_close_timeout=GENERATION_TIMEOUT,
             heartbeat_timeout=GENERATION_HEARTBEAT_TIMEOUT,
@@ -454,24 +536,192 @@ class ChatTurnWorkflow:
         try:
             reply = await generation
         except ActivityError as err:
+            # A model is handed over only after its retries ran out.
+            self._attempts_used = attempt_offset + (GENERATION_RETRY.maximum_attempts or 1)
             if isinstance(err.cause, CancelledError):
                 outcome.status = MessageStatus.ABORTED
                 outcome.finish_reason = "other"
-                return False
+                return None, False
             outcome.status = MessageStatus.FAILED
             outcome.finish_reason = "error"
             outcome.error = _describe_failure(err)
-            return _provider_unavailable(err)
+            return None, _provider_unavailable(err)
+        self._attempts_used = reply.attempt
         outcome.status = MessageStatus.ABORTED if reply.stopped else MessageStatus.COMPLETE
         outcome.attempts = reply.attempt
         outcome.finish_reason = reply.finish_reason
         outcome.input_tokens = reply.input_tokens
         outcome.output_tokens = reply.output_tokens
         outcome.usage_estimated = reply.usage_estimated
-        outcome.ttft_ms = reply.ttft_ms
+        if outcome.ttft_ms is None:
+            outcome.ttft_ms = reply.ttft_ms
         outcome.messages_left_out = reply.messages_left_out
         outcome.error = None
-        return False
+        return (None if reply.stopped else reply), False
+
+    async def _run_tool_calls(
+        self, turn: TurnInput, chat_id: str, step: int, calls: list[ToolCallDescriptor]
+    ) -> list[dict[str, str | None]]:
+        """Run a step's tool calls; returns the pages their outputs cite."""
+        run_now = [c for c in calls if c.runner is ToolRunner.SERVER and not c.needs_approval]
+        to_approve = [c for c in calls if c.runner is ToolRunner.SERVER and c.needs_approval]
+        by_client = [c for c in calls if c.runner is ToolRunner.CLIENT]
+        sources = await self._run_server_calls(turn, chat_id, run_now)
+        if self._stop is not None or not (to_approve or by_client):
+            return sources
+        pending = await workflow.execute_activity_method(
+            ToolActivities.pause_turn,
+            PauseTurnInput(
+                organization_id=turn.organization_id,
+                chat_id=chat_id,
+                turn_id=turn.turn_id,
+                assistant_message_id=turn.assistant_message_id,
+                user_id=turn.user_id,
+                step=step,
+                approval_call_ids=[c.call_id for c in to_approve],
+                client_call_ids=[c.call_id for c in by_client],
+                approval_timeout_seconds=turn.approval_timeout_seconds,
+            ),
+            start_to_close_timeout=TOOL_BOOKKEEPING_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+        self._pending_approvals = {item.approval_id: item.call_id for item in pending}
+        self._awaited_client_calls = {c.call_id for c in by_client}
+        workflow.upsert_search_attributes(
+            [search_attributes.STATUS.value_set(TurnStatus.AWAITING_INPUT)]
+        )
+        # No worker is busy meanwhile: the wait is a durable timer and the messages that end it.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await workflow.wait_condition(
+                lambda: (
+                    self._stop is not None
+                    or (
+                        set(self._pending_approvals) <= set(self._decisions)
+                        and self._awaited_client_calls <= self._client_outputs
+                    )
+                ),
+                timeout=timedelta(seconds=turn.approval_timeout_seconds),
+            )
+        workflow.upsert_search_attributes([search_attributes.STATUS.value_set(TurnStatus.RUNNING)])
+        decisions = [self._decisions[i] for i in self._pending_approvals if i in self._decisions]
+        expired = [i for i in self._pending_approvals if i not in self._decisions]
+        if self._stop is not None:
+            return sources
+        missing = self._awaited_client_calls - self._client_outputs
+        for call_id in sorted(missing):
+            await self._fail_call(
+                turn, chat_id, call_id, "the client sent no output for this call in time"
+            )
+        await workflow.execute_activity_method(
+            ToolActivities.resume_turn,
+            ResumeTurnInput(
+                organization_id=turn.organization_id,
+                chat_id=chat_id,
+                turn_id=turn.turn_id,
+                assistant_message_id=turn.assistant_message_id,
+                model=turn.model,
+                step=step,
+                decisions=decisions,
+                expired_approval_ids=expired,
+                client_call_ids=sorted(self._awaited_client_calls),
+            ),
+            start_to_close_timeout=TOOL_BOOKKEEPING_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+        approved_calls = {self._pending_approvals[d.approval_id] for d in decisions if d.approved}
+        approved = [c for c in to_approve if c.call_id in approved_calls]
+        self._pending_approvals = {}
+        self._awaited_client_calls = set()
+        return sources + await self._run_server_calls(turn, chat_id, approved)
+
+    async def _run_server_calls(
+        self, turn: TurnInput, chat_id: str, calls: list[ToolCallDescriptor]
+    ) -> list[dict[str, str | None]]:
+        """Run calls in parallel, each an activity; a stop cancels the ones still running."""
+        if not calls:
+            return []
+        runs = [
+            workflow.start_activity_method(
+                ToolActivities.run_tool,
+                self._tool_call_input(turn, chat_id, call.call_id),
+                start_to_close_timeout=TOOL_TIMEOUT,
+                heartbeat_timeout=TOOL_HEARTBEAT_TIMEOUT,
+                retry_policy=TOOL_RETRY,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            )
+            for call in calls
+        ]
+        await workflow.wait_condition(
+            lambda: all(run.done() for run in runs) or self._stop is not None
+        )
+        for run in runs:
+            if not run.done():
+                run.cancel()
+        sources: list[dict[str, str | None]] = []
+        for call, run in zip(calls, runs, strict=True):
+            try:
+                result = await run
+            except ActivityError as err:
+                if isinstance(err.cause, CancelledError):
+                    continue  # stopped: the call keeps its input, with no outcome
+                await self._fail_call(turn, chat_id, call.call_id, _describe_tool_failure(err))
+                continue
+            sources += result.sources
+        return sources
+
+    async def _fail_call(self, turn: TurnInput, chat_id: str, call_id: str, error: str) -> None:
+        request = self._tool_call_input(turn, chat_id, call_id)
+        request.error = error
+        await workflow.execute_activity_method(
+            ToolActivities.fail_tool_call,
+            request,
+            start_to_close_timeout=TOOL_BOOKKEEPING_TIMEOUT,
+            retry_policy=SESSION_RETRY,
+        )
+
+    @staticmethod
+    def _tool_call_input(turn: TurnInput, chat_id: str, call_id: str) -> RunToolInput:
+        return RunToolInput(
+            organization_id=turn.organization_id,
+            chat_id=chat_id,
+            turn_id=turn.turn_id,
+            assistant_message_id=turn.assistant_message_id,
+            call_id=call_id,
+        )
+
+    @workflow.update
+    async def decide_approval(self, decision: ApprovalDecision) -> None:
+        """A person's decision on a pending approval; the turn goes on once every one is in."""
+        self._decisions[decision.approval_id] = decision
+
+    @decide_approval.validator
+    def _validate_decide_approval(self, decision: ApprovalDecision) -> None:
+        if (
+            decision.approval_id not in self._pending_approvals
+            or decision.approval_id in self._decisions
+        ):
+            raise ApplicationError(
+                "this approval is not waiting for a decision",
+                type=ErrorType.APPROVAL_NOT_PENDING,
+            )
+
+    @workflow.update
+    async def submit_tool_outputs(self, outputs: ClientToolOutputs) -> None:
+        """The client's outputs of its tool calls are stored: the turn goes on once all are in."""
+        self._client_outputs |= set(outputs.call_ids)
+
+    @submit_tool_outputs.validator
+    def _validate_submit_tool_outputs(self, outputs: ClientToolOutputs) -> None:
+        if not set(outputs.call_ids) & (self._awaited_client_calls - self._client_outputs):
+            raise ApplicationError(
+                "the turn is not waiting for these tool outputs",
+                type=ErrorType.APPROVAL_NOT_PENDING,
+            )
+
+    @workflow.query
+    def get_pending_approvals(self) -> list[str]:
+        """The approval ids the turn waits on."""
+        return [i for i in self._pending_approvals if i not in self._decisions]
 
     @workflow.signal
     def stop_turn(self, request: StopTurnRequest) -> None:
@@ -560,6 +810,15 @@ def _provider_unavailable(err: ActivityError) -> bool:
     if isinstance(cause, ApplicationError):
         return cause.type == ErrorType.PROVIDER_UNAVAILABLE
     return isinstance(cause, TimeoutError)
+
+
+def _describe_tool_failure(err: ActivityError) -> str:
+    cause = err.cause
+    if isinstance(cause, ApplicationError):
+        return cause.message
+    if isinstance(cause, TimeoutError):
+        return "the tool did not answer in time"
+    return "the tool failed"
 
 
 def _describe_failure(err: ActivityError) -> str:

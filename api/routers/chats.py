@@ -39,7 +39,9 @@ from api.schemas import (
     UsageOut,
 )
 from api.state import AppState
+from api.tool_answers import continue_answer
 from api.turn_planning import plan_model, release_budget, reserve_budget
+from api.turn_tools import plan_tools
 from api.turns import start_turn, stop_turn
 from core.contracts import (
     ChatMode,
@@ -121,6 +123,10 @@ async def send_to_new_chat(
     idempotent: IdempotencyDep,
     links: FileLinksDep,
 ) -> Response:
+    if body.continues_answer:
+        if body.id is None:
+            raise BadRequestError("continuing an answer needs the chat `id`")
+        return await continue_answer(state, principal, body, body.id)
     if body.trigger == "regenerate-message":
         # Regenerating needs the chat it happens in: the AI SDK always sends its id.
         if body.id is None:
@@ -163,6 +169,8 @@ async def send_to_chat(
         raise BadRequestError("body `id` differs from the chat id in the path")
     if body.external_channel_id is not None:
         raise BadRequestError("`externalChannelId` binds a new chat; send it to POST /v1/chats")
+    if body.continues_answer:
+        return await continue_answer(state, principal, body, chat_id)
     return await _send(
         state,
         principal,
@@ -424,6 +432,7 @@ async def _send(
         choose_model=plan.choose,
     )
     choice = plan.chosen
+    tools, max_steps = await plan_tools(state, principal, request.tool_options, choice.model)
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
@@ -449,6 +458,9 @@ async def _send(
         request_fingerprint=idempotent.fingerprint if idempotent else None,
         model_choice=choice.as_record(),
         fallback_models=list(choice.fallbacks),
+        tools=tools,
+        max_steps=max_steps,
+        approval_timeout_seconds=state.settings.approval_timeout_seconds,
     )
     reserved = False
     try:

@@ -1,4 +1,4 @@
-"""tool approvals: tool calls waiting for a person's decision
+"""tools: a chat's web setting, each turn's tool set, and tool calls waiting for a person's decision
 
 Revision ID: 0007
 Revises: 0006
@@ -18,6 +18,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.add_column(
+        "chat", sa.Column("web", sa.Boolean(), server_default=sa.text("false"), nullable=False)
+    )
+    op.add_column(
+        "turn", sa.Column("tools", postgresql.JSONB(astext_type=sa.Text()), nullable=True)
+    )
     op.create_table(
         "tool_approval",
         sa.Column("organization_id", sa.String(length=64), nullable=False),
@@ -54,3 +60,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("tool_approval")
+    op.drop_column("turn", "tools")
+    op.drop_column("chat", "web")

@@ -15,7 +15,8 @@
 //
 //   {"mode": "chat", "api": "...", "headers": {...}, "chatId": "...", "messages": [UIMessage, ...]?,
 //    "actions": [{"do": "send", "text": "..."} | {"do": "regenerate", "messageId": "..."?}
-//                | {"do": "resume"}, ...],
+//                | {"do": "resume"} | {"do": "approve", "approved": bool, "reason": "..."?}
+//                | {"do": "tool-output", "output": any}, ...],
 //    "body": {...}?, "prepareSendMessagesRequest": "<JS source of the function>"?,
 //    "origin": "http://app.example"?}
 //
@@ -187,7 +188,20 @@ async function runChat(command) {
     if (action.do === 'send') await chat.sendMessage({ text: action.text, ...(action.files ? { files: action.files } : {}) });
     else if (action.do === 'regenerate') await chat.regenerate(action.messageId ? { messageId: action.messageId } : undefined);
     else if (action.do === 'resume') await chat.resumeStream();
-    else throw new Error(`unknown action ${JSON.stringify(action)}`);
+    else if (action.do === 'approve') {
+      // As a user clicking "approve" or "deny" on the pending tool call, then the library's own
+      // follow-up request (the one `sendAutomaticallyWhen` would send).
+      const part = chat.lastMessage?.parts.find((p) => p.state === 'approval-requested');
+      if (part == null) throw new Error('no tool call waits for approval in the last message');
+      await chat.addToolApprovalResponse({ id: part.approval.id, approved: action.approved, reason: action.reason });
+      await chat.sendMessage();
+    } else if (action.do === 'tool-output') {
+      // As a page's `onToolCall` that ran a client-side tool and hands its output back.
+      const part = chat.lastMessage?.parts.find((p) => p.state === 'input-available');
+      if (part == null) throw new Error('no client-side tool call waits for its output in the last message');
+      await chat.addToolOutput({ tool: part.type.replace(/^tool-/, ''), toolCallId: part.toolCallId, output: action.output });
+      await chat.sendMessage();
+    } else throw new Error(`unknown action ${JSON.stringify(action)}`);
     if (chat.status === 'error') break;
   }
   return {

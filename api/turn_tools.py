@@ -1,0 +1,69 @@
+"""What a send lets its model call, checked before the turn starts: the tool set and the step bound.
+
+A tool set that cannot work is a 400 that starts nothing: `web: true` with no search backend,
+tools for a model that cannot call them, a toolkit the organization does not have, a step bound
+over the ceiling, or two tools of one name.
+"""
+
+from __future__ import annotations
+
+from agent_tools.web import WEB_TOOL_NAMES
+from api.schemas import ToolOptionsIn
+from api.state import AppState
+from core.contracts import TurnTools
+from core.errors import BadRequestError
+from core.secrets import SecretBox
+from providers.catalog import Capability
+from storage import toolkits
+from storage.api_keys import Principal
+
+
+async def plan_tools(
+    state: AppState, principal: Principal, options: ToolOptionsIn | None, model: str
+) -> tuple[TurnTools, int]:
+    """The turn's tools and how many model steps it may take."""
+    settings = state.settings
+    options = options or ToolOptionsIn()
+    if options.max_steps is not None and options.max_steps > settings.max_steps_ceiling:
+        raise BadRequestError(
+            f"maxSteps may be at most {settings.max_steps_ceiling}",
+            extra={"maxStepsCeiling": settings.max_steps_ceiling},
+        )
+    client_tools = [tool.as_contract() for tool in options.tools or []]
+    tools = TurnTools(
+        web=options.web,
+        client_tools=client_tools,
+        toolkit_ids=list(dict.fromkeys(options.toolkit_ids or [])),
+        functions=options.functions,
+    )
+    asks_for_tools = bool(options.web or client_tools or tools.toolkit_ids)
+    if options.functions and not tools.toolkit_ids:
+        raise BadRequestError("`functions` picks tools of the toolkits in `toolkitIds`; name them")
+    if options.web and not (
+        settings.searxng_url or settings.brave_api_key or settings.tavily_api_key
+    ):
+        raise BadRequestError(
+            "web search is not configured on this server (set DURACHAT_SEARXNG_URL, "
+            "DURACHAT_BRAVE_API_KEY or DURACHAT_TAVILY_API_KEY); send without `web: true`"
+        )
+    if asks_for_tools and Capability.TOOLS not in state.providers.card(model).capabilities:
+        raise BadRequestError(
+            f"{model} cannot call tools; choose a model with the `tools` capability "
+            "(GET /v1/models?capability=tools)"
+        )
+    clashing = sorted({tool.name for tool in client_tools} & WEB_TOOL_NAMES)
+    if clashing and options.web:
+        raise BadRequestError(f"`tools` may not reuse the built-in tool names {clashing}")
+    if tools.toolkit_ids:
+        async with state.sessions() as session:
+            found = await toolkits.toolkit_connections(
+                session,
+                SecretBox.from_settings(settings),
+                principal.organization_id,
+                tools.toolkit_ids,
+            )
+        missing = sorted(set(tools.toolkit_ids) - {toolkit.id for toolkit in found})
+        if missing:
+            raise BadRequestError(f"no such toolkits: {', '.join(missing)}")
+    max_steps = options.max_steps or settings.default_max_steps
+    return tools, max_steps
