@@ -363,6 +363,13 @@ class ToolOptionsIn(BaseModel):
         ge=1,
         description="How many model steps the turn may take (tools run between steps).",
     )
+    approval_timeout_seconds: float | None = Field(
+        default=None,
+        alias="approvalTimeoutSeconds",
+        gt=0,
+        description="How long a tool call waits for approval (or a client-side tool for its "
+        "output) before it counts as denied; at most the server's setting (default 24 h).",
+    )
 
     @model_validator(mode="after")
     def _unique_tool_names(self) -> Self:

@@ -7,6 +7,8 @@ over the ceiling, or two tools of one name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from agent_tools.web import WEB_TOOL_NAMES
 from api.schemas import ToolOptionsIn
 from api.state import AppState
@@ -18,10 +20,17 @@ from storage import toolkits
 from storage.api_keys import Principal
 
 
+@dataclass(frozen=True)
+class ToolPlan:
+    tools: TurnTools
+    max_steps: int
+    approval_timeout_seconds: float
+
+
 async def plan_tools(
     state: AppState, principal: Principal, options: ToolOptionsIn | None, model: str
-) -> tuple[TurnTools, int]:
-    """The turn's tools and how many model steps it may take."""
+) -> ToolPlan:
+    """The turn's tools, how many model steps it may take, and how long it waits for input."""
     settings = state.settings
     options = options or ToolOptionsIn()
     if options.max_steps is not None and options.max_steps > settings.max_steps_ceiling:
@@ -65,5 +74,11 @@ async def plan_tools(
         missing = sorted(set(tools.toolkit_ids) - {toolkit.id for toolkit in found})
         if missing:
             raise BadRequestError(f"no such toolkits: {', '.join(missing)}")
-    max_steps = options.max_steps or settings.default_max_steps
-    return tools, max_steps
+    return ToolPlan(
+        tools,
+        options.max_steps or settings.default_max_steps,
+        min(
+            options.approval_timeout_seconds or settings.approval_timeout_seconds,
+            settings.approval_timeout_seconds,
+        ),
+    )

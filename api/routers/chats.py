@@ -432,7 +432,7 @@ async def _send(
         choose_model=plan.choose,
     )
     choice = plan.chosen
-    tools, max_steps = await plan_tools(state, principal, request.tool_options, choice.model)
+    tool_plan = await plan_tools(state, principal, request.tool_options, choice.model)
     turn = TurnInput(
         organization_id=principal.organization_id,
         user_id=principal.user_id,
@@ -458,9 +458,9 @@ async def _send(
         request_fingerprint=idempotent.fingerprint if idempotent else None,
         model_choice=choice.as_record(),
         fallback_models=list(choice.fallbacks),
-        tools=tools,
-        max_steps=max_steps,
-        approval_timeout_seconds=state.settings.approval_timeout_seconds,
+        tools=tool_plan.tools,
+        max_steps=tool_plan.max_steps,
+        approval_timeout_seconds=tool_plan.approval_timeout_seconds,
     )
     reserved = False
     try:
