@@ -564,6 +564,9 @@ class ChatSummaryOut(BaseModel):
     instructions: str | None = Field(description="The chat's own system prompt.")
     mood: Mood
     web: bool = Field(description="Sends that do not say offer the built-in web tools.")
+    toolkitIds: list[str] = Field(  # noqa: N815
+        description="Toolkits offered to sends that name none of their own."
+    )
     folder: str | None
     externalChannel: ExternalChannelOut | None  # noqa: N815
     activeTurnId: str | None  # noqa: N815
@@ -580,6 +583,7 @@ class ChatSummaryOut(BaseModel):
             "instructions": chat.instructions,
             "mood": chat.mood or "normal",
             "web": chat.web,
+            "toolkitIds": chat.toolkit_ids or [],
             "folder": chat.folder,
             "externalChannel": (
                 ExternalChannelOut(source=chat.external_source, id=chat.external_id)
@@ -613,6 +617,9 @@ class ChatUpdateIn(RequestBody):
     model: str | None = Field(default=None, max_length=200, description="`provider/model`")
     mood: Mood | None = None
     web: bool = Field(default=False, description="Offer the built-in web tools to sends.")
+    toolkit_ids: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None, alias="toolkitIds", max_length=16
+    )
     folder: (
         Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
         | None

@@ -64,14 +64,7 @@ async def plan_tools(
     if clashing and options.web:
         raise BadRequestError(f"`tools` may not reuse the built-in tool names {clashing}")
     if tools.toolkit_ids:
-        async with state.sessions() as session:
-            found = await toolkits.toolkit_connections(
-                session,
-                SecretBox.from_settings(settings),
-                principal.organization_id,
-                tools.toolkit_ids,
-            )
-        missing = sorted(set(tools.toolkit_ids) - {toolkit.id for toolkit in found})
+        missing = await missing_toolkits(state, principal, tools.toolkit_ids)
         if missing:
             raise BadRequestError(f"no such toolkits: {', '.join(missing)}")
     return ToolPlan(
@@ -82,3 +75,14 @@ async def plan_tools(
             settings.approval_timeout_seconds,
         ),
     )
+
+
+async def missing_toolkits(
+    state: AppState, principal: Principal, toolkit_ids: list[str]
+) -> list[str]:
+    """Which of `toolkit_ids` the caller's organization has no enabled toolkit for."""
+    async with state.sessions() as session:
+        found = await toolkits.toolkit_connections(
+            session, SecretBox.from_settings(state.settings), principal.organization_id, toolkit_ids
+        )
+    return sorted(set(toolkit_ids) - {toolkit.id for toolkit in found})

@@ -93,6 +93,8 @@ class Chat(Base):
     folder: Mapped[str | None] = mapped_column(String(100))
     # Offer the built-in web tools to sends that do not say (`web` on a send overrides it).
     web: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # Toolkits offered to sends that name none of their own (`toolkitIds` on a send overrides).
+    toolkit_ids: Mapped[list[str] | None] = mapped_column(JSONB)
     external_source: Mapped[str | None] = mapped_column(String(32))
     external_id: Mapped[str | None] = mapped_column(String(200))
     # The leaf of the branch the chat shows; walking parent_id from it gives the conversation.

@@ -45,23 +45,25 @@ def find_tool_part(parts: list[dict[str, Any]], call_id: str) -> dict[str, Any] 
 
 
 async def load_turn_tools(session: AsyncSession, organization_id: str, turn_id: str) -> TurnTools:
-    """The turn's tools, with `web` settled: a send that did not say takes its chat's setting."""
+    """The turn's tools, with its chat's settings filled in where the send did not say."""
     row = (
         await session.execute(
-            select(Turn.tools, Chat.web)
+            select(Turn.tools, Chat.web, Chat.toolkit_ids)
             .join(Chat, (Chat.organization_id == Turn.organization_id) & (Chat.id == Turn.chat_id))
             .where(Turn.organization_id == organization_id, Turn.id == turn_id)
         )
     ).first()
     if row is None:
         return TurnTools(web=False)
-    stored, chat_web = row
+    stored, chat_web, chat_toolkits = row
     stored = stored or {}
     web = stored.get("web")
+    # A send naming no toolkits takes its chat's.
+    toolkit_ids = list(stored.get("toolkit_ids") or chat_toolkits or [])
     return TurnTools(
         web=bool(chat_web) if web is None else bool(web),
         client_tools=[ClientTool(**tool) for tool in stored.get("client_tools", [])],
-        toolkit_ids=list(stored.get("toolkit_ids", [])),
+        toolkit_ids=toolkit_ids,
         functions=stored.get("functions"),
     )
 

@@ -280,3 +280,41 @@ async def test_an_approval_waits_across_a_restart_of_the_api_and_the_worker(
     assert lookups(mcp_server, asks_to_look_up) == 1
     chat = await get_chat(client, tenant.headers, chat_id)
     assert chat["activeTurnId"] is None
+
+
+async def test_a_chats_toolkits_are_offered_to_sends_that_name_none(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    toolkit_id: str,
+    provider_server: OpenAICompatibleServer,
+) -> None:
+    provider_server.script("tools-agent", Script(reply="plain"))
+    first = await client.post(
+        "/v1/chats?stream=false",
+        json={"message": "hello", "model": "mock/tools-agent"},
+        headers=tenant.headers,
+    )
+    chat_id = first.json()["chatId"]
+    refused = await client.patch(
+        f"/v1/chats/{chat_id}", json={"toolkitIds": ["tk_nope"]}, headers=tenant.headers
+    )
+    assert refused.status_code == 400
+    patched = await client.patch(
+        f"/v1/chats/{chat_id}", json={"toolkitIds": [toolkit_id]}, headers=tenant.headers
+    )
+    assert patched.json()["toolkitIds"] == [toolkit_id]
+    await client.post(
+        f"/v1/chats/{chat_id}?stream=false",
+        json={"message": "again", "model": "mock/tools-agent"},
+        headers=tenant.headers,
+    )
+    offered = {
+        tool["function"]["name"] for tool in provider_server.requests_for("tools-agent")[-1].tools
+    }
+    assert offered == {
+        "glossary__add",
+        "glossary__lookup",
+        "glossary__fail",
+        "glossary__slow",
+        "glossary__secret_admin",
+    }

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from temporalio.client import Client
 
+from api.schemas import ToolOptionsIn
+from api.turn_tools import plan_tools
 from core.contracts import turn_workflow_id
+from core.errors import BadRequestError
 from tests.conftest import REMOTE_FILES_HOST, RunningServices, Tenant
 from tests.support.ai_client import ai_client_available, run_ai_client
 from tests.support.chat_api import (
@@ -25,6 +29,7 @@ from tests.support.chat_api import (
 from tests.support.file_server import FileServer
 from tests.support.openai_server import OpenAICompatibleServer, Script
 from tests.support.search_server import SearchHit, SearchServer
+from tests.support.sse import iter_sse
 
 pytestmark = pytest.mark.skipif(
     not ai_client_available(),
@@ -488,3 +493,114 @@ async def _wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"waited {timeout}s for {what}") from None
+
+
+async def test_web_true_without_a_search_backend_is_refused_saying_so(settings: Any) -> None:
+    unconfigured = SimpleNamespace(settings=settings.model_copy(update={"searxng_url": None}))
+    with pytest.raises(BadRequestError, match="web search is not configured"):
+        await plan_tools(
+            unconfigured,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            ToolOptionsIn.model_validate({"web": True}),
+            "mock/tools-agent",
+        )
+
+
+async def test_a_chats_web_setting_offers_the_web_tools_to_sends_that_do_not_say(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    provider_server: OpenAICompatibleServer,
+    search_server: SearchServer,
+) -> None:
+    query = f"chat setting {uuid.uuid4().hex[:6]}"
+    search_server.results_for(
+        query, [SearchHit(title="t", url="https://example.com/a", content="c")]
+    )
+    provider_server.script(
+        "tools-agent", Script(tool_steps=[[("web_search", {"query": query})]], reply="found it")
+    )
+    first, _events = await send_and_collect(
+        client, tenant.headers, {"message": "hello", "model": "mock/tools-agent"}
+    )
+    chat_id = first.headers["x-chat-id"]
+    offered = provider_server.requests_for("tools-agent")[-1].tools
+    assert offered == [], "no tools unless the send or the chat asks"
+    await wait_for_settled_answer(client, tenant.headers, chat_id)
+    patched = await client.patch(f"/v1/chats/{chat_id}", json={"web": True}, headers=tenant.headers)
+    assert patched.json()["web"] is True
+    response, _events = await send_and_collect(
+        client,
+        tenant.headers,
+        {"message": "search", "model": "mock/tools-agent"},
+        f"/v1/chats/{chat_id}",
+    )
+    answer = await wait_for_settled_answer(client, tenant.headers, chat_id)
+    (search,) = tool_parts(answer)
+    assert search["state"] == "output-available"
+    names = {
+        tool["function"]["name"] for tool in provider_server.requests_for("tools-agent")[-1].tools
+    }
+    assert names == {"web_search", "web_fetch"}
+    assert response.status_code == 200
+    # A send that says `web: false` turns them off for itself.
+    await send_and_collect(
+        client,
+        tenant.headers,
+        {"message": "no tools", "model": "mock/tools-agent", "web": False},
+        f"/v1/chats/{chat_id}",
+    )
+    assert provider_server.requests_for("tools-agent")[-1].tools == []
+
+
+async def test_a_worker_killed_mid_step_resets_only_that_step(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    provider_server: OpenAICompatibleServer,
+    search_server: SearchServer,
+    running_services: RunningServices,
+) -> None:
+    query = f"mid step {uuid.uuid4().hex[:6]}"
+    search_server.results_for(
+        query, [SearchHit(title="t", url="https://example.com/b", content="c")]
+    )
+    provider_server.script(
+        "tools-slow",
+        Script(
+            tool_steps=[[("web_search", {"query": query})]],
+            reply=" ".join(f"word{i}" for i in range(120)),
+            chunk_delay=0.05,
+        ),
+    )
+    before = len(provider_server.requests_for("tools-slow"))
+    chunks: list[dict[str, Any]] = []
+    async with client.stream(
+        "POST",
+        "/v1/chats",
+        json={"message": "go", "model": "mock/tools-slow", "web": True},
+        headers=tenant.headers,
+        timeout=httpx.Timeout(60.0),
+    ) as response:
+        chat_id = response.headers["x-chat-id"]
+        killed = False
+        async for event in iter_sse(response):
+            if event.data == "[DONE]":
+                break
+            chunks.append(event.chunk)
+            deltas = [c for c in chunks if c["type"] == "text-delta"]
+            if not killed and len(deltas) >= 10:
+                # The second step is streaming: the search of the first is done and stored.
+                running_services.worker.kill()
+                running_services.worker.start()
+                killed = True
+    answer = await wait_for_settled_answer(client, tenant.headers, chat_id, timeout=60)
+    assert answer["status"] == "complete"
+    kinds = [part["type"] for part in answer["parts"]]
+    assert kinds == ["step-start", "tool-web_search", "step-start", "source-url", "text"], kinds
+    assert answer["parts"][-1]["text"].split() == [f"word{i}" for i in range(120)]
+    assert "reset-step" in [chunk["type"] for chunk in chunks]
+    asked = [r for r in search_server.requests_to("searxng") if r.params.get("q") == query]
+    assert len(asked) == 1, "the first step's search did not run again"
+    rounds = [r.tool_history().rounds for r in provider_server.requests_for("tools-slow")[before:]]
+    assert rounds == [0, 1, 1], "only the interrupted step was generated again"
+    assembled = await run_ai_client({"mode": "assemble", "chunks": chunks})
+    assert assembled["message"]["parts"] == answer["parts"]

@@ -28,6 +28,7 @@ from api.schemas import (
     TurnRecordOut,
     UsageOut,
 )
+from api.turn_tools import missing_toolkits
 from api.turns import stop_turn
 from core.errors import BadRequestError, NotFoundError
 from providers.base import UnknownModelError
@@ -111,7 +112,7 @@ async def get_chat_by_external_channel(
 
 @router.patch(
     "/{chat_id}",
-    summary="Change a chat's title, pinned, instructions, default model, mood or folder",
+    summary="Change a chat's title, pinned, instructions, default model, mood, folder or tools",
     responses={
         **UNAUTHORIZED,
         400: {"description": "Unknown model", **PROBLEM},
@@ -136,6 +137,11 @@ async def update_chat(
             ) from exc
     if changes.get("mood") == "normal":
         changes["mood"] = None  # normal is the absence of a mood line
+    if changes.get("toolkit_ids"):
+        changes["toolkit_ids"] = list(dict.fromkeys(changes["toolkit_ids"]))
+        missing = await missing_toolkits(state, principal, changes["toolkit_ids"])
+        if missing:
+            raise BadRequestError(f"no such toolkits: {', '.join(missing)}")
     chat = await _live_chat(session, principal, chat_id, for_update=True)
     for name, value in changes.items():
         setattr(chat, name, value)

@@ -1,4 +1,4 @@
-"""tools: a chat's web setting, each turn's tool set, and tool calls waiting for a person's decision
+"""tools: a chat's web and toolkit settings, each turn's tool set, and tool calls waiting for a person's decision
 
 Revision ID: 0007
 Revises: 0006
@@ -18,6 +18,9 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.add_column(
+        "chat", sa.Column("toolkit_ids", postgresql.JSONB(astext_type=sa.Text()), nullable=True)
+    )
     op.add_column(
         "chat", sa.Column("web", sa.Boolean(), server_default=sa.text("false"), nullable=False)
     )
@@ -62,3 +65,4 @@ def downgrade() -> None:
     op.drop_table("tool_approval")
     op.drop_column("turn", "tools")
     op.drop_column("chat", "web")
+    op.drop_column("chat", "toolkit_ids")
