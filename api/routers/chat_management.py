@@ -9,12 +9,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import structlog
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import func
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from api.chat_views import FileLinksDep, chat_out, refuse_if_busy, ui_messages_out
 from api.deps import CurrentPrincipal, SessionDep, StateDep, visibility_of
+from api.limits import STREAM_OPEN_LIMITS
+from api.routers.chats import stream_of_chat
 from api.schemas import (
     ChatId,
     ChatOut,
@@ -108,6 +110,34 @@ async def get_chat_by_external_channel(
     if chat is None:
         raise NotFoundError("no live chat is bound to that channel")
     return await chat_out(session, chat, links)
+
+
+@router.get(
+    "/by-external/stream",
+    summary="Resume the active stream of the chat bound to an external channel (204 when none)",
+    status_code=200,
+    responses={
+        200: {"description": "The UI message stream", "content": {"text/event-stream": {}}},
+        204: {"description": "No turn is active, or no live chat is bound to the channel"},
+        **UNAUTHORIZED,
+        **INVALID,
+    },
+    dependencies=[STREAM_OPEN_LIMITS],
+)
+async def resume_stream_by_external_channel(
+    principal: CurrentPrincipal,
+    state: StateDep,
+    source: Annotated[Literal["discord", "slack", "dashboard", "api"], Query()],
+    id: Annotated[str, Query(min_length=1, max_length=200)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=200)] = None,
+) -> Response:
+    """A bot that restarts picks up where it left off by the channel it knows, not a chat id."""
+    async with state.sessions() as session:
+        chat = await chats.get_live_chat_by_channel(session, visibility_of(principal), source, id)
+    if chat is None:
+        # Another tenant's channel answers the same: nothing leaks.
+        return Response(status_code=204)
+    return await stream_of_chat(state, principal, chat, last_event_id)
 
 
 @router.patch(

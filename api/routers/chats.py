@@ -55,6 +55,7 @@ from core.ui_chunks import stored_message_chunks, unrun_turn_chunks
 from storage import chats
 from storage.api_keys import Principal
 from storage.ids import new_id
+from storage.models import Chat
 from workflows.chat_turn import ChatTurnWorkflow
 
 router = APIRouter(prefix="/v1/chats", tags=["chats"])
@@ -308,12 +309,21 @@ async def resume_stream(
 ) -> Response:
     async with state.sessions() as session:
         chat = await chats.get_live_chat(session, visibility_of(principal), chat_id)
-        if chat is None:
-            if not last_event_id:
-                # `useChat({resume: true})` asks on the first load of every chat, before the chat
-                # exists: nothing to resume. Another tenant's chat answers the same, so nothing leaks.
-                return Response(status_code=204)
-            raise NotFoundError("chat not found")
+    if chat is None:
+        if not last_event_id:
+            # `useChat({resume: true})` asks on the first load of every chat, before the chat
+            # exists: nothing to resume. Another tenant's chat answers the same, so nothing leaks.
+            return Response(status_code=204)
+        raise NotFoundError("chat not found")
+    return await stream_of_chat(state, principal, chat, last_event_id)
+
+
+async def stream_of_chat(
+    state: AppState, principal: Principal, chat: Chat, last_event_id: str | None
+) -> Response:
+    """The chat's active turn's stream from its start, or after `last_event_id`; 204 when no turn
+    is active and no cursor was given."""
+    async with state.sessions() as session:
         if last_event_id:
             turn_id, after = parse_cursor(last_event_id)
             # The cursor's turn must be one of this chat's: a cursor never reaches another tenant's stream.
