@@ -195,11 +195,16 @@ async def update_toolkit(
         )
         if not isinstance(value := getattr(changes, column), _Keep)
     }
-    if changes.touches_secrets:
+    moves = not isinstance(changes.url, _Keep)
+    if changes.touches_secrets or moves:
         current = await _row(session, organization_id, toolkit_id, for_update=True)
         if current is None:
             return None
         kept = ToolkitSecrets.opened(box, current.secrets)
+        if moves and changes.url != current.url:
+            # Credentials meant for one server never travel to another: a toolkit that moves
+            # keeps only the secrets given with the move.
+            kept = ToolkitSecrets(headers={}, token=None)
         values["secrets"] = ToolkitSecrets(
             headers=kept.headers if isinstance(changes.headers, _Keep) else changes.headers,
             token=kept.token if isinstance(changes.token, _Keep) else changes.token,

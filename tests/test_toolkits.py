@@ -410,6 +410,22 @@ async def test_an_update_replaces_headers_and_removes_the_token(
     assert (kept.headers, kept.token) == ({"Authorization": "Basic YWRhOnNlY3JldA=="}, None)
 
 
+async def test_a_toolkit_moved_to_another_url_keeps_no_credentials_meant_for_the_old_one(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    mcp_server: McpTestServer,
+) -> None:
+    created = await create(client, tenant, toolkit_body(mcp_server))
+    assert created["hasToken"] is True
+    moved = await client.patch(
+        f"{TOOLKITS_URL}/{created['id']}",
+        json={"url": mcp_server.url.replace("/mcp", "/other/mcp")},
+        headers=tenant.headers,
+    )
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["hasToken"], moved.json()["headerNames"]) == (False, [])
+
+
 @pytest.mark.parametrize("bound_to", ["ada", None], ids=["user-key", "organization-key-not-admin"])
 async def test_non_admin_keys_get_403_on_every_toolkit_endpoint(
     client: httpx.AsyncClient,
