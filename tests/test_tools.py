@@ -18,6 +18,7 @@ from api.schemas import ToolOptionsIn
 from api.turn_tools import plan_tools
 from core.contracts import turn_workflow_id
 from core.errors import BadRequestError
+from core.ui_chunks import stored_message_chunks
 from tests.conftest import REMOTE_FILES_HOST, RunningServices, Tenant
 from tests.support.ai_client import ai_client_available, run_ai_client
 from tests.support.chat_api import (
@@ -604,3 +605,36 @@ async def test_a_worker_killed_mid_step_resets_only_that_step(
     assert rounds == [0, 1, 1], "only the interrupted step was generated again"
     assembled = await run_ai_client({"mode": "assemble", "chunks": chunks})
     assert assembled["message"]["parts"] == answer["parts"]
+
+
+async def test_a_stored_message_with_tools_replays_as_chunks_the_ai_client_assembles_the_same(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    provider_server: OpenAICompatibleServer,
+    search_server: SearchServer,
+) -> None:
+    """When Redis no longer holds a finished turn's stream, it is served from Postgres as chunks."""
+    query = f"replay {uuid.uuid4().hex[:6]}"
+    search_server.results_for(
+        query, [SearchHit(title="t", url="https://example.com/r", content="c")]
+    )
+    provider_server.script(
+        "tools-agent",
+        Script(
+            tool_steps=[
+                [("web_search", {"query": query}), ("web_fetch", {"url": "http://10.0.0.1/"})]
+            ],
+            text_before_calls="Looking. ",
+            reply="Done looking.",
+        ),
+    )
+    response, _events = await send_and_collect(
+        client, tenant.headers, {"message": "look", "model": "mock/tools-agent", "web": True}
+    )
+    stored = await wait_for_settled_answer(client, tenant.headers, response.headers["x-chat-id"])
+    chunks = stored_message_chunks(
+        stored["id"], stored["parts"], stored["metadata"], stored["status"], resuming=False
+    )
+    assembled = await run_ai_client({"mode": "assemble", "chunks": chunks})
+    assert assembled["error"] is None, assembled
+    assert assembled["message"]["parts"] == stored["parts"]
