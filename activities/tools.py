@@ -211,6 +211,7 @@ class ToolActivities:
     @activity.defn
     async def resume_turn(self, request: ResumeTurnInput) -> None:
         """Record the decisions on the calls, and open the client's next response."""
+        no_decision = "the turn was stopped" if request.stopped else "no decision in time"
         decided: dict[str, ApprovalDecision | None] = {
             decision.approval_id: decision for decision in request.decisions
         }
@@ -231,12 +232,12 @@ class ToolActivities:
                     request.organization_id,
                     approval_id,
                     status=_status_of(decision),
-                    reason=decision.reason if decision else "no decision in time",
+                    reason=decision.reason if decision else no_decision,
                     decided_by=decision.decided_by if decision else None,
                 )
                 approved = decision is not None and decision.approved
                 answer: dict[str, Any] = {"id": approval_id, "approved": approved}
-                reason = decision.reason if decision else "no decision in time"
+                reason = decision.reason if decision else no_decision
                 if reason:
                     answer["reason"] = reason
                 changes[approval.tool_call_id] = {

@@ -342,6 +342,8 @@ class ResumeTurnInput:
     decisions: list[ApprovalDecision]
     expired_approval_ids: list[str]
     client_call_ids: list[str]
+    # The turn was stopped while it waited: undecided approvals end with that reason.
+    stopped: bool = False
 
 
 @dataclass
@@ -444,3 +446,95 @@ def turn_status_for(message_status: MessageStatus) -> TurnStatus:
 def turn_workflow_id(turn_id: str) -> str:
     """The workflow id of a turn: derived from the turn id, so a repeated start attaches to the same run."""
     return f"turn-{turn_id}"
+
+
+# --- webhooks ---------------------------------------------------------------------------------------
+
+# Named here so code that cannot import the workflow (the announcing activity) starts it by name.
+WEBHOOK_DELIVERY_WORKFLOW_NAME = "WebhookDeliveryWorkflow"
+
+
+class WebhookEvent(StrEnum):
+    """The events webhook endpoints subscribe to."""
+
+    TURN_COMPLETED = "turn.completed"
+    TURN_FAILED = "turn.failed"
+    TURN_ABORTED = "turn.aborted"
+    # The turn paused for a person's decision on one or more tool calls.
+    APPROVAL_REQUESTED = "approval.requested"
+
+
+@dataclass
+class AnnounceEventInput:
+    """Announce a turn's event to the organization's subscribed webhook endpoints (and to
+    `one_off_url`, if given). Ids only: the activity reads the rest from Postgres."""
+
+    organization_id: str
+    event_type: WebhookEvent
+    chat_id: str
+    turn_id: str
+    one_off_url: str | None = None
+    # approval.requested: the step that paused, so each pause of a turn is an event of its own.
+    step: int | None = None
+
+
+@dataclass
+class DeliveryRetry:
+    """How a delivery retries: exponential backoff from `initial_seconds` up to
+    `max_interval_seconds`, for `for_seconds` in all; one attempt gets `attempt_timeout_seconds`."""
+
+    initial_seconds: float
+    max_interval_seconds: float
+    for_seconds: float
+    attempt_timeout_seconds: float
+
+
+@dataclass
+class WebhookDeliveryInput:
+    """One delivery's workflow: its ids and retry figures, never its payload or a secret."""
+
+    organization_id: str
+    delivery_id: str
+    retry: DeliveryRetry
+
+
+@dataclass
+class DeliverInput:
+    organization_id: str
+    delivery_id: str
+
+
+class WebhookErrorType:
+    """`ApplicationError.type` values of delivery attempts (core.errors.ErrorType's kind)."""
+
+    # The receiver answered other than 2xx, or not at all: retried.
+    UNDELIVERED = "WebhookUndelivered"
+    # The outbound guard refuses the URL: final.
+    REFUSED = "WebhookRefused"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass
+class DeliveryAttemptResult:
+    """How a delivery ended: delivered, or failed without retries (410, its endpoint disabled or
+    deleted). `status_code` is the receiver's answer when one was sent."""
+
+    delivery_id: str
+    status: DeliveryStatus
+    status_code: int | None = None
+
+
+@dataclass
+class GiveUpInput:
+    organization_id: str
+    delivery_id: str
+
+
+def webhook_delivery_workflow_id(delivery_id: str) -> str:
+    """One workflow id per delivery: announcing twice attaches to the run already going."""
+    return f"webhook-delivery-{delivery_id}"

@@ -318,3 +318,29 @@ async def test_a_chats_toolkits_are_offered_to_sends_that_name_none(
         "glossary__slow",
         "glossary__secret_admin",
     }
+
+
+async def test_a_stop_while_an_approval_waits_ends_the_turn_and_the_call_never_runs(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    toolkit_id: str,
+    asks_to_look_up: str,
+    mcp_server: McpTestServer,
+) -> None:
+    chat_id, _chunks = await start_turn(client, tenant, toolkit_id)
+    (waiting,) = await pending(client, tenant, chat_id)
+    stop = await client.post(f"/v1/chats/{chat_id}/stop", headers=tenant.headers)
+    assert stop.json()["stopped"] is True
+    answer = await wait_for_settled_answer(client, tenant.headers, chat_id)
+    assert answer["status"] == "aborted"
+    call = the_call(answer)
+    assert call["state"] == "output-denied"
+    assert call["approval"]["reason"] == "the turn was stopped"
+    assert lookups(mcp_server, asks_to_look_up) == 0
+    assert await pending(client, tenant, chat_id) == []
+    late = await client.post(
+        f"/v1/chats/{chat_id}/approvals/{waiting['id']}",
+        json={"approved": True},
+        headers=tenant.headers,
+    )
+    assert late.status_code == 409

@@ -605,12 +605,16 @@ class ChatTurnWorkflow:
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(TurnStatus.RUNNING)])
         decisions = [self._decisions[i] for i in self._pending_approvals if i in self._decisions]
         expired = [i for i in self._pending_approvals if i not in self._decisions]
-        if self._stop is not None:
-            return sources
+        stopped = self._stop is not None
         missing = self._awaited_client_calls - self._client_outputs
         for call_id in sorted(missing):
             await self._fail_call(
-                turn, chat_id, call_id, "the client sent no output for this call in time"
+                turn,
+                chat_id,
+                call_id,
+                "the turn was stopped"
+                if stopped
+                else "the client sent no output for this call in time",
             )
         await workflow.execute_activity_method(
             ToolActivities.resume_turn,
@@ -624,10 +628,14 @@ class ChatTurnWorkflow:
                 decisions=decisions,
                 expired_approval_ids=expired,
                 client_call_ids=sorted(self._awaited_client_calls),
+                stopped=stopped,
             ),
             start_to_close_timeout=TOOL_BOOKKEEPING_TIMEOUT,
             retry_policy=SESSION_RETRY,
         )
+        if stopped:
+            # Nothing waited on runs: undecided approvals ended as denied, the turn ends.
+            return sources
         approved_calls = {self._pending_approvals[d.approval_id] for d in decisions if d.approved}
         approved = [c for c in to_approve if c.call_id in approved_calls]
         self._pending_approvals = {}
