@@ -30,6 +30,10 @@ SCHEMA_TABLES = {
     "usage_ledger",
     "tool_approval",
     "toolkit",
+    "webhook_endpoint",
+    "webhook_delivery",
+    "webhook_one_off_secret",
+    "integration",
 }
 
 
