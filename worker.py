@@ -24,10 +24,13 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.attachments import AttachmentActivities, AttachmentLimits, ModelInputs
 from activities.chat_session import ChatSessionActivities
+from activities.discord import DiscordActivities
 from activities.generation import GenerationActivities, StopFlagPoller
 from activities.maintenance import MaintenanceActivities
+from activities.slack import SlackActivities
 from activities.tool_set import ToolSet
 from activities.tools import ToolActivities
+from activities.webhooks import WebhookActivities, WebhookSender
 from agent_tools.mcp import McpToolkits
 from agent_tools.web import WebTools
 from core.contracts import PurgeDeletedChatsInput
@@ -44,7 +47,10 @@ from storage.objects import ObjectStore
 from storage.redis import create_redis
 from storage.streams import TurnStreams
 from workflows.chat_turn import ChatTurnWorkflow
+from workflows.discord_reply import DiscordReplyWorkflow
 from workflows.maintenance import PURGE_SCHEDULE_ID, PurgeDeletedChatsWorkflow
+from workflows.slack_reply import SlackReplyWorkflow
+from workflows.webhook_delivery import WebhookDeliveryWorkflow
 
 log = structlog.get_logger(__name__)
 
@@ -119,10 +125,28 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 fetch_timeout_seconds=settings.remote_file_timeout_seconds,
             ),
         )
+        # Webhook deliveries go out through the outbound guard's checks too, following no redirect.
+        webhook_sender = WebhookSender.from_settings(settings)
+        resources.push_async_callback(webhook_sender.aclose)
+        webhook_activities = WebhookActivities(
+            sessions, webhook_sender, SecretBox.from_settings(settings), client, settings
+        )
+        discord_activities = DiscordActivities(
+            sessions, streams, SecretBox.from_settings(settings), settings, redis
+        )
+        slack_activities = SlackActivities(
+            sessions, streams, SecretBox.from_settings(settings), settings
+        )
         worker = Worker(
             client,
             task_queue=settings.temporal_task_queue,
-            workflows=[ChatTurnWorkflow, PurgeDeletedChatsWorkflow],
+            workflows=[
+                ChatTurnWorkflow,
+                PurgeDeletedChatsWorkflow,
+                WebhookDeliveryWorkflow,
+                DiscordReplyWorkflow,
+                SlackReplyWorkflow,
+            ],
             activities=[
                 session_activities.claim_session,
                 session_activities.store_user_message,
@@ -136,6 +160,12 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
                 tool_activities.resume_turn,
                 attachment_activities.prepare_attachments,
                 MaintenanceActivities(sessions, objects).purge_deleted_chats,
+                discord_activities.relay_answer,
+                slack_activities.set_status,
+                slack_activities.relay_answer,
+                webhook_activities.announce_event,
+                webhook_activities.deliver,
+                webhook_activities.give_up,
             ],
             graceful_shutdown_timeout=GRACEFUL_SHUTDOWN,
             # The sandbox re-imports a workflow's modules for every new run unless they are passed

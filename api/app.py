@@ -25,11 +25,14 @@ from api.routers import (
     budgets,
     chat_management,
     chats,
+    discord,
     files,
     health,
     keys,
     models,
+    slack,
     toolkits,
+    webhooks,
 )
 from api.state import AppState
 from api.unavailable import (
@@ -183,6 +186,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, dependencies=parameter_checks)
     app.include_router(toolkits.router, dependencies=parameter_checks)
     app.include_router(approvals.router, dependencies=parameter_checks)
+    app.include_router(webhooks.router, dependencies=parameter_checks)
+    app.include_router(discord.router, dependencies=parameter_checks)
+    app.include_router(slack.router, dependencies=parameter_checks)
     # Inside the size limit, so the body it holds is bounded; outside everything that parses one.
     app.add_middleware(
         JsonBodyBoundsMiddleware,

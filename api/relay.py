@@ -20,14 +20,20 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from core.errors import BadRequestError
 from storage.redis import BLOCKING_READ_LIMIT_SECONDS
 from storage.stream_reader import MultiplexedStreamReader
-from storage.streams import CursorPlace, TurnStreams, encode_chunk, parse_entry_id
+from storage.streams import (
+    FROM_STREAM_START,
+    CursorPlace,
+    TurnStreams,
+    encode_chunk,
+    parse_entry_id,
+)
 
 log = structlog.get_logger(__name__)
 
 # After this long without an entry the relay looks at the stream itself: it may have expired or
 # been lost, or the turn may have ended before the cursor; pings keep the connection alive meanwhile.
 IDLE_CHECK_SECONDS = float(BLOCKING_READ_LIMIT_SECONDS)
-FROM_START = "0-0"
+FROM_START = FROM_STREAM_START
 START_PREFIX = '{"type":"start",'
 # The longest cursor this service issues: a turn id (a UUID) and two 20-digit decimals.
 MAX_CURSOR_CHARS = 100

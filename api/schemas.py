@@ -232,6 +232,8 @@ class NewTurn:
     keeps_edited_files: bool = False
     # What the model may call (a send's `web`, `tools`, `toolkitIds`, `functions`, `maxSteps`).
     tool_options: ToolOptionsIn | None = None
+    # Where to announce this turn's end, besides the organization's webhooks.
+    webhook_url: str | None = None
 
     def text(self) -> str:
         return "".join(
@@ -415,6 +417,15 @@ class SendMessageRequest(ModelChoiceIn, ToolOptionsIn):
     image_mime_type: str | None = Field(
         default=None, alias="imageMimeType", max_length=100, description="The `image`'s type."
     )
+    webhook_url: str | None = Field(
+        default=None,
+        alias="webhookUrl",
+        max_length=2_000,
+        pattern=r"^https?://",
+        description="Also announce this turn's end (turn.completed, turn.failed, turn.aborted) "
+        "and its approval requests to this URL, signed with the organization's one-off webhook "
+        "secret (Standard Webhooks).",
+    )
     # DefaultChatTransport fields.
     id: ChatId | None = Field(default=None, description="The chat id (AI SDK clients choose it).")
     trigger: Literal["submit-message", "regenerate-message"] | None = None
@@ -486,6 +497,7 @@ class SendMessageRequest(ModelChoiceIn, ToolOptionsIn):
             if_busy=self.if_busy,
             extra_files=self.extra_files(),
             tool_options=self,
+            webhook_url=self.webhook_url,
         )
 
     def client_message_id(self) -> str | None:

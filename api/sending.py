@@ -113,6 +113,7 @@ async def start_send(
         tools=tool_plan.tools,
         max_steps=tool_plan.max_steps,
         approval_timeout_seconds=tool_plan.approval_timeout_seconds,
+        webhook_url=request.webhook_url,
     )
     reserved = False
     try:

@@ -134,6 +134,8 @@ class TurnInput:
     max_steps: int = 1
     # How long a tool call waits for a person's approval (or a client-side tool for its output).
     approval_timeout_seconds: float = 86_400.0
+    # A send's own completion webhook (besides the organization's registered ones).
+    webhook_url: str | None = None
 
 
 @dataclass

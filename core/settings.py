@@ -283,6 +283,30 @@ class Settings(BaseSettings):
     mcp_call_timeout_seconds: float = Field(default=60.0, gt=0)
     mcp_list_timeout_seconds: float = Field(default=10.0, gt=0)
 
+    # Webhooks: completion events signed as Standard Webhooks, each delivery a workflow. An attempt
+    # that gets no answer within the attempt timeout failed; failed attempts retry with exponential
+    # backoff from the initial interval up to the max interval, for `webhook_retry_for_seconds` in
+    # all (receivers expect days: keep it at 24 h or more in production).
+    webhook_attempt_timeout_seconds: float = Field(default=15.0, gt=0)
+    webhook_retry_initial_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_max_interval_seconds: float = Field(default=4 * 3600.0, gt=0)
+    webhook_retry_for_seconds: float = Field(default=3 * 86_400.0, gt=0)
+    # An endpoint whose deliveries failed for good this many times in a row is disabled.
+    webhook_disable_after_failures: int = Field(default=20, ge=1)
+    # After a secret rotation the previous secret signs too (a second signature) for this long, so
+    # receivers can switch without missing a delivery.
+    webhook_secret_overlap_seconds: float = Field(default=86_400.0, ge=0)
+
+    # Bots (README "Slack and Discord"). The platforms' API base URLs, for tests and proxies.
+    slack_api_url: str = "https://slack.com/api/"
+    discord_api_url: str = "https://discord.com/api/v10"
+    # A reaction on a bot's answer that stops its turn (Slack: the emoji name; Discord: the emoji).
+    slack_stop_reaction: str = "octagonal_sign"
+    discord_stop_reaction: str = "🛑"
+    # How often a streaming answer is edited into its platform message at most (each platform
+    # also paces by its own rate-limit answers).
+    bot_edit_interval_seconds: float = Field(default=1.0, gt=0)
+
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:
         if self.environment is Environment.PRODUCTION:

@@ -887,3 +887,30 @@ async def history_chars(session: AsyncSession, organization_id: str, chat_id: st
         )
     )
     return int(total or 0)
+
+
+async def unbind_channel(
+    session: AsyncSession, organization_id: str, source: str, external_id: str
+) -> str | None:
+    """Unbind the live chat bound to a channel, so the channel's next turn starts a new chat; the
+    chat keeps its messages and stays readable by id. Returns its id, None when no chat is bound.
+
+    Raises ChatBusy while a turn of the chat runs or waits in its queue: a queued turn finds its
+    chat by the channel when it claims it, and would land in a new chat.
+    """
+    chat: Chat | None = (
+        await session.execute(
+            _live_chat_query(Visibility(organization_id))
+            .where(Chat.external_source == source, Chat.external_id == external_id)
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    if chat is None:
+        return None
+    queue = await queued_turn_ids(session, chat)
+    if chat.active_turn_id is not None or queue:
+        raise ChatBusy(chat.id, chat.active_turn_id or queue[0])
+    # The source stays, so the chat is still listed among the platform's chats.
+    chat.external_id = None
+    chat.updated_at = func.now()
+    return chat.id

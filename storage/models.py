@@ -393,3 +393,110 @@ class Toolkit(Base):
         PrimaryKeyConstraint("organization_id", "id"),
         Index("uq_toolkit_organization_id_name", "organization_id", "name", unique=True),
     )
+
+
+class WebhookEndpoint(Base):
+    """A URL an organization's admins registered to receive events (Standard Webhooks).
+
+    `secrets` is a SecretBox-sealed JSON object (`current`, and `previous` while a rotation's
+    overlap lasts, until `previous_secret_expires_at`): never read back by any endpoint.
+    """
+
+    __tablename__ = "webhook_endpoint"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text, server_default=text("''"))
+    # The event types delivered (core.contracts.WebhookEvent values).
+    events: Mapped[list[str]] = mapped_column(JSONB)
+    secrets: Mapped[str] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    # Why it was disabled automatically (a 410, or too many failed deliveries in a row).
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # Deliveries that failed for good since the last one delivered.
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (PrimaryKeyConstraint("organization_id", "id"),)
+
+
+class WebhookDelivery(Base):
+    """One event sent to one endpoint (or to a one-off URL), and every attempt at it.
+
+    The id is the Standard Webhooks `webhook-id`, the same on every attempt, derived from the event
+    and its target so a repeated announcement creates nothing twice. Deleting an endpoint deletes
+    its deliveries.
+    """
+
+    __tablename__ = "webhook_delivery"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    id: Mapped[str] = mapped_column(String(64))
+    # NULL for a one-off URL, which `url` then holds.
+    endpoint_id: Mapped[str | None] = mapped_column(String(64))
+    url: Mapped[str | None] = mapped_column(Text)
+    event_type: Mapped[str] = mapped_column(String(64))
+    # What is sent: {"type", "timestamp", "data"}, under 20 kB.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    # pending, delivered or failed
+    status: Mapped[str] = mapped_column(String(16))
+    # One {"at", "statusCode", "durationMs", "error"} per attempt, oldest first.
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSONB, server_default=text("'[]'::jsonb")
+    )
+    created_at: Mapped[datetime] = _now()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "id"),
+        ForeignKeyConstraint(
+            ["organization_id", "endpoint_id"],
+            ["webhook_endpoint.organization_id", "webhook_endpoint.id"],
+            name="fk_webhook_delivery_endpoint",
+            ondelete="CASCADE",
+        ),
+        Index(None, "organization_id", "endpoint_id", "created_at"),
+    )
+
+
+class WebhookOneOffSecret(Base):
+    """The organization's secret for deliveries to one-off URLs (a URL given with a send rather
+    than registered), sealed like an endpoint's and rotated the same way."""
+
+    __tablename__ = "webhook_one_off_secret"
+
+    organization_id: Mapped[str] = mapped_column(
+        ForeignKey("organization.id", ondelete="CASCADE"), primary_key=True
+    )
+    secrets: Mapped[str] = mapped_column(Text)
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class Integration(Base):
+    """A chat platform an organization connected (a Slack workspace, a Discord application).
+
+    `external_id` (the Slack team id, the Discord application id) is how an incoming event finds
+    its organization before its signature is checked with that organization's secret; one
+    workspace or application belongs to one organization.
+    """
+
+    __tablename__ = "integration"
+
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organization.id", ondelete="CASCADE"))
+    platform: Mapped[str] = mapped_column(String(16))  # slack or discord
+    external_id: Mapped[str] = mapped_column(String(100))
+    # Sealed with the secrets key (core.secrets.SecretBox): signing secret, public key, bot token.
+    secrets: Mapped[str] = mapped_column(Text)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        PrimaryKeyConstraint("organization_id", "platform"),
+        Index("uq_integration_platform_external_id", "platform", "external_id", unique=True),
+    )

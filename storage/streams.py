@@ -22,6 +22,8 @@ from redis.exceptions import ResponseError
 # A stream ends with `finish` (also after `abort`) or `error`.
 STREAM_END_PREFIXES = ('{"type":"finish"', '{"type":"error"')
 CHUNK_FIELD = "c"
+# A cursor before the first entry of every stream.
+FROM_STREAM_START = "0-0"
 # In the metadata of a pausing `finish` (see StreamEntry.pauses_turn).
 PAUSE_METADATA_KEY = "awaiting"
 PAUSE_MARK = f'"{PAUSE_METADATA_KEY}":'

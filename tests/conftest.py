@@ -61,6 +61,14 @@ MOCK_MODELS = [
 ]
 
 
+# Where the local Slack Web API and Discord REST API servers of tests/test_slack.py and
+# tests/test_discord.py listen: chosen here, before the stack starts, so the api and worker
+# processes are configured with them (each test module starts its server on its port).
+SLACK_API_PORT = free_port_block()
+SLACK_API_URL = f"http://127.0.0.1:{SLACK_API_PORT}/api/"
+DISCORD_API_PORT = free_port_block()
+DISCORD_API_URL = f"http://127.0.0.1:{DISCORD_API_PORT}/api/v10"
+
 # The loopback address the remote-file test server listens on, and the only private address the
 # outbound guard lets through in tests.
 REMOTE_FILES_HOST = "127.0.0.2"
@@ -212,6 +220,18 @@ def stack_settings(
         max_attachment_bytes=MAX_TEST_ATTACHMENT_BYTES,
         max_attachments_per_message=3,
         searxng_url=search_server.searxng_url,
+        slack_api_url=SLACK_API_URL,
+        discord_api_url=DISCORD_API_URL,
+        # Edits paced quickly, so streamed bot answers show several edits within a test.
+        bot_edit_interval_seconds=0.2,
+        # Webhook retries in fractions of a second, and endpoints disabled after a few failed
+        # deliveries, so tests/test_webhooks.py waits seconds, not days.
+        webhook_retry_initial_seconds=0.2,
+        webhook_retry_max_interval_seconds=1,
+        webhook_disable_after_failures=3,
+        # Deliveries to receivers that never answer (schemathesis registers endpoints at public
+        # URLs, which do not resolve here) give up within a minute instead of days.
+        webhook_retry_for_seconds=60,
     )
 
 

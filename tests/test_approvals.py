@@ -23,6 +23,7 @@ from tests.support.chat_api import get_chat, wait_for_settled_answer
 from tests.support.mcp_server import McpTestServer
 from tests.support.openai_server import OpenAICompatibleServer, Script
 from tests.support.processes import wait_until_ready
+from tests.support.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.skipif(
     not ai_client_available(),
@@ -344,3 +345,31 @@ async def test_a_stop_while_an_approval_waits_ends_the_turn_and_the_call_never_r
         headers=tenant.headers,
     )
     assert late.status_code == 409
+
+
+async def test_a_paused_turn_announces_approval_requested_to_webhooks(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    toolkit_id: str,
+    asks_to_look_up: str,
+) -> None:
+    with WebhookReceiver(REMOTE_FILES_HOST) as receiver:
+        path = "/hooks/approvals"
+        created = await client.post(
+            "/v1/webhooks",
+            json={"url": receiver.route(path, None), "events": ["approval.requested"]},
+            headers=tenant.headers,
+        )
+        assert created.status_code == 201, created.text
+        receiver.set_secret(path, created.json()["secret"])
+        chat_id, _chunks = await start_turn(client, tenant, toolkit_id)
+        (waiting,) = await pending(client, tenant, chat_id)
+        async with asyncio.timeout(30):
+            while not receiver.accepted(path):  # noqa: ASYNC110 - the receiver runs in a thread
+                await asyncio.sleep(0.05)
+        (request,) = receiver.accepted(path)
+        data = request.payload["data"]
+        assert request.payload["type"] == "approval.requested"
+        assert data["chatId"] == chat_id
+        assert [item["id"] for item in data["approvals"]] == [waiting["id"]]
+        assert data["approvals"][0]["toolName"] == LOOKUP

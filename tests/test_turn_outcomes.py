@@ -130,7 +130,7 @@ async def test_operators_find_the_turn_by_search_attributes(
         "DurachatStatus": "completed",
     }
     # The activities are visible by name in the turn's history: generation and titling as
-    # activity tasks, the session steps as local activity markers.
+    # activity tasks, the session steps and the webhook announcement as local activity markers.
     history = await handle.fetch_history()
     activities = {
         event.activity_task_scheduled_event_attributes.activity_type.name
@@ -150,6 +150,7 @@ async def test_operators_find_the_turn_by_search_attributes(
         "claim_session",
         "store_user_message",
         "persist_assistant_message",
+        "announce_event",
     }
 
 

@@ -30,10 +30,12 @@ with workflow.unsafe.imports_passed_through():
     from activities.chat_session import ChatSessionActivities
     from activities.generation import GenerationActivities
     from activities.tools import TOOL_MAX_ATTEMPTS, ToolActivities
+    from activities.webhooks import WebhookActivities
     from core.contracts import (
         CHAT_RELEASED_SIGNAL,
         TURN_WORKFLOW_NAME,
         AcceptTurnRequest,
+        AnnounceEventInput,
         ApprovalDecision,
         ChatMode,
         ChatReleased,
@@ -57,12 +59,14 @@ with workflow.unsafe.imports_passed_through():
         TurnInput,
         TurnResult,
         TurnStatus,
+        WebhookEvent,
         attachment_ids_in,
         turn_status_for,
         turn_workflow_id,
     )
     from core.errors import ErrorType
     from workflows import search_attributes
+    from workflows.webhook_delivery import ANNOUNCE_RETRY, ANNOUNCE_TIMEOUT
 
 # The session steps (claim, store the user message, persist the answer, drop a queued turn) are
 # short Postgres transactions, run as local activities: inside the workflow task that needs them,
@@ -134,6 +138,13 @@ TITLE_TIMEOUT = timedelta(seconds=30)
 QUEUE_RECHECK = timedelta(seconds=60)
 # Claim rejections that end the turn: the chat or message is not there, or the chat is busy.
 CLAIM_REJECTIONS = (ErrorType.CHAT_NOT_FOUND, ErrorType.CHAT_BUSY, ErrorType.MESSAGE_NOT_FOUND)
+# Runs recorded before turns announced their end to webhooks replay without the announcement.
+ANNOUNCE_TURN_EVENTS_PATCH = "announce-turn-events"
+TURN_EVENTS = {
+    TurnStatus.COMPLETED: WebhookEvent.TURN_COMPLETED,
+    TurnStatus.FAILED: WebhookEvent.TURN_FAILED,
+    TurnStatus.ABORTED: WebhookEvent.TURN_ABORTED,
+}
 # Runs recorded before the session steps were local activities replay with regular ones.
 LOCAL_SESSION_STEPS_PATCH = "local-session-steps"
 
@@ -245,6 +256,10 @@ class ChatTurnWorkflow:
         workflow.upsert_search_attributes([search_attributes.STATUS.value_set(status)])
         if next_turn_id is not None:
             await self._hand_over(turn.turn_id, next_turn_id)
+        # Histories recorded before turns announced their end to webhooks replay without it.
+        event = TURN_EVENTS.get(status)
+        if event is not None and workflow.patched(ANNOUNCE_TURN_EVENTS_PATCH):
+            await self._announce(turn, claim.chat_id, event)
         # Histories recorded before chats were titled replay without this step.
         if claim.created and workflow.patched("title-new-chats"):
             await self._title_chat(turn.organization_id, claim.chat_id)
@@ -366,6 +381,28 @@ class ChatTurnWorkflow:
             )
         except ActivityError as err:
             workflow.logger.warning("chat %s was not titled: %s", chat_id, err.cause)
+
+    async def _announce(
+        self, turn: TurnInput, chat_id: str, event: WebhookEvent, *, step: int | None = None
+    ) -> None:
+        """Tell the organization's webhooks (and the send's one-off `webhookUrl`) of the event;
+        each delivery is a workflow of its own, so a receiver that is down never holds the turn.
+
+        A local activity: every turn announces its end, and most organizations have no webhook,
+        so the step costs a query in the worker rather than a round trip through the server."""
+        await workflow.execute_local_activity_method(
+            WebhookActivities.announce_event,
+            AnnounceEventInput(
+                organization_id=turn.organization_id,
+                event_type=event,
+                chat_id=chat_id,
+                turn_id=turn.turn_id,
+                one_off_url=turn.webhook_url,
+                step=step,
+            ),
+            start_to_close_timeout=ANNOUNCE_TIMEOUT,
+            retry_policy=ANNOUNCE_RETRY,
+        )
 
     async def _hand_over(self, turn_id: str, next_turn_id: str) -> None:
         """Wake the chat's next queued turn: this one no longer holds the chat."""
@@ -587,6 +624,8 @@ class ChatTurnWorkflow:
         )
         self._pending_approvals = {item.approval_id: item.call_id for item in pending}
         self._awaited_client_calls = {c.call_id for c in by_client}
+        if pending:
+            await self._announce(turn, chat_id, WebhookEvent.APPROVAL_REQUESTED, step=step)
         workflow.upsert_search_attributes(
             [search_attributes.STATUS.value_set(TurnStatus.AWAITING_INPUT)]
         )
