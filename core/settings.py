@@ -300,9 +300,8 @@ class Settings(BaseSettings):
     # Bots (README "Slack and Discord"). The platforms' API base URLs, for tests and proxies.
     slack_api_url: str = "https://slack.com/api/"
     discord_api_url: str = "https://discord.com/api/v10"
-    # A reaction on a bot's answer that stops its turn (Slack: the emoji name; Discord: the emoji).
+    # A reaction (the emoji's name) on a Slack thread's message that stops its running answer.
     slack_stop_reaction: str = "octagonal_sign"
-    discord_stop_reaction: str = "🛑"
     # How often a streaming answer is edited into its platform message at most (each platform
     # also paces by its own rate-limit answers).
     bot_edit_interval_seconds: float = Field(default=1.0, gt=0)
