@@ -173,6 +173,11 @@ class ChatTurnWorkflow:
         self._decisions: dict[str, ApprovalDecision] = {}
         self._awaited_client_calls: set[str] = set()
         self._client_outputs: set[str] = set()
+        # What earlier pauses waited on (a late answer to one is refused, not kept waiting), and
+        # whether the run is ending (answers still waiting are refused then).
+        self._past_approvals: set[str] = set()
+        self._past_client_calls: set[str] = set()
+        self._closing = False
 
     @workflow.run
     async def run(self, turn: TurnInput) -> TurnResult:
@@ -188,7 +193,7 @@ class ChatTurnWorkflow:
             workflow.upsert_search_attributes(
                 [search_attributes.STATUS.value_set(TurnStatus.REJECTED)]
             )
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            await self._finish_handlers()
             return TurnResult(
                 chat_id=turn.chat_id or "",
                 turn_id=turn.turn_id,
@@ -200,7 +205,7 @@ class ChatTurnWorkflow:
         if claim.queued:
             waited = await self._wait_in_queue(turn, claim)
             if isinstance(waited, TurnStatus):
-                await workflow.wait_condition(workflow.all_handlers_finished)
+                await self._finish_handlers()
                 return TurnResult(
                     chat_id=claim.chat_id,
                     turn_id=turn.turn_id,
@@ -263,7 +268,7 @@ class ChatTurnWorkflow:
         # Histories recorded before chats were titled replay without this step.
         if claim.created and workflow.patched("title-new-chats"):
             await self._title_chat(turn.organization_id, claim.chat_id)
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._finish_handlers()
         # A failed turn closes its workflow as failed, so operators find it by execution status;
         # its outcome is stored and its stream ended by now. Histories recorded before this
         # completed such turns, and replay that way.
@@ -674,12 +679,24 @@ class ChatTurnWorkflow:
         )
         if stopped:
             # Nothing waited on runs: undecided approvals ended as denied, the turn ends.
+            self._end_pause()
             return sources
         approved_calls = {self._pending_approvals[d.approval_id] for d in decisions if d.approved}
         approved = [c for c in to_approve if c.call_id in approved_calls]
+        self._end_pause()
+        return sources + await self._run_server_calls(turn, chat_id, approved)
+
+    async def _finish_handlers(self) -> None:
+        """Let every message handler finish before the run ends; answers still waiting for a
+        pause that will not come are refused."""
+        self._closing = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
+
+    def _end_pause(self) -> None:
+        self._past_approvals |= set(self._pending_approvals)
+        self._past_client_calls |= self._awaited_client_calls
         self._pending_approvals = {}
         self._awaited_client_calls = set()
-        return sources + await self._run_server_calls(turn, chat_id, approved)
 
     async def _run_server_calls(
         self, turn: TurnInput, chat_id: str, calls: list[ToolCallDescriptor]
@@ -738,32 +755,51 @@ class ChatTurnWorkflow:
 
     @workflow.update
     async def decide_approval(self, decision: ApprovalDecision) -> None:
-        """A person's decision on a pending approval; the turn goes on once every one is in."""
-        self._decisions[decision.approval_id] = decision
+        """A person's decision on a pending approval; the turn goes on once every one is in.
+
+        The api checked the approval's stored row, which the pause step writes before this run
+        learns the step is done (a worker that died in between delays that by the step's
+        timeout): so the decision waits for the pause, not refused for arriving early.
+        """
+        approval_id = decision.approval_id
+        await workflow.wait_condition(
+            lambda: (
+                approval_id in self._pending_approvals
+                or approval_id in self._past_approvals
+                or self._closing
+            )
+        )
+        if approval_id not in self._pending_approvals or approval_id in self._decisions:
+            raise ApplicationError(
+                "this approval is not waiting for a decision", type=ErrorType.APPROVAL_NOT_PENDING
+            )
+        self._decisions[approval_id] = decision
 
     @decide_approval.validator
     def _validate_decide_approval(self, decision: ApprovalDecision) -> None:
-        if (
-            decision.approval_id not in self._pending_approvals
-            or decision.approval_id in self._decisions
-        ):
+        if decision.approval_id in self._decisions or decision.approval_id in self._past_approvals:
             raise ApplicationError(
-                "this approval is not waiting for a decision",
-                type=ErrorType.APPROVAL_NOT_PENDING,
+                "this approval is not waiting for a decision", type=ErrorType.APPROVAL_NOT_PENDING
             )
 
     @workflow.update
     async def submit_tool_outputs(self, outputs: ClientToolOutputs) -> None:
-        """The client's outputs of its tool calls are stored: the turn goes on once all are in."""
-        self._client_outputs |= set(outputs.call_ids)
-
-    @submit_tool_outputs.validator
-    def _validate_submit_tool_outputs(self, outputs: ClientToolOutputs) -> None:
-        if not set(outputs.call_ids) & (self._awaited_client_calls - self._client_outputs):
+        """The client's outputs of its tool calls are stored: the turn goes on once all are in.
+        Like a decision, outputs that arrive before the pause step is done wait for it."""
+        named = set(outputs.call_ids)
+        await workflow.wait_condition(
+            lambda: (
+                bool(named & self._awaited_client_calls)
+                or bool(named & self._past_client_calls)
+                or self._closing
+            )
+        )
+        if not named & (self._awaited_client_calls - self._client_outputs):
             raise ApplicationError(
                 "the turn is not waiting for these tool outputs",
                 type=ErrorType.APPROVAL_NOT_PENDING,
             )
+        self._client_outputs |= named
 
     @workflow.query
     def get_pending_approvals(self) -> list[str]:

@@ -95,6 +95,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or invalid API key", **PROBLEM},
     404: {"description": "No such chat for this caller", **PROBLEM},
     409: {"description": "The chat has an active turn (and `ifBusy` is `reject`)", **PROBLEM},
+    415: {"description": "A file (`image`, a `file` part) of a type not accepted", **PROBLEM},
     422: {"description": "Invalid body", **PROBLEM},
     502: {"description": "The provider failed the turn (`?stream=false` only)", **PROBLEM},
     **LIMIT_RESPONSES,
