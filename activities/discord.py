@@ -3,9 +3,10 @@
 One activity follows the turn's Redis Stream and keeps Discord's copy of the answer in line with
 it: the interaction's original response first, follow-ups past 2,000 characters, and once the
 interaction token nears its 15-minute end (or Discord refuses it), messages the bot posts in the
-channel with its own token. At most one call is in flight, edits are paced by
-`bot_edit_interval_seconds` and by Discord's rate-limit answers, and the final text is the stored
-answer read from Postgres.
+channel with its own token. A turn a plain message started (bots/discord_gateway.py) has no
+interaction: its answer is bot messages in the channel from the start, the first replying to the
+message. At most one call is in flight, edits are paced by `bot_edit_interval_seconds` and by
+Discord's rate-limit answers, and the final text is the stored answer read from Postgres.
 
 Which messages hold what is recorded after every call that creates or changes one: in Redis at
 once, and in the activity's heartbeat. A retried attempt (a worker killed mid-relay) starts from
@@ -77,6 +78,10 @@ class DiscordReplyInput:
     sealed_token: str
     # When the interaction arrived (unix seconds): its token expires 15 minutes later.
     token_issued_at: float
+    # A turn started by a plain message (the Gateway process) has no interaction: `sealed_token`
+    # is empty and the answer is posted in the channel with the bot token from the start, its
+    # first message replying to this one.
+    reply_to_message_id: str | None = None
 
 
 @dataclass
@@ -510,7 +515,7 @@ class DiscordActivities:
         progress = await self._load_progress(request)
         if progress.ended is not None:
             return self._result(progress)
-        token = str(self._box.open(request.sealed_token)["token"])
+        token = str(self._box.open(request.sealed_token)["token"]) if request.sealed_token else ""
         bot_token = await self._bot_token(request)
 
         async def save() -> None:
@@ -618,7 +623,17 @@ class DiscordActivities:
                 return loaded
         details = activity.info().heartbeat_details
         loaded = RelayProgress.load(details[0]) if details else None
-        return loaded or RelayProgress()
+        if loaded is not None:
+            return loaded
+        if not request.sealed_token:
+            # No interaction to answer: channel messages from the start, replying to the message.
+            return RelayProgress(
+                messages=[],
+                token_retired=True,
+                token_prefix_digest=digest(""),
+                original_message_id=request.reply_to_message_id,
+            )
+        return RelayProgress()
 
     async def _save_progress(self, request: DiscordReplyInput, progress: RelayProgress) -> None:
         await self._redis.set(

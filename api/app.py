@@ -105,60 +105,74 @@ class RequestIdMiddleware:
                 )
 
 
+@asynccontextmanager
+async def build_state(
+    settings: Settings, *, client_name: str = "durachat-api", read_streams: bool = True
+) -> AsyncIterator[AppState]:
+    """The api's process-wide resources, built once and closed on exit. Other processes that start
+    turns as the api does (the Discord Gateway process) build theirs here too; `read_streams`
+    False leaves the shared stream reader unstarted, for a process that never relays a stream."""
+    engine = create_engine(
+        settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
+    )
+    redis = create_redis(
+        settings.resolved_redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout_seconds=settings.redis_pool_timeout_seconds,
+        client_name=client_name,
+    )
+    providers = ProviderRegistry.from_settings(settings)
+    resources = AsyncExitStack()
+    try:
+        objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
+        await objects.ensure_bucket_if_reachable()
+        streams = TurnStreams(
+            redis,
+            max_lifetime_seconds=settings.stream_max_lifetime_seconds,
+            retention_seconds=settings.stream_retention_seconds,
+        )
+        stream_reader = MultiplexedStreamReader(
+            streams,
+            settings.resolved_redis_url,
+            redis,
+            connections=settings.stream_reader_connections,
+            buffer_entries=settings.stream_subscriber_buffer_entries,
+        )
+        temporal = await connect_temporal(settings)
+        state = AppState(
+            settings=settings,
+            engine=engine,
+            sessions=create_session_factory(engine),
+            redis=redis,
+            streams=streams,
+            stream_reader=stream_reader,
+            temporal=temporal,
+            providers=providers,
+            rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
+            stream_leases=StreamLeases(redis, lease_seconds=settings.stream_lease_seconds),
+            lost_turns=LostTurns(temporal, streams),
+            objects=objects,
+        )
+        if read_streams:
+            # Last in, so it stops first: before the object store and the clients it reads with.
+            await resources.enter_async_context(stream_reader)
+        yield state
+    finally:
+        await resources.aclose()
+        await providers.aclose()
+        await redis.aclose()
+        await engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(
-            settings.resolved_database_url, timeouts=DatabaseTimeouts.from_settings(settings)
-        )
-        redis = create_redis(
-            settings.resolved_redis_url,
-            max_connections=settings.redis_max_connections,
-            pool_timeout_seconds=settings.redis_pool_timeout_seconds,
-            client_name="durachat-api",
-        )
-        providers = ProviderRegistry.from_settings(settings)
-        resources = AsyncExitStack()
-        try:
-            objects = await resources.enter_async_context(ObjectStore.from_settings(settings))
-            await objects.ensure_bucket_if_reachable()
-            streams = TurnStreams(
-                redis,
-                max_lifetime_seconds=settings.stream_max_lifetime_seconds,
-                retention_seconds=settings.stream_retention_seconds,
-            )
-            stream_reader = MultiplexedStreamReader(
-                streams,
-                settings.resolved_redis_url,
-                redis,
-                connections=settings.stream_reader_connections,
-                buffer_entries=settings.stream_subscriber_buffer_entries,
-            )
-            temporal = await connect_temporal(settings)
-            app.state.durachat = AppState(
-                settings=settings,
-                engine=engine,
-                sessions=create_session_factory(engine),
-                redis=redis,
-                streams=streams,
-                stream_reader=stream_reader,
-                temporal=temporal,
-                providers=providers,
-                rate_limiter=RateLimiter(redis, settings.resolved_redis_url),
-                stream_leases=StreamLeases(redis, lease_seconds=settings.stream_lease_seconds),
-                lost_turns=LostTurns(temporal, streams),
-                objects=objects,
-            )
+        async with build_state(settings) as state:
+            app.state.durachat = state
             log.info("api.started", host=settings.api_host, port=settings.api_port)
-            async with stream_reader:
-                yield
-        finally:
-            await resources.aclose()
-            await providers.aclose()
-            await redis.aclose()
-            await engine.dispose()
+            yield
 
     app = FastAPI(
         title="durachat",

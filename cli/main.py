@@ -1,4 +1,4 @@
-"""The `durachat` command: dev stack, embedded services, api, worker, migrations, keys and the load benchmark."""
+"""The `durachat` command: dev stack, embedded services, api, worker, Discord Gateway, migrations, keys and the load benchmark."""
 
 from __future__ import annotations
 
@@ -47,6 +47,15 @@ def worker() -> None:
     from worker import main as run_worker
 
     run_worker()
+
+
+@cli.command("discord-gateway")
+def discord_gateway() -> None:
+    """Hold the Discord Gateway for every connected application: bot mentions start turns, a 🛑
+    reaction stops one. Optional: slash commands need only the api."""
+    from bots.discord_gateway import serve
+
+    serve(get_settings())
 
 
 @cli.command()

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.secrets import SecretBox
+from core.secrets import SecretBox, SecretsUnreadable
 from storage.models import Integration
+
+log = structlog.get_logger(__name__)
 
 
 class IntegrationTaken(Exception):
@@ -101,6 +104,28 @@ async def find_integration(
         )
     ).scalar_one_or_none()
     return _record(row, box) if row is not None else None
+
+
+async def list_integrations(
+    session: AsyncSession, box: SecretBox, platform: str
+) -> list[IntegrationRecord]:
+    """Every organization's integration of one platform, secrets opened; one whose secrets
+    cannot be opened (sealed with another key) is left out and logged by the caller's absence
+    of it, never raised: the others keep working."""
+    rows = (
+        await session.execute(select(Integration).where(Integration.platform == platform))
+    ).scalars()
+    records: list[IntegrationRecord] = []
+    for row in rows:
+        try:
+            records.append(_record(row, box))
+        except SecretsUnreadable:
+            log.error(
+                "integrations.secrets_unreadable",
+                organization_id=row.organization_id,
+                platform=platform,
+            )
+    return records
 
 
 async def delete_integration(session: AsyncSession, organization_id: str, platform: str) -> bool:

@@ -346,4 +346,14 @@ def test_help_lists_every_command() -> None:
     assert result.returncode == 0, result.stderr
     commands = result.stdout.split("Commands:", 1)[1]
     listed = {line.split()[0] for line in commands.splitlines() if line.strip()}
-    assert listed == {"dev", "services", "api", "worker", "migrate", "keys", "chats", "bench"}
+    assert listed == {
+        "dev",
+        "services",
+        "api",
+        "worker",
+        "migrate",
+        "keys",
+        "chats",
+        "bench",
+        "discord-gateway",
+    }

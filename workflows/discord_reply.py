@@ -1,10 +1,11 @@
-"""DiscordReplyWorkflow: one run per `/ask`, relaying its turn's answer into Discord. No I/O here.
+"""DiscordReplyWorkflow: one run per `/ask` or bot mention, relaying its turn's answer into Discord. No I/O here.
 
-Started by the interactions endpoint next to the turn it answers (workflow id
-`discord-reply-<turn id>`), so a retried interaction never relays twice. Its input holds ids and
-the interaction token sealed under the secrets key: the token is a credential and history must
-not hold it readable. The answer's text never passes through here either: the activity reads it
-from the turn's stream and from Postgres.
+Started by the interactions endpoint (or the Gateway process, for a message mentioning the bot)
+next to the turn it answers (workflow id `discord-reply-<turn id>`), so a retried interaction or
+a replayed message never relays twice. Its input holds ids and the interaction token sealed under
+the secrets key (none for a mention: the bot token is read by the activity): the token is a
+credential and history must not hold it readable. The answer's text never passes through here
+either: the activity reads it from the turn's stream and from Postgres.
 """
 
 from __future__ import annotations

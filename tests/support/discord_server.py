@@ -13,7 +13,8 @@ expired or unknown), `Authorization: Bot <token>` on the others (401), content o
 characters (400). Every answer carries rate-limit headers; `rate_limit(times, retry_after)`
 answers the next calls 429 with `retry_after`, `exhaust_bucket(reset_after)` answers the next call
 with `X-RateLimit-Remaining: 0`, `fail(status, times)` answers 5xx. Every call is recorded, and
-every message keeps its current content and the contents it had.
+every message keeps its current content and the contents it had. `GET /gateway/bot` answers
+`gateway_url` (a local Gateway, tests/support/discord_gateway_server.py), 503 while it is unset.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ CONTENT_LIMIT = 2000
 @dataclass(frozen=True)
 class DiscordCall:
     """One request the server answered: `route` names what it was (`edit-original`, `post-follow-up`,
-    `edit-follow-up`, `delete-follow-up`, `post-channel`, `edit-channel`, `put-commands`)."""
+    `edit-follow-up`, `delete-follow-up`, `post-channel`, `edit-channel`, `put-commands`,
+    `get-gateway-bot`)."""
 
     method: str
     route: str
@@ -97,6 +99,8 @@ class DiscordServer:
         self._lock = threading.Lock()
         self._ids = itertools.count(1_000_000_000_000_000_000)
         self._background: _FixedPortApp | None = None
+        # Where `GET /gateway/bot` sends bots: set by the tests that run a local Gateway.
+        self.gateway_url: str | None = None
 
     @property
     def api_url(self) -> str:
@@ -231,6 +235,7 @@ class DiscordServer:
                     self._put_commands,
                     methods=["PUT"],
                 ),
+                Route(prefix + "/gateway/bot", self._gateway_bot, methods=["GET"]),
             ]
         )
 
@@ -443,6 +448,17 @@ class DiscordServer:
         with self._lock:
             self._state.commands[application_id] = registered
         return self._answer(registered)
+
+    async def _gateway_bot(self, request: Request) -> Response:
+        _, scripted = await self._arrive(request, "get-gateway-bot")
+        if scripted is not None:
+            return scripted
+        if not self._bot_allowed(request):
+            return self._error(401, 0, "401: Unauthorized")
+        if self.gateway_url is None:
+            return self._error(503, 0, "no gateway in this test")
+        limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
+        return self._answer({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
 
 
 class _FixedPortApp(BackgroundApp):
