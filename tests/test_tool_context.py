@@ -1,9 +1,16 @@
-"""How an assistant message's steps read back to a model: tool outputs cut to the context budget,
-errors and denials said as such, and a retried step starting again from the steps before it."""
+"""How an assistant message's steps read back to a model (tool outputs cut to the context budget,
+errors and denials said as such, a retried step starting again from the steps before it), and which
+built-in tools wait for approval."""
 
 from __future__ import annotations
 
 from activities.tool_context import DENIED_TEXT, NOT_RUN_TEXT, assistant_messages, parts_before_step
+from activities.tool_set import ToolSet
+from agent_tools.mcp import McpToolkits
+from agent_tools.web import WebTools
+from core.contracts import ToolRunner, TurnTools
+from core.secrets import SecretBox
+from core.settings import Settings
 
 PARTS = [
     {"type": "step-start"},
@@ -59,3 +66,24 @@ def test_a_retried_step_starts_again_from_the_parts_of_the_steps_before_it() -> 
     assert parts_before_step(PARTS, 1) == []
     assert parts_before_step(PARTS, 2) == PARTS[:6]
     assert parts_before_step(PARTS, 3) == PARTS
+
+
+async def test_built_in_tools_named_in_settings_wait_for_approval() -> None:
+    settings = Settings(searxng_url="http://search.invalid", tools_needing_approval=["web_fetch"])
+    web = WebTools(settings)
+    try:
+        tool_set = ToolSet(
+            None,  # type: ignore[arg-type]  # no toolkits in this turn: nothing is read
+            web,
+            McpToolkits.from_settings(settings),
+            SecretBox.from_settings(settings),
+            builtins_needing_approval=settings.tools_needing_approval,
+        )
+        offered = await tool_set.offered("org", TurnTools(web=True))
+    finally:
+        await web.aclose()
+    assert {name: tool.needs_approval for name, tool in offered.items()} == {
+        "web_search": False,
+        "web_fetch": True,
+    }
+    assert {tool.runner for tool in offered.values()} == {ToolRunner.SERVER}
