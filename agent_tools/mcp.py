@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -57,6 +58,8 @@ MAX_TOOL_PAGES: Final = 20
 # The text of a failed call kept as its message.
 MAX_ERROR_CHARS: Final = 2_000
 
+# How long a turn's listing of a toolkit's tools is reused (the admin `/tools` endpoint lists live).
+TOOL_LIST_TTL_SECONDS: Final = 30.0
 _EXPOSED = re.compile(EXPOSED_NAME_PATTERN)
 _NOT_EXPOSABLE = re.compile(r"[^a-zA-Z0-9_-]")
 _HASH_CHARS: Final = 8
@@ -146,6 +149,10 @@ class McpToolkits:
         self._policy = policy
         self._call_timeout = call_timeout_seconds
         self._list_timeout = list_timeout_seconds
+        # A turn offers a toolkit's tools at every model step and runs each call against them;
+        # listing them once per TOOL_LIST_TTL_SECONDS instead of each time spares the server (and
+        # the turn) a round trip per step and per call.
+        self._listed: dict[tuple[str, str, str], tuple[float, list[McpTool]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> McpToolkits:
@@ -174,6 +181,32 @@ class McpToolkits:
             if toolkit.offers(tool.name)
         ]
 
+    async def _recently_listed(self, toolkit: ToolkitConnection) -> list[McpTool]:
+        """`list_tools`, answered from the last listing of the same server for a few seconds."""
+        # Keyed by what reaches the server (never the secrets themselves): a toolkit whose URL,
+        # headers, token or lists changed is listed again at once.
+        key = (
+            toolkit.id,
+            toolkit.url,
+            hashlib.sha256(
+                repr(
+                    (
+                        sorted(toolkit.request_headers().items()),
+                        toolkit.allowed_tools,
+                        toolkit.approval_tools,
+                    )
+                ).encode()
+            ).hexdigest(),
+        )
+        now = time.monotonic()
+        cached = self._listed.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        tools = await self.list_tools(toolkit)
+        self._listed = {k: v for k, v in self._listed.items() if v[0] > now}
+        self._listed[key] = (now + TOOL_LIST_TTL_SECONDS, tools)
+        return tools
+
     async def tools_for(
         self, toolkits: Sequence[ToolkitConnection], functions: Sequence[str] | None
     ) -> list[McpTool]:
@@ -183,7 +216,9 @@ class McpToolkits:
         try:
             # A task group rather than gather: the first failure cancels the other listings.
             async with asyncio.TaskGroup() as group:
-                listings = [group.create_task(self.list_tools(toolkit)) for toolkit in toolkits]
+                listings = [
+                    group.create_task(self._recently_listed(toolkit)) for toolkit in toolkits
+                ]
         except ExceptionGroup as failures:
             failed = _first(_leaves(failures), ToolFailed)
             if failed is None:

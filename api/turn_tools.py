@@ -14,7 +14,6 @@ from api.schemas import ToolOptionsIn
 from api.state import AppState
 from core.contracts import TurnTools
 from core.errors import BadRequestError
-from core.secrets import SecretBox
 from providers.catalog import Capability
 from storage import toolkits
 from storage.api_keys import Principal
@@ -82,7 +81,5 @@ async def missing_toolkits(
 ) -> list[str]:
     """Which of `toolkit_ids` the caller's organization has no enabled toolkit for."""
     async with state.sessions() as session:
-        found = await toolkits.toolkit_connections(
-            session, SecretBox.from_settings(state.settings), principal.organization_id, toolkit_ids
-        )
-    return sorted(set(toolkit_ids) - {toolkit.id for toolkit in found})
+        found = await toolkits.enabled_toolkit_ids(session, principal.organization_id, toolkit_ids)
+    return sorted(set(toolkit_ids) - found)

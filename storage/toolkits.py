@@ -234,6 +234,20 @@ async def delete_toolkit(session: AsyncSession, organization_id: str, toolkit_id
     return deleted.first() is not None
 
 
+async def enabled_toolkit_ids(
+    session: AsyncSession, organization_id: str, toolkit_ids: Sequence[str]
+) -> set[str]:
+    """Which of `toolkit_ids` the organization has, enabled (secrets left sealed)."""
+    found = await session.scalars(
+        select(Toolkit.id).where(
+            Toolkit.organization_id == organization_id,
+            Toolkit.id.in_(list(toolkit_ids)),
+            Toolkit.enabled,
+        )
+    )
+    return set(found)
+
+
 async def toolkit_connections(
     session: AsyncSession,
     box: SecretBox,

@@ -1,4 +1,4 @@
-"""Serves an ASGI app with uvicorn on a free 127.0.0.1 port from a background thread.
+"""Serves an ASGI app with uvicorn on a free port (of 127.0.0.1 by default) from a background thread.
 
 The provider wire-format servers run this way, so a worker started as a separate process can be
 pointed at them as well as an adapter in the test's own event loop.
@@ -19,9 +19,14 @@ from starlette.types import ASGIApp
 class BackgroundApp:
     """`start()` serves `app` until `stop()`; also a context manager."""
 
-    def __init__(self, app: ASGIApp, *, name: str) -> None:
+    def __init__(
+        self, app: ASGIApp, *, name: str, host: str = "127.0.0.1", lifespan: bool = False
+    ) -> None:
         self._app = app
         self._name = name
+        self.host = host
+        # Apps whose own machinery starts in the lifespan (the MCP SDK's session manager) need it.
+        self._lifespan = lifespan
         self._socket: socket.socket | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -29,18 +34,18 @@ class BackgroundApp:
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((self.host, 0))
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self._app,
             loop="asyncio",
-            lifespan="off",
+            lifespan="on" if self._lifespan else "off",
             log_config=None,
             access_log=False,
             # Slow streams still open at shutdown must not hold the test run for a minute.

@@ -12,18 +12,17 @@ recorded.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tests.support.background_app import BackgroundApp
 
 MCP_PATH = "/mcp"
 
@@ -46,9 +45,7 @@ class McpTestServer:
         self._lock = threading.Lock()
         self._fail_status: int | None = None
         self._fail_times = 0
-        self._socket: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._background: BackgroundApp
         self.port = 0
 
     @property
@@ -139,42 +136,14 @@ class McpTestServer:
         return app
 
     def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        self._socket = sock
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app(),
-            loop="asyncio",
-            # The SDK's session manager runs in the app's lifespan.
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=1,
+        self._background = BackgroundApp(
+            self._app(), name="MCP test server", host=self.host, lifespan=True
         )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name="mcp-test-server", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the MCP test server did not start")
-            time.sleep(0.01)
+        self._background.start()
+        self.port = self._background.port
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout=5)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
+        self._background.stop()
 
     def __enter__(self) -> Self:
         self.start()
