@@ -622,7 +622,24 @@ async def end_lost_turn(
 
     Returns the chat's queued turn that may run now, if any.
     """
-    ended = (
+    # Rows are locked message first, then turn: the order in which an attempt saves its answer and
+    # the persist step finishes a turn. The terminated turn's attempt may still be running on its
+    # worker and save its partial answer right now (a stop ends it); the opposite order deadlocks.
+    assistant_message_id = (
+        await session.execute(
+            select(Turn.assistant_message_id).where(
+                Turn.id == turn_id, Turn.organization_id == organization_id
+            )
+        )
+    ).scalar_one_or_none()
+    message = (
+        await session.execute(
+            select(Message)
+            .where(Message.id == assistant_message_id, Message.organization_id == organization_id)
+            .with_for_update()
+        )
+    ).scalar_one_or_none()
+    chat_id = (
         await session.execute(
             update(Turn)
             .where(
@@ -631,13 +648,11 @@ async def end_lost_turn(
                 Turn.status == TurnStatus.RUNNING,
             )
             .values(status=TurnStatus.FAILED, error=error, completed_at=func.now())
-            .returning(Turn.chat_id, Turn.assistant_message_id)
+            .returning(Turn.chat_id)
         )
-    ).one_or_none()
-    if ended is None:
+    ).scalar_one_or_none()
+    if chat_id is None:
         return None
-    chat_id, assistant_message_id = ended
-    message = await get_message(session, organization_id, assistant_message_id)
     if message is not None and message.status == MessageStatus.STREAMING:
         message.status = MessageStatus.FAILED
         message.message_metadata = {**message.message_metadata, "error": error}
