@@ -4,6 +4,7 @@ and wakes the chat's queue."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -12,12 +13,15 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from core.settings import Settings
+from storage import chats
 from tests.conftest import Tenant
 from tests.support.chat_api import get_chat, stored_text, wait_for_settled_answer
 from tests.support.sse import SseEvent, chunks_of, iter_sse
@@ -139,6 +143,62 @@ async def test_stop_releases_a_terminated_turn_and_wakes_the_queue(
         assert stop.json() == {"stopped": False, "turnId": None}
         assert (await get_chat(client, tenant.headers, chat_id))["activeTurnId"] is None
         assert_lost((await turns_of(client, tenant, chat_id))[-1])
+
+
+async def test_releasing_a_turn_while_its_attempt_saves_its_answer_does_not_deadlock(
+    client: httpx.AsyncClient,
+    tenant: Tenant,
+    temporal: Client,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    """The terminated turn's attempt can still be running on its worker, and a stop makes it save
+    its answer (message row, then turn row) while the api releases the turn. The release waits for
+    the attempt's transaction instead of deadlocking with it."""
+    async with terminated_turn(client, tenant, temporal) as lost_turn:
+        async with sessions() as session:
+            turn = await chats.get_turn_by_id(session, tenant.organization_id, lost_turn.turn_id)
+            assert turn is not None
+        saving = sessions()
+        async with saving.begin():
+            # The attempt's save, halfway: the message row is locked.
+            assert await chats.save_assistant_parts(
+                saving,
+                tenant.organization_id,
+                turn.assistant_message_id,
+                [{"type": "text", "text": "saved by the attempt"}],
+                turn_id=turn.id,
+                attempt=turn.attempts,
+            )
+            release = asyncio.create_task(_release(sessions, tenant, lost_turn.turn_id))
+            await _until_a_backend_waits_for_a_lock(sessions)
+            # The save's second half: the turn row (the release must not hold it).
+            await chats.record_attempt(saving, tenant.organization_id, turn.id, turn.attempts)
+        await saving.close()
+        await release
+        [lost] = await turns_of(client, tenant, lost_turn.chat_id)
+        assert_lost(lost)
+        chat = await get_chat(client, tenant.headers, lost_turn.chat_id)
+        assert chat["activeTurnId"] is None
+        assert chat["messages"][-1]["status"] == "failed"
+
+
+async def _release(
+    sessions: async_sessionmaker[AsyncSession], tenant: Tenant, turn_id: str
+) -> None:
+    async with sessions.begin() as session:
+        await chats.end_lost_turn(session, tenant.organization_id, turn_id, "terminated", [])
+
+
+async def _until_a_backend_waits_for_a_lock(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            async with sessions() as session:
+                waiting = await session.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+                )
+            if waiting:
+                return
+            await asyncio.sleep(0.02)
 
 
 async def test_a_chat_change_releases_a_terminated_turn(
