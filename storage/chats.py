@@ -572,6 +572,10 @@ async def finish_turn(
     Returns the queued turn that may run now, if any.
     """
     turn_status = turn_status_for(outcome.status)
+    # The chat's lease first: rows are locked chat, message, turn (see end_lost_turn).
+    next_turn_id = await _release_lease(
+        session, outcome.organization_id, outcome.chat_id, outcome.turn_id
+    )
     # The message's usage is the one record of it: the outcome's, or what generation stored with a
     # cancelled attempt's answer.
     usage = metadata.get("usage") or {}
@@ -605,7 +609,7 @@ async def finish_turn(
             completed_at=func.coalesce(Turn.completed_at, func.now()),
         )
     )
-    return await _release_lease(session, outcome.organization_id, outcome.chat_id, outcome.turn_id)
+    return next_turn_id
 
 
 async def end_lost_turn(
@@ -622,20 +626,31 @@ async def end_lost_turn(
 
     Returns the chat's queued turn that may run now, if any.
     """
-    # Rows are locked message first, then turn: the order in which an attempt saves its answer and
-    # the persist step finishes a turn. The terminated turn's attempt may still be running on its
-    # worker and save its partial answer right now (a stop ends it); the opposite order deadlocks.
-    assistant_message_id = (
+    # Rows are locked chat, message, turn. Chat first, as every claim and the lost-turn sweep lock it:
+    # a stop and a sweep releasing the same turn then queue up instead of deadlocking. Message
+    # before turn, as an attempt saving its answer and the persist step lock them: the terminated
+    # turn's attempt may still be running on its worker and save its partial answer right now.
+    found = (
         await session.execute(
-            select(Turn.assistant_message_id).where(
+            select(Turn.chat_id, Turn.assistant_message_id).where(
                 Turn.id == turn_id, Turn.organization_id == organization_id
             )
         )
-    ).scalar_one_or_none()
+    ).one_or_none()
+    if found is None:
+        return None
+    await session.execute(
+        select(Chat.id)
+        .where(Chat.id == found.chat_id, Chat.organization_id == organization_id)
+        .with_for_update()
+    )
     message = (
         await session.execute(
             select(Message)
-            .where(Message.id == assistant_message_id, Message.organization_id == organization_id)
+            .where(
+                Message.id == found.assistant_message_id,
+                Message.organization_id == organization_id,
+            )
             .with_for_update()
         )
     ).scalar_one_or_none()

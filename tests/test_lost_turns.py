@@ -13,17 +13,18 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 
+from core.contracts import CHAT_RELEASED_SIGNAL, ChatReleased
 from core.settings import Settings
 from storage import chats
 from tests.conftest import Tenant
 from tests.support.chat_api import get_chat, stored_text, wait_for_settled_answer
+from tests.support.database import until_a_backend_waits_for_a_lock
 from tests.support.sse import SseEvent, chunks_of, iter_sse
 
 LONG = {"model": "local/lorem", "providerOptions": {"local": {"words": 2000, "delayMs": 20}}}
@@ -73,6 +74,15 @@ async def terminated_turn(
     # Nothing has looked at the turn since: it still holds the chat.
     assert (await get_chat(client, tenant.headers, chat_id))["activeTurnId"] == turn_id
     yield TerminatedTurn(chat_id, turn_id, cursor, "".join(deltas))
+
+
+async def _workflow_tasks_done(handle: WorkflowHandle[Any, Any]) -> list[int]:
+    history = await handle.fetch_history()
+    return [
+        event.event_id
+        for event in history.events
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    ]
 
 
 def assert_lost(turn: dict[str, Any]) -> None:
@@ -170,7 +180,7 @@ async def test_releasing_a_turn_while_its_attempt_saves_its_answer_does_not_dead
                 attempt=turn.attempts,
             )
             release = asyncio.create_task(_release(sessions, tenant, lost_turn.turn_id))
-            await _until_a_backend_waits_for_a_lock(sessions)
+            await until_a_backend_waits_for_a_lock(sessions)
             # The save's second half: the turn row (the release must not hold it).
             await chats.record_attempt(saving, tenant.organization_id, turn.id, turn.attempts)
         await saving.close()
@@ -187,18 +197,6 @@ async def _release(
 ) -> None:
     async with sessions.begin() as session:
         await chats.end_lost_turn(session, tenant.organization_id, turn_id, "terminated", [])
-
-
-async def _until_a_backend_waits_for_a_lock(sessions: async_sessionmaker[AsyncSession]) -> None:
-    async with asyncio.timeout(10):
-        while True:
-            async with sessions() as session:
-                waiting = await session.scalar(
-                    text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
-                )
-            if waiting:
-                return
-            await asyncio.sleep(0.02)
 
 
 async def test_a_chat_change_releases_a_terminated_turn(
@@ -243,14 +241,18 @@ async def test_a_reset_turn_runs_on_in_its_new_run_and_keeps_its_chat(
     ) as response:
         chat_id, turn_id = response.headers["x-chat-id"], response.headers["x-turn-id"]
     handle = temporal.get_workflow_handle(f"turn-{turn_id}")
-    # Reset to the latest finished workflow task: the new run carries on from the generation without
-    # claiming the chat again, so the turn row keeps naming the old run.
-    history = await handle.fetch_history()
-    last_task_done = max(
-        event.event_id
-        for event in history.events
-        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
-    )
+    # The first workflow task claims the chat and stores the messages (local activities) and
+    # schedules the generation; a reset to it would do all that again in the new run. A signal the
+    # running turn ignores gives the history a second task to reset to: the new run carries on
+    # from the generation without claiming the chat again, so the turn row keeps naming the old run.
+    await handle.signal(CHAT_RELEASED_SIGNAL, ChatReleased(released_by_turn_id="none"))
+    async with asyncio.timeout(10):
+        while True:
+            tasks_done = await _workflow_tasks_done(handle)
+            if len(tasks_done) >= 2:
+                break
+            await asyncio.sleep(0.05)
+    last_task_done = tasks_done[-1]
     # An operator's reset closes the run the turn row names (as terminated) and goes on in a new run.
     description = await handle.describe()
     await temporal.workflow_service.reset_workflow_execution(
