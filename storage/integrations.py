@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.secrets import SecretBox, SecretsUnreadable
@@ -68,14 +69,18 @@ async def put_integration(
         "settings": settings,
         "updated_at": func.now(),
     }
-    row = (
-        await session.execute(
-            insert(Integration)
-            .values(organization_id=organization_id, platform=platform, **values)
-            .on_conflict_do_update(index_elements=["organization_id", "platform"], set_=values)
-            .returning(Integration)
-        )
-    ).scalar_one()
+    try:
+        row = (
+            await session.execute(
+                insert(Integration)
+                .values(organization_id=organization_id, platform=platform, **values)
+                .on_conflict_do_update(index_elements=["organization_id", "platform"], set_=values)
+                .returning(Integration)
+            )
+        ).scalar_one()
+    except IntegrityError:
+        # Another organization connected the same workspace or application at the same moment.
+        raise IntegrationTaken(external_id) from None
     return _record(row, box)
 
 

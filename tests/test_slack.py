@@ -20,9 +20,12 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.slack import MESSAGE_CHARS, split_text
+from core.secrets import SecretBox
 from core.settings import Settings
+from storage import integrations
 from tests.conftest import RunningServices, Tenant, make_tenant
 from tests.support.chat_api import assert_problem
+from tests.support.database import until_a_backend_waits_for_a_lock
 from tests.support.slack_server import SlackEvents, SlackServer
 
 EVENTS = "/v1/integrations/slack/events"
@@ -592,3 +595,38 @@ async def test_connecting_slack_keeps_its_secrets_write_only(
     payload_body, headers = events.signed(events.mention("anyone?"))
     response = await client.post(EVENTS, content=payload_body, headers=headers)
     assert_problem(response, 401)
+
+
+async def test_two_organizations_connecting_one_workspace_at_once_get_one_connection(
+    sessions: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """The second connection is refused as taken even when neither could see the other's row yet
+    (the unique index decides, not the check before the insert)."""
+    box = SecretBox.from_settings(settings)
+    first, second = await make_tenant(sessions), await make_tenant(sessions)
+    team_id = f"T{uuid.uuid4().hex[:8].upper()}"
+
+    def connect(session: AsyncSession, tenant: Tenant) -> Any:
+        return integrations.put_integration(
+            session,
+            box,
+            organization_id=tenant.organization_id,
+            platform="slack",
+            external_id=team_id,
+            secrets={"botToken": "xoxb-1"},
+            settings={},
+        )
+
+    async with sessions.begin() as first_session:
+        await connect(first_session, first)  # not committed yet: invisible to the second
+        async with sessions() as second_session:
+            racing = asyncio.create_task(connect(second_session, second))
+            # The second insert waits on the first's index entry.
+            await until_a_backend_waits_for_a_lock(sessions)
+            await first_session.commit()
+            with pytest.raises(integrations.IntegrationTaken):
+                await racing
+    async with sessions() as session:
+        owner = await integrations.find_integration(session, box, "slack", team_id)
+    assert owner is not None
+    assert owner.organization_id == first.organization_id

@@ -29,22 +29,24 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.discord import TOKEN_PLACEHOLDER, DiscordReplyInput, TokenHidingTransport
+from api import integration_admin
 from api.bot_turns import start_channel_turn, stop_channel_turn
 from api.deps import AdminPrincipal, SessionDep, StateDep
 from api.problems import problem_response
 from api.schemas import RequestBody
 from api.state import AppState
-from core.errors import ConflictError, DurachatError, NotFoundError, UpstreamError
+from core.errors import DurachatError, UpstreamError
 from core.secrets import SecretBox
 from storage import chats, integrations
 from storage.chats import ChatBusy
-from storage.integrations import IntegrationRecord, IntegrationTaken
+from storage.integrations import IntegrationRecord
 from workflows.discord_reply import DiscordReplyWorkflow, reply_workflow_id
 
 router = APIRouter(prefix="/v1/integrations/discord", tags=["integrations"])
 log = structlog.get_logger(__name__)
 
 PLATFORM = "discord"
+DISCORD = integration_admin.Platform(PLATFORM, "Discord application")
 INTERACTIONS_PATH = "/v1/integrations/discord/interactions"
 # Discord documents no tolerance; an older signed request is a replay (Slack and Standard
 # Webhooks allow five minutes too).
@@ -173,27 +175,15 @@ def _box(state: AppState) -> SecretBox:
 async def put_discord_integration(
     body: DiscordIntegrationIn, principal: AdminPrincipal, session: SessionDep, state: StateDep
 ) -> DiscordIntegrationPublic:
-    try:
-        record = await integrations.put_integration(
-            session,
-            _box(state),
-            organization_id=principal.organization_id,
-            platform=PLATFORM,
-            external_id=body.application_id,
-            secrets={"botToken": body.bot_token},
-            # Not a secret: Discord shows it to anyone with the application's page.
-            settings={"publicKey": body.public_key},
-        )
-    except IntegrationTaken:
-        raise ConflictError(
-            "this Discord application is connected to another organization"
-        ) from None
-    await session.commit()
-    log.info(
-        "discord.connected",
-        organization_id=principal.organization_id,
-        application_id=body.application_id,
-        by_key_id=principal.api_key_id,
+    record = await integration_admin.connect(
+        session,
+        state,
+        principal,
+        DISCORD,
+        external_id=body.application_id,
+        secrets={"botToken": body.bot_token},
+        # Not a secret: Discord shows it to anyone with the application's page.
+        settings={"publicKey": body.public_key},
     )
     return DiscordIntegrationPublic.of(record)
 
@@ -206,12 +196,9 @@ async def put_discord_integration(
 async def get_discord_integration(
     principal: AdminPrincipal, session: SessionDep, state: StateDep
 ) -> DiscordIntegrationPublic:
-    record = await integrations.get_integration(
-        session, _box(state), principal.organization_id, PLATFORM
+    return DiscordIntegrationPublic.of(
+        await integration_admin.connected(session, state, principal, DISCORD)
     )
-    if record is None:
-        raise NotFoundError("no Discord application is connected")
-    return DiscordIntegrationPublic.of(record)
 
 
 @router.delete(
@@ -226,14 +213,7 @@ async def get_discord_integration(
     },
 )
 async def delete_discord_integration(principal: AdminPrincipal, session: SessionDep) -> Response:
-    if not await integrations.delete_integration(session, principal.organization_id, PLATFORM):
-        raise NotFoundError("no Discord application is connected")
-    await session.commit()
-    log.info(
-        "discord.disconnected",
-        organization_id=principal.organization_id,
-        by_key_id=principal.api_key_id,
-    )
+    await integration_admin.disconnect(session, principal, DISCORD)
     return Response(status_code=204)
 
 
@@ -247,11 +227,7 @@ async def delete_discord_integration(principal: AdminPrincipal, session: Session
 async def register_discord_commands(
     principal: AdminPrincipal, session: SessionDep, state: StateDep
 ) -> DiscordCommandsOut:
-    record = await integrations.get_integration(
-        session, _box(state), principal.organization_id, PLATFORM
-    )
-    if record is None:
-        raise NotFoundError("no Discord application is connected")
+    record = await integration_admin.connected(session, state, principal, DISCORD)
     # Discord may take a while: no database connection is held meanwhile.
     await session.close()
     url = f"{state.settings.discord_api_url.rstrip('/')}/applications/{record.external_id}/commands"

@@ -30,7 +30,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from slack_sdk.signature import SignatureVerifier
-from sqlalchemy.exc import IntegrityError
 from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.common import (
     SearchAttributePair,
@@ -42,6 +41,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from activities.slack import BOT_TOKEN, BOT_USER_ID, PLATFORM, SIGNING_SECRET
+from api import integration_admin
 from api.bot_turns import start_channel_turn, stop_channel_turn
 from api.deps import AdminPrincipal, SessionDep, StateDep
 from api.schemas import RequestBody
@@ -56,7 +56,7 @@ from core.errors import (
 )
 from core.secrets import SecretBox
 from storage import integrations
-from storage.integrations import IntegrationRecord, IntegrationTaken
+from storage.integrations import IntegrationRecord
 from workflows import search_attributes
 from workflows.slack_reply import (
     SLACK_REPLY_WORKFLOW_NAME,
@@ -67,6 +67,7 @@ from workflows.slack_reply import (
 
 router = APIRouter(prefix="/v1/integrations/slack", tags=["integrations"])
 log = structlog.get_logger(__name__)
+SLACK = integration_admin.Platform(PLATFORM, "Slack workspace")
 
 PROBLEM: dict[str, Any] = {"content": {"application/problem+json": {}}}
 Responses = dict[int | str, dict[str, Any]]
@@ -158,25 +159,14 @@ def _box(state: AppState) -> SecretBox:
 async def put_slack_integration(
     body: SlackIntegrationIn, principal: AdminPrincipal, session: SessionDep, state: StateDep
 ) -> SlackIntegrationOut:
-    try:
-        record = await integrations.put_integration(
-            session,
-            _box(state),
-            organization_id=principal.organization_id,
-            platform=PLATFORM,
-            external_id=body.teamId,
-            secrets={SIGNING_SECRET: body.signingSecret, BOT_TOKEN: body.botToken},
-            settings={BOT_USER_ID: body.botUserId} if body.botUserId else {},
-        )
-        await session.commit()
-    except (IntegrationTaken, IntegrityError):
-        # IntegrityError: another organization connected the workspace at the same moment.
-        raise ConflictError("that Slack workspace is connected to another organization") from None
-    log.info(
-        "slack.connected",
-        organization_id=principal.organization_id,
-        team_id=record.external_id,
-        by_key_id=principal.api_key_id,
+    record = await integration_admin.connect(
+        session,
+        state,
+        principal,
+        SLACK,
+        external_id=body.teamId,
+        secrets={SIGNING_SECRET: body.signingSecret, BOT_TOKEN: body.botToken},
+        settings={BOT_USER_ID: body.botUserId} if body.botUserId else {},
     )
     return SlackIntegrationOut.of(record)
 
@@ -189,12 +179,9 @@ async def put_slack_integration(
 async def get_slack_integration(
     principal: AdminPrincipal, session: SessionDep, state: StateDep
 ) -> SlackIntegrationOut:
-    record = await integrations.get_integration(
-        session, _box(state), principal.organization_id, PLATFORM
+    return SlackIntegrationOut.of(
+        await integration_admin.connected(session, state, principal, SLACK)
     )
-    if record is None:
-        raise NotFoundError("no Slack workspace is connected")
-    return SlackIntegrationOut.of(record)
 
 
 @router.delete(
@@ -210,14 +197,7 @@ async def get_slack_integration(
     },
 )
 async def delete_slack_integration(principal: AdminPrincipal, session: SessionDep) -> Response:
-    if not await integrations.delete_integration(session, principal.organization_id, PLATFORM):
-        raise NotFoundError("no Slack workspace is connected")
-    await session.commit()
-    log.info(
-        "slack.disconnected",
-        organization_id=principal.organization_id,
-        by_key_id=principal.api_key_id,
-    )
+    await integration_admin.disconnect(session, principal, SLACK)
     return Response(status_code=204)
 
 
