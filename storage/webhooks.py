@@ -173,6 +173,17 @@ async def list_endpoints(session: AsyncSession, organization_id: str) -> list[En
     return [_endpoint_record(row) for row in rows]
 
 
+async def has_endpoints(session: AsyncSession, organization_id: str) -> bool:
+    """Whether the organization has registered any endpoint, enabled or not: one that has none
+    has no event to deliver and no earlier delivery left to finish."""
+    found = await session.scalar(
+        select(WebhookEndpoint.id)
+        .where(WebhookEndpoint.organization_id == organization_id)
+        .limit(1)
+    )
+    return found is not None
+
+
 async def get_endpoint(
     session: AsyncSession, organization_id: str, endpoint_id: str
 ) -> EndpointRecord | None:
