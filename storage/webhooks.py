@@ -222,6 +222,14 @@ async def update_endpoint(
 async def delete_endpoint(session: AsyncSession, organization_id: str, endpoint_id: str) -> bool:
     """Delete the endpoint, its secrets and its deliveries; False when there is no such endpoint.
     A delivery still retrying finds itself gone and stops."""
+    # The deliveries first, then the endpoint: the order a delivery's attempt locks them in when it
+    # records its outcome (a cascade from the endpoint would lock the other way and deadlock with it).
+    await session.execute(
+        delete(WebhookDelivery).where(
+            WebhookDelivery.organization_id == organization_id,
+            WebhookDelivery.endpoint_id == endpoint_id,
+        )
+    )
     deleted = await session.execute(
         delete(WebhookEndpoint)
         .where(

@@ -38,11 +38,12 @@ from activities.webhooks import (
 from core.contracts import AnnounceEventInput, WebhookEvent
 from core.secrets import SecretBox
 from core.settings import Settings
-from storage import api_keys
-from storage.models import WebhookEndpoint
+from storage import api_keys, webhooks
+from storage.models import WebhookDelivery, WebhookEndpoint
 from storage.webhooks import SigningSecrets, new_signing_secret
 from tests.conftest import REMOTE_FILES_HOST, Tenant, make_tenant
 from tests.support.chat_api import assert_problem, send_and_collect, wait_for_settled_answer
+from tests.support.database import until_a_backend_waits_for_a_lock
 from tests.support.webhook_receiver import WebhookReceiver
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -945,3 +946,46 @@ async def test_a_sends_own_webhook_url_hears_of_its_turn_and_of_nothing_else(
     )
     await wait_for_settled_answer(client, tenant.headers, chat_id)
     assert len(receiver.received(path)) == 1
+
+
+async def test_deleting_a_webhook_while_a_delivery_records_its_outcome_does_not_deadlock(
+    client: httpx.AsyncClient, tenant: Tenant, receiver: WebhookReceiver, sessions: Sessions
+) -> None:
+    """An attempt records its outcome on the delivery, then on its endpoint (a success ends the
+    endpoint's run of failures); deleting the endpoint meanwhile waits for it instead of
+    deadlocking with it."""
+    created = await register(client, tenant, receiver)
+    organization_id = tenant.organization_id
+    async with sessions.begin() as session:
+        announced = await webhooks.create_deliveries(
+            session,
+            organization_id,
+            event_type="turn.completed",
+            event_key=f"race-{uuid.uuid4()}",
+            payload={"type": "turn.completed", "data": DATA},
+            one_off_url=None,
+        )
+        # A failure before: the success below has an endpoint row to update.
+        await webhooks.count_failure(
+            session, organization_id, created.id, disable_after=100, last_error="HTTP 500"
+        )
+    (delivery_id,) = announced.ids
+
+    async def delete() -> bool:
+        async with sessions.begin() as session:
+            return await webhooks.delete_endpoint(session, organization_id, created.id)
+
+    recording = sessions()
+    async with recording.begin():
+        # The attempt's record, halfway: the delivery row is locked.
+        attempt = {"at": "2026-12-07T00:00:00Z", "statusCode": 204, "durationMs": 3, "error": None}
+        await webhooks.append_attempt(recording, organization_id, delivery_id, attempt)
+        deleting = asyncio.create_task(delete())
+        await until_a_backend_waits_for_a_lock(sessions)
+        await webhooks.mark_delivered(recording, organization_id, delivery_id)
+    await recording.close()
+
+    assert await deleting is True
+    assert (await client.get(created.api_url, headers=tenant.headers)).status_code == 404
+    async with sessions() as session:
+        assert await session.get(WebhookDelivery, (organization_id, delivery_id)) is None
