@@ -10,7 +10,17 @@ being refused: a channel's messages are answered in order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from typing import Any, TypeVar
+
+from temporalio.common import (
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.types import MethodAsyncSingleParam
 
 from api.idempotency import IdempotentRequest
 from api.schemas import ExternalChannelIn, ModelRequest, NewTurn
@@ -21,6 +31,8 @@ from core.contracts import ChatMode, IfBusy, TurnAccepted, TurnKind
 from storage import chats
 from storage.api_keys import Principal
 from storage.chats import Visibility
+
+ReplyInput = TypeVar("ReplyInput")
 
 
 def integration_principal(organization_id: str, platform: str) -> Principal:
@@ -77,3 +89,26 @@ async def stop_channel_turn(
         return None
     stopped = await stop_turn(state, organization_id, chat.active_turn_id)
     return chat.active_turn_id if stopped else None
+
+
+async def start_reply_once(
+    state: AppState,
+    run: MethodAsyncSingleParam[Any, ReplyInput, Any],
+    reply: ReplyInput,
+    *,
+    workflow_id: str,
+    search_attributes: TypedSearchAttributes | None = None,
+) -> None:
+    """Start the workflow that posts a turn's answer to its channel, once ever: a retried event
+    finds the reply its first delivery started, running (USE_EXISTING) or done (REJECT_DUPLICATE
+    raises WorkflowAlreadyStartedError), never a second one."""
+    with contextlib.suppress(WorkflowAlreadyStartedError):
+        await state.temporal.start_workflow(
+            run,
+            reply,
+            id=workflow_id,
+            task_queue=state.settings.temporal_task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=search_attributes,
+        )

@@ -43,14 +43,12 @@ from typing import Any, TypeVar
 import httpx
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from activities.discord import USER_AGENT, DiscordReplyInput
 from api.app import build_state
-from api.bot_turns import start_channel_turn, stop_channel_turn
+from api.bot_turns import start_channel_turn, start_reply_once, stop_channel_turn
 from api.state import AppState
 from core.errors import DurachatError
 from core.secrets import SecretBox
@@ -508,17 +506,9 @@ class ChannelEvents:
             token_issued_at=time.time(),
             reply_to_message_id=message_id,
         )
-        # One relay per turn, ever: a replayed message finds the running one, and a finished one
-        # is not run again.
-        with contextlib.suppress(WorkflowAlreadyStartedError):
-            await state.temporal.start_workflow(
-                DiscordReplyWorkflow.run,
-                reply,
-                id=reply_workflow_id(accepted.turn_id),
-                task_queue=state.settings.temporal_task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            )
+        await start_reply_once(
+            state, DiscordReplyWorkflow.run, reply, workflow_id=reply_workflow_id(accepted.turn_id)
+        )
         return accepted.turn_id
 
     async def reaction(

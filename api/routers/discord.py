@@ -12,7 +12,6 @@ changes for a request whose signature does not hold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from typing import Any
@@ -25,12 +24,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.background import BackgroundTask
-from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities.discord import TOKEN_PLACEHOLDER, DiscordReplyInput, TokenHidingTransport
 from api import integration_admin
-from api.bot_turns import start_channel_turn, stop_channel_turn
+from api.bot_turns import start_channel_turn, start_reply_once, stop_channel_turn
 from api.deps import AdminPrincipal, SessionDep, StateDep
 from api.problems import problem_response
 from api.schemas import RequestBody
@@ -435,17 +432,9 @@ async def _start_answer(
         sealed_token=_box(state).seal({"token": command.token}),
         token_issued_at=issued_at,
     )
-    # One relay per turn, ever: a retried interaction finds the running one, and a finished one is
-    # not run again.
-    with contextlib.suppress(WorkflowAlreadyStartedError):
-        await state.temporal.start_workflow(
-            DiscordReplyWorkflow.run,
-            reply,
-            id=reply_workflow_id(accepted.turn_id),
-            task_queue=state.settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        )
+    await start_reply_once(
+        state, DiscordReplyWorkflow.run, reply, workflow_id=reply_workflow_id(accepted.turn_id)
+    )
     return None
 
 

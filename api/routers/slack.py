@@ -34,15 +34,12 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowQueryFailedError
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from activities.slack import BOT_TOKEN, BOT_USER_ID, PLATFORM, SIGNING_SECRET
 from api import integration_admin
-from api.bot_turns import start_channel_turn, stop_channel_turn
+from api.bot_turns import start_channel_turn, start_reply_once, stop_channel_turn
 from api.deps import AdminPrincipal, SessionDep, StateDep
 from api.schemas import RequestBody
 from api.state import AppState
@@ -401,24 +398,19 @@ async def _answer(
         chat_id=accepted.chat_id,
         user_id=user,
     )
-    # A retried event finds the reply its first delivery started: running (USE_EXISTING), or
-    # done (REJECT_DUPLICATE raises WorkflowAlreadyStartedError), never a second one.
-    with contextlib.suppress(WorkflowAlreadyStartedError):
-        await state.temporal.start_workflow(
-            SlackReplyWorkflow.run,
-            reply,
-            id=slack_reply_workflow_id(accepted.turn_id),
-            task_queue=state.settings.temporal_task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(search_attributes.ORGANIZATION_ID, organization_id),
-                    SearchAttributePair(search_attributes.CHAT_ID, accepted.chat_id),
-                    SearchAttributePair(search_attributes.TURN_ID, accepted.turn_id),
-                ]
-            ),
-        )
+    await start_reply_once(
+        state,
+        SlackReplyWorkflow.run,
+        reply,
+        workflow_id=slack_reply_workflow_id(accepted.turn_id),
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(search_attributes.ORGANIZATION_ID, organization_id),
+                SearchAttributePair(search_attributes.CHAT_ID, accepted.chat_id),
+                SearchAttributePair(search_attributes.TURN_ID, accepted.turn_id),
+            ]
+        ),
+    )
     log.info(
         "slack.turn_started",
         organization_id=organization_id,

@@ -1,4 +1,4 @@
-"""Serves an ASGI app with uvicorn on a free port (of 127.0.0.1 by default) from a background thread.
+"""Serves an ASGI app with uvicorn from a background thread (on a free port of 127.0.0.1 by default).
 
 The provider wire-format servers run this way, so a worker started as a separate process can be
 pointed at them as well as an adapter in the test's own event loop.
@@ -20,11 +20,20 @@ class BackgroundApp:
     """`start()` serves `app` until `stop()`; also a context manager."""
 
     def __init__(
-        self, app: ASGIApp, *, name: str, host: str = "127.0.0.1", lifespan: bool = False
+        self,
+        app: ASGIApp,
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lifespan: bool = False,
     ) -> None:
         self._app = app
         self._name = name
         self.host = host
+        # 0: a free port, read back once bound. A port chosen in advance serves processes that
+        # were configured with it before the app started (the api and worker of the test stack).
+        self._requested_port = port
         # Apps whose own machinery starts in the lifespan (the MCP SDK's session manager) need it.
         self._lifespan = lifespan
         self._socket: socket.socket | None = None
@@ -39,7 +48,7 @@ class BackgroundApp:
     def start(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
+        sock.bind((self.host, self._requested_port))
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(

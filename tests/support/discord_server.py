@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from starlette.applications import Starlette
@@ -98,7 +96,7 @@ class DiscordServer:
         self._state = _State()
         self._lock = threading.Lock()
         self._ids = itertools.count(1_000_000_000_000_000_000)
-        self._background: _FixedPortApp | None = None
+        self._background: BackgroundApp | None = None
         # Where `GET /gateway/bot` sends bots: set by the tests that run a local Gateway.
         self.gateway_url: str | None = None
 
@@ -180,7 +178,7 @@ class DiscordServer:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._background = _FixedPortApp(self._app(), self.port, name="discord server")
+        self._background = BackgroundApp(self._app(), name="discord server", port=self.port)
         self._background.start()
 
     def stop(self) -> None:
@@ -459,40 +457,6 @@ class DiscordServer:
             return self._error(503, 0, "no gateway in this test")
         limit = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
         return self._answer({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
-
-
-class _FixedPortApp(BackgroundApp):
-    """BackgroundApp on a port chosen in advance: the api and worker were configured with it."""
-
-    def __init__(self, app: Starlette, port: int, *, name: str) -> None:
-        super().__init__(app, name=name)
-        self._fixed_port = port
-
-    def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._fixed_port))
-        self._socket = sock
-        self.port = self._fixed_port
-        config = uvicorn.Config(
-            self._app,
-            loop="asyncio",
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=1,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.run, kwargs={"sockets": [sock]}, name=self._name, daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the {self._name} did not start")
-            time.sleep(0.01)
 
 
 class InteractionSigner:
